@@ -1,0 +1,63 @@
+"""crossdiff: sparse crosscoders that diff a dense transformer and a Mixture-of-Experts transformer.
+
+The public API is importable from the top level; see docs/api.md. Importing crossdiff registers the
+crosscoder with SAELens, so `sae_lens.SAE.load_from_disk(dir)` loads a saved crosscoder.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it. Loaded on first use so `import crossdiff` stays light.
+_PUBLIC: dict[str, str] = {
+    # models
+    "dense_config": "crossdiff.models",
+    "moe_config": "crossdiff.models",
+    "matched_configs": "crossdiff.models",
+    "count_parameters": "crossdiff.models",
+    "build_model": "crossdiff.models",
+    "load_model": "crossdiff.models",
+    "save_model": "crossdiff.models",
+    "train_language_models": "crossdiff.models",
+    "CrossdiffMoE": "crossdiff.models",
+    # data
+    "embedded_corpus": "crossdiff.data",
+    "hf_corpus": "crossdiff.data",
+    "train_tokenizer": "crossdiff.data",
+    "load_tokenizer": "crossdiff.data",
+    "TokenSet": "crossdiff.data",
+    "build_token_set": "crossdiff.data",
+    # activations
+    "load_pairing": "crossdiff.activations",
+    "harvest": "crossdiff.activations",
+    "ActivationStore": "crossdiff.activations",
+    # crosscoder
+    "CrossCoderConfig": "crossdiff.crosscoder",
+    "CrossCoder": "crossdiff.crosscoder",
+    "train_crosscoder": "crossdiff.crosscoder",
+    "evaluate_crosscoder": "crossdiff.crosscoder",
+    # analysis and report
+    "diff_features": "crossdiff.analysis",
+    "FeatureDiff": "crossdiff.analysis",
+    "top_contexts": "crossdiff.analysis",
+    "write_report": "crossdiff.report",
+    # utilities
+    "CrossdiffError": "crossdiff.common",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'crossdiff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,3 @@
+from crossdiff.cli import main
+
+raise SystemExit(main())

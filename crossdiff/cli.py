@@ -1,0 +1,105 @@
+"""`crossdiff` command line: one subcommand per stage of the flow, plus `run` for all of them.
+
+Each stage owns its subcommand in `crossdiff/<stage>/commands.py` (a `register(subparsers)` function);
+this module only assembles them and applies an optional TOML config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import tomllib
+from pathlib import Path
+
+from crossdiff.common import CrossdiffError
+
+# (module, in the order a newcomer meets the stages)
+_COMMAND_MODULES = (
+    "crossdiff.pipeline",  # run
+    "crossdiff.models.commands",  # train-models
+    "crossdiff.activations.commands",  # harvest
+    "crossdiff.crosscoder.commands",  # train-crosscoder
+    "crossdiff.report.commands",  # report
+)
+
+_DESCRIPTION = """\
+Diff a dense transformer and a Mixture-of-Experts transformer with a sparse crosscoder.
+
+Stages (each writes a folder the next one reads; each can be run alone):
+  train-models      train a dense and an MoE language model on the same tokens
+  harvest           record paired activations of two models into an on-disk store
+  train-crosscoder  train a BatchTopK crosscoder on a store
+  report            classify latents (shared / model-specific) and write report.html
+  run               all of the above, resuming whatever already exists
+
+Every subcommand takes --config FILE.toml: keys of its [section] (e.g. [harvest]) or top-level keys
+set the flags' defaults; flags on the command line win.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crossdiff",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from crossdiff import __version__
+
+    parser.add_argument("--version", action="version", version=f"crossdiff {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in _COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    for sub in subparsers.choices.values():
+        sub.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="TOML file whose keys set this command's defaults (flags win)",
+        )
+    return parser
+
+
+def _apply_config_file(
+    parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace
+) -> argparse.Namespace:
+    if getattr(args, "config", None) is None:
+        return args
+    path: Path = args.config
+    if not path.exists():
+        raise CrossdiffError(f"config file not found: {path}")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise CrossdiffError(f"config file {path} is not valid TOML: {err}") from err
+    section = table.get(args.command, {})
+    values = {k: v for k, v in table.items() if not isinstance(v, dict)} | section
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    known = {action.dest for action in sub._actions}
+    unknown = sorted(k.replace("-", "_") for k in values if k.replace("-", "_") not in known)
+    if unknown:
+        raise CrossdiffError(
+            f"config file {path} sets {unknown}, which `crossdiff {args.command}` does not take; "
+            f"see `crossdiff {args.command} --help`"
+        )
+    sub.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        args = _apply_config_file(parser, argv, args)
+        return int(args.func(args) or 0)
+    except CrossdiffError as err:
+        print(f"crossdiff {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
