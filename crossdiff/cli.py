@@ -1,7 +1,7 @@
 """`crossdiff` command line: one subcommand per stage of the flow, plus `run` for all of them.
 
-Each stage owns its subcommand in `crossdiff/<stage>/commands.py` (a `register(subparsers)` function);
-this module only assembles them and applies an optional TOML config file.
+Each stage owns its subcommand in `crossdiff/<stage>/commands.py` (a `register(subparsers)`
+function); this module only assembles them and applies an optional TOML config file.
 """
 
 from __future__ import annotations

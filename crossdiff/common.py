@@ -1,4 +1,4 @@
-"""Small pieces every stage shares: user-facing errors, atomic writes, device/dtype/seed handling."""
+"""Pieces every stage shares: user-facing errors, atomic writes, device/dtype/seed handling."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
-    """'auto' or None picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    """'auto'/None picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
     if name is None or str(name) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -1,0 +1,332 @@
+"""`crossdiff run`: tokens to report in one command, resuming whatever a previous run left.
+
+Each stage writes one folder under the run directory and, when it has finished, a `stage.json`
+recording the options it ran with. A re-run skips a finished stage whose options match, resumes an
+unfinished one (each stage resumes on its own: checkpoints, shards), and refuses to mix a finished
+stage with different options (it says which option changed and what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crossdiff.common import (
+    CrossdiffError,
+    add_runtime_arguments,
+    read_json,
+    resolve_device,
+    write_json_atomic,
+)
+
+STAGES = ("data", "models", "store", "crosscoder", "report")
+
+# Options per preset and stage. `micro` is the reduced size the tests and CI examples run.
+RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "data": {"source": "embedded", "preset": "tiny"},
+        "models": {"preset": "tiny"},
+        "store": {"pairing": "paper", "n_tokens": 400_000, "dtype": "float16"},
+        "crosscoder": {"expansion": 32, "k": 32, "n_shared": 0, "shared_decoder": "free"},
+        "report": {"split": "paper", "max_tokens": 200_000},
+    },
+    "micro": {
+        "data": {"source": "embedded", "preset": "tiny", "n_chars_per_domain": 150_000},
+        "models": {"preset": "tiny", "steps": 30},
+        "store": {"pairing": "paper", "n_tokens": 12_000, "dtype": "float16"},
+        "crosscoder": {"expansion": 4, "k": 8, "steps": 60, "batch_size": 256},
+        "report": {"split": "paper", "max_tokens": 12_000},
+    },
+    "paper": {
+        "data": {"source": "hf", "preset": "paper"},
+        "models": {"preset": "paper"},
+        "store": {"pairing": "paper", "n_tokens": 100_000_000, "dtype": "bfloat16"},
+        "crosscoder": {
+            "expansion": 32,
+            "k": 300,
+            "n_shared": 0,
+            "shared_decoder": "free",
+            "shared_penalty_ratio": 0.7,
+            "steps": 40_000,
+        },
+        "report": {"split": "paper", "max_tokens": 2_000_000},
+    },
+}
+
+
+@dataclass
+class RunSummary:
+    out_dir: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    report_paths: dict[str, Path] = field(default_factory=dict)
+
+
+def resolve_options(
+    preset: str, overrides: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    if preset not in RUN_PRESETS:
+        raise CrossdiffError(f"unknown preset {preset!r}; known presets: {sorted(RUN_PRESETS)}")
+    options = copy.deepcopy(RUN_PRESETS[preset])
+    for stage, values in (overrides or {}).items():
+        if stage not in options:
+            raise CrossdiffError(f"unknown stage {stage!r} in overrides; stages are {STAGES}")
+        options[stage].update({k: v for k, v in values.items() if v is not None})
+    return options
+
+
+def _stage_record(stage_dir: Path) -> dict[str, Any] | None:
+    path = stage_dir / "stage.json"
+    return read_json(path, "stage record") if path.exists() else None
+
+
+def _check_or_skip(stage: str, stage_dir: Path, options: dict[str, Any]) -> bool:
+    """True when the stage finished before with the same options; error when with other options."""
+    record = _stage_record(stage_dir)
+    if record is None:
+        return False
+    previous = record.get("options", {})
+    if previous != json.loads(json.dumps(options)):
+        changed = sorted(
+            k for k in set(previous) | set(options) if previous.get(k) != options.get(k)
+        )
+        raise CrossdiffError(
+            f"stage {stage!r} in {stage_dir} finished earlier with other options "
+            f"(changed: {changed}); use a new --out, or delete {stage_dir} to redo that stage"
+        )
+    return True
+
+
+def _mark_done(stage_dir: Path, options: dict[str, Any], seconds: float) -> None:
+    write_json_atomic(stage_dir / "stage.json", {"options": options, "seconds": round(seconds, 2)})
+
+
+def run_pipeline(
+    out_dir: str | Path,
+    preset: str = "tiny",
+    *,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    stop_after: str | None = None,
+) -> RunSummary:
+    """Run every stage into `out_dir`; see the module docstring for resume semantics."""
+    from crossdiff.activations import ActivationStore, harvest, load_pairing
+    from crossdiff.analysis import diff_features
+    from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, train_crosscoder
+    from crossdiff.data import prepare_data
+    from crossdiff.models import load_model, train_language_models
+    from crossdiff.report import write_report
+
+    if stop_after is not None and stop_after not in STAGES:
+        raise CrossdiffError(f"--stop-after must be one of {STAGES}, got {stop_after!r}")
+    options = resolve_options(preset, overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_device = resolve_device(device)
+    summary = RunSummary(out_dir=out)
+    write_json_atomic(out / "run.json", {"preset": preset, "seed": seed, "options": options})
+
+    def stage(name: str) -> tuple[Path, dict[str, Any], bool]:
+        stage_dir = out / name
+        stage_options = {**options[name], "seed": seed}
+        done = _check_or_skip(name, stage_dir, stage_options)
+        if done:
+            summary.skipped.append(name)
+            print(f"[crossdiff] {name}: already done in {stage_dir}, skipping")
+        else:
+            print(f"[crossdiff] {name}: running into {stage_dir}")
+        return stage_dir, stage_options, done
+
+    # 1. corpus, tokenizer, token sets (prepare_data resumes and checks its own options)
+    data_dir, data_opts, data_done = stage("data")
+    t0 = time.perf_counter()
+    data_kwargs = {k: v for k, v in data_opts.items() if k != "seed"}
+    data = prepare_data(data_dir, seed=seed, **data_kwargs)
+    if not data_done:
+        _mark_done(data_dir, data_opts, time.perf_counter() - t0)
+    summary.stage_seconds["data"] = time.perf_counter() - t0
+    if stop_after == "data":
+        return summary
+
+    # 2. dense and MoE language models on the same tokens
+    models_dir, models_opts, models_done = stage("models")
+    t0 = time.perf_counter()
+    if not models_done:
+        model_kwargs = {k: v for k, v in models_opts.items() if k != "seed"}
+        train_language_models(
+            data.train,
+            data.heldout,
+            models_dir,
+            seed=seed,
+            device=str(torch_device),
+            **model_kwargs,
+        )
+        _mark_done(models_dir, models_opts, time.perf_counter() - t0)
+    summary.stage_seconds["models"] = time.perf_counter() - t0
+    eval_path = models_dir / "eval.json"
+    if eval_path.exists():
+        summary.metrics["language_models"] = read_json(eval_path, "model evaluation")
+    if stop_after == "models":
+        return summary
+
+    # 3. paired activations
+    store_dir, store_opts, store_done = stage("store")
+    t0 = time.perf_counter()
+    if not store_done:
+        dense = load_model(models_dir / "dense", device=str(torch_device))
+        moe = load_model(models_dir / "moe", device=str(torch_device))
+        harvest(
+            dense,
+            moe,
+            data.train,
+            load_pairing(store_opts["pairing"]),
+            store_dir,
+            n_tokens=store_opts["n_tokens"],
+            dtype=store_opts["dtype"],
+            model_names=("dense", "moe"),
+            device=str(torch_device),
+            resume=True,
+        )
+        _mark_done(store_dir, store_opts, time.perf_counter() - t0)
+    store = ActivationStore(store_dir)
+    summary.stage_seconds["store"] = time.perf_counter() - t0
+    if stop_after == "store":
+        return summary
+
+    # 4. crosscoder
+    cc_dir, cc_opts, cc_done = stage("crosscoder")
+    t0 = time.perf_counter()
+    if cc_done:
+        crosscoder = CrossCoder.load(cc_dir)
+    else:
+        cc_kwargs = dict(cc_opts)
+        cc_kwargs.pop("seed")
+        expansion = cc_kwargs.pop("expansion")
+        cfg = CrossCoderConfig(
+            n_models=store.n_models,
+            d_model=store.d_model,
+            d_sae=int(expansion * store.d_model),
+            k=cc_kwargs.pop("k"),
+            n_shared=cc_kwargs.pop("n_shared", 0),
+            shared_decoder=cc_kwargs.pop("shared_decoder", "free"),
+            **(
+                {"shared_penalty_ratio": cc_kwargs.pop("shared_penalty_ratio")}
+                if "shared_penalty_ratio" in cc_kwargs
+                else {}
+            ),
+        )
+        crosscoder = train_crosscoder(
+            store,
+            cfg,
+            seed=seed,
+            device=str(torch_device),
+            checkpoint_dir=out / "crosscoder_checkpoints",
+            resume=True,
+            **cc_kwargs,
+        )
+        crosscoder.save(cc_dir)
+        _mark_done(cc_dir, cc_opts, time.perf_counter() - t0)
+    summary.stage_seconds["crosscoder"] = time.perf_counter() - t0
+    if stop_after == "crosscoder":
+        return summary
+
+    # 5. feature diff and report (cheap: always redone, so it reflects the current code)
+    report_dir = out / "report"
+    t0 = time.perf_counter()
+    diff = diff_features(
+        crosscoder,
+        store,
+        tokenizer=data.tokenizer,
+        split=options["report"]["split"],
+        max_tokens=options["report"]["max_tokens"],
+    )
+    summary.report_paths = write_report(diff, report_dir)
+    summary.stage_seconds["report"] = time.perf_counter() - t0
+    summary.metrics["diff"] = diff.summary
+    write_json_atomic(
+        out / "summary.json",
+        {
+            "stage_seconds": {k: round(v, 2) for k, v in summary.stage_seconds.items()},
+            "skipped": summary.skipped,
+            "report": {k: str(v) for k, v in summary.report_paths.items()},
+        },
+    )
+    return summary
+
+
+def _print_summary(summary: RunSummary) -> None:
+    diff = summary.metrics.get("diff", {})
+    print("\n=== crossdiff run summary ===")
+    for name, seconds in summary.stage_seconds.items():
+        note = " (skipped: done earlier)" if name in summary.skipped else ""
+        print(f"  {name:<11} {seconds:8.1f} s{note}")
+    for line in _summary_lines(diff):
+        print(f"  {line}")
+    if "html" in summary.report_paths:
+        print(f"  report: {summary.report_paths['html']}")
+
+
+def _summary_lines(diff: dict[str, Any]) -> list[str]:
+    lines = []
+    fve = diff.get("fve_per_model")
+    names = diff.get("model_names", ())
+    if fve:
+        lines.append(
+            "FVE per model: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, fve, strict=False))
+        )
+    if "l0" in diff:
+        lines.append(f"L0: {diff['l0']:.1f}")
+    counts = diff.get("class_counts")
+    if counts:
+        lines.append("classes: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+    for claim in diff.get("density_claims", []):
+        lines.append(f"density: {claim.get('statement', claim)}")
+    return lines
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="all stages, from the embedded corpus to report.html (resumes)",
+        description=(
+            "Build the corpus and tokenizer, train a dense and an MoE model on the same tokens, "
+            "harvest their paired activations, train a crosscoder, and write the report. "
+            "Each finished stage is skipped on a re-run, so an interrupted run resumes."
+        ),
+    )
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        choices=sorted(RUN_PRESETS),
+        help="tiny: 2-core CPU in minutes; micro: seconds (tests); paper: the seed paper on a GPU",
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder")
+    parser.add_argument("--stop-after", choices=STAGES, default=None, help="stop after this stage")
+    parser.add_argument("--harvest-tokens", type=int, default=None, help="tokens to harvest")
+    parser.add_argument("--lm-steps", type=int, default=None, help="language-model steps")
+    parser.add_argument("--crosscoder-steps", type=int, default=None, help="crosscoder steps")
+    parser.add_argument("--k", type=int, default=None, help="crosscoder BatchTopK k")
+    parser.add_argument("--expansion", type=float, default=None, help="d_sae / d_model")
+    parser.add_argument("--pairing", default=None, help="pairing preset name or TOML path")
+    add_runtime_arguments(parser)
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    overrides = {
+        "models": {"steps": args.lm_steps},
+        "store": {"n_tokens": args.harvest_tokens, "pairing": args.pairing},
+        "crosscoder": {"steps": args.crosscoder_steps, "k": args.k, "expansion": args.expansion},
+    }
+    summary = run_pipeline(
+        args.out, args.preset, overrides=overrides, seed=args.seed, device=args.device
+    )
+    _print_summary(summary)
+    return 0
