@@ -30,6 +30,11 @@ _PUBLIC: dict[str, str] = {
     "load_tokenizer": "crossdiff.data",
     "TokenSet": "crossdiff.data",
     "build_token_set": "crossdiff.data",
+    "prepare_data": "crossdiff.data",
+    "PreparedData": "crossdiff.data",
+    "Document": "crossdiff.data",
+    "DomainSource": "crossdiff.data",
+    "CrossdiffTokenizer": "crossdiff.data",
     # activations
     "load_pairing": "crossdiff.activations",
     "harvest": "crossdiff.activations",

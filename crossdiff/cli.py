@@ -17,6 +17,7 @@ from crossdiff.common import CrossdiffError
 # (module, in the order a newcomer meets the stages)
 _COMMAND_MODULES = (
     "crossdiff.pipeline",  # run
+    "crossdiff.data.commands",  # prepare-data
     "crossdiff.models.commands",  # train-models
     "crossdiff.activations.commands",  # harvest
     "crossdiff.crosscoder.commands",  # train-crosscoder
@@ -27,6 +28,7 @@ _DESCRIPTION = """\
 Diff a dense transformer and a Mixture-of-Experts transformer with a sparse crosscoder.
 
 Stages (each writes a folder the next one reads; each can be run alone):
+  prepare-data      build the three-domain corpus, tokenizer and token sets
   train-models      train a dense and an MoE language model on the same tokens
   harvest           record paired activations of two models into an on-disk store
   train-crosscoder  train a BatchTopK crosscoder on a store
