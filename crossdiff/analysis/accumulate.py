@@ -1,0 +1,221 @@
+"""The streaming pass: one read of the tokens accumulates every per-latent statistic.
+
+Memory is bounded by the batch and by [d_sae, ...] accumulators; nothing per token is kept
+except the top activations of each latent (for contexts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from crossdiff.analysis.source import TokenSource
+
+
+@dataclass
+class PassStats:
+    """Everything the pass accumulated (numpy, float64 where sums)."""
+
+    n_tokens: int
+    fire_count: np.ndarray  # [d_sae]
+    act_sum: np.ndarray  # [d_sae]
+    act_sq_sum: np.ndarray  # [d_sae]
+    l0_sum: float
+    sse: np.ndarray  # [n_models]
+    sst: np.ndarray  # [n_models]
+    domain_mass: np.ndarray | None  # [d_sae, n_domains]
+    domain_tokens: np.ndarray | None  # [n_domains]
+    expert_counts: np.ndarray | None  # [d_sae, n_experts]
+    expert_tokens: np.ndarray | None  # [n_experts]
+    top_values: np.ndarray  # [d_sae, n_top], descending; 0 where fewer firings
+    top_indices: np.ndarray  # [d_sae, n_top], store index; -1 where none
+    scaling_latents: np.ndarray  # [n_spec] latent ids with latent-scaling sums
+    scaling_err: np.ndarray | None  # [n_models, n_spec, d]: sum_t f_t (x_t - x_hat_t)
+    scaling_rec: np.ndarray | None  # [n_models, n_spec, d]: sum_t f_t (x_hat_t - b_dec)
+    sparse_decode: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _module_device_dtype(cc: Any) -> tuple[torch.device, torch.dtype]:
+    w = cc.W_dec
+    return w.device, w.dtype if w.dtype.is_floating_point else torch.float32
+
+
+def sparse_decode(
+    w_dec: Float[Tensor, "d_sae n_models d_model"],
+    b_dec: Float[Tensor, "n_models d_model"] | None,
+    rows: Int[Tensor, " nnz"],
+    cols: Int[Tensor, " nnz"],
+    vals: Float[Tensor, " nnz"],
+    batch: int,
+) -> Float[Tensor, "batch n_models d_model"]:
+    """f @ W_dec + b_dec from f's active entries (rows sorted, as torch.nonzero returns them)."""
+    d_sae, n_models, d_model = w_dec.shape
+    counts = torch.bincount(rows, minlength=batch)
+    offsets = counts.cumsum(0) - counts
+    out = torch.nn.functional.embedding_bag(
+        cols, w_dec.reshape(d_sae, -1), offsets, mode="sum", per_sample_weights=vals
+    ).view(batch, n_models, d_model)
+    return out + b_dec if b_dec is not None else out
+
+
+def run_pass(
+    cc: Any,
+    source: TokenSource,
+    ranges: list[tuple[int, int]],
+    *,
+    batch_size: int,
+    n_top: int,
+    scaling_latents: np.ndarray,
+    show_progress: bool = True,
+) -> PassStats:
+    device, dtype = _module_device_dtype(cc)
+    d_sae = int(cc.W_dec.shape[0])
+    n_models, d_model = int(cc.W_dec.shape[1]), int(cc.W_dec.shape[2])
+    n_domains = len(source.domain_names)
+    has_domains = "domains" in source.metadata_keys
+    has_experts = "experts" in source.metadata_keys
+
+    f64 = dict(dtype=torch.float64, device=device)
+    fire_count = torch.zeros(d_sae, dtype=torch.int64, device=device)
+    act_sum = torch.zeros(d_sae, **f64)
+    act_sq_sum = torch.zeros(d_sae, **f64)
+    l0_sum = 0.0
+    sse = torch.zeros(n_models, **f64)
+    x_sum = torch.zeros(n_models, d_model, **f64)
+    x_sq_sum = torch.zeros(n_models, **f64)
+    domain_mass = torch.zeros(d_sae, n_domains, **f64)
+    domain_tokens = torch.zeros(n_domains, **f64)
+    expert_counts = torch.zeros(d_sae, 0, **f64)
+    expert_tokens = torch.zeros(0, **f64)
+    top_values = torch.zeros(n_top, d_sae, dtype=dtype, device=device)
+    top_indices = torch.full((n_top, d_sae), -1, dtype=torch.int64, device=device)
+    spec = torch.as_tensor(scaling_latents, dtype=torch.int64, device=device)
+    scaling_err = torch.zeros(n_models, len(spec), d_model, **f64)
+    scaling_rec = torch.zeros(n_models, len(spec), d_model, **f64)
+    w_dec = cc.W_dec.detach()  # a property on some crosscoders: compute it once
+    b_dec = getattr(cc, "b_dec", None)
+    b_dec = b_dec.detach().to(device=device, dtype=dtype) if isinstance(b_dec, Tensor) else None
+    use_sparse: bool | None = None  # decided on the first batch by comparing with cc.decode
+
+    total = sum(stop - start for start, stop in ranges)
+    spec_pos = torch.full((d_sae,), -1, dtype=torch.int64, device=device)
+    spec_pos[spec] = torch.arange(len(spec), device=device)
+    bar = tqdm(
+        total=total, unit="tok", unit_scale=True, desc="diff pass", disable=not show_progress
+    )
+    with torch.no_grad():
+        for range_start, range_stop in ranges:
+            for start in range(range_start, range_stop, batch_size):
+                stop = min(start + batch_size, range_stop)
+                x = source.read_acts(start, stop).to(device=device, dtype=dtype)
+                f = cc.encode(x)
+                # everything below works on the active entries only (about L0 per token)
+                rows, cols = torch.nonzero(f, as_tuple=True)
+                vals = f[rows, cols]
+                if use_sparse is None:  # use the sparse path only if it matches cc.decode
+                    x_hat = cc.decode(f)
+                    tol = 1e-4 * max(float(x_hat.abs().max()), 1.0)
+                    try:
+                        mine = sparse_decode(w_dec, b_dec, rows, cols, vals, len(f))
+                        use_sparse = bool(torch.allclose(mine, x_hat, rtol=1e-4, atol=tol))
+                    except RuntimeError:
+                        use_sparse = False
+                elif use_sparse:
+                    x_hat = sparse_decode(w_dec, b_dec, rows, cols, vals, len(f))
+                else:
+                    x_hat = cc.decode(f)
+                v64 = vals.double()
+                fire_count += torch.bincount(cols, minlength=d_sae)
+                act_sum += torch.bincount(cols, weights=v64, minlength=d_sae)
+                act_sq_sum += torch.bincount(cols, weights=v64 * v64, minlength=d_sae)
+                l0_sum += float(len(vals))
+                err = x - x_hat
+                sse += (err.double() ** 2).sum(dim=(0, 2))
+                xd = x.double()
+                x_sum += xd.sum(0)
+                x_sq_sum += (xd**2).sum(dim=(0, 2))
+
+                # top activations: only latents whose batch maximum beats their current n-th best
+                batch_max = f.max(dim=0).values
+                cand = torch.nonzero(batch_max > top_values[-1], as_tuple=True)[0]
+                if len(cand):
+                    k = min(n_top, stop - start)
+                    vals_c, idx_c = f[:, cand].topk(k, dim=0)
+                    all_vals = torch.cat([top_values[:, cand], vals_c])
+                    all_idx = torch.cat([top_indices[:, cand], idx_c + start])
+                    best, pick = all_vals.topk(n_top, dim=0)
+                    top_values[:, cand] = best
+                    top_indices[:, cand] = all_idx.gather(0, pick)
+
+                if has_domains or has_experts:
+                    meta = source.read_metadata(start, stop)
+                if has_domains:
+                    dom = meta["domains"].to(device=device, dtype=torch.int64)
+                    flat = cols * n_domains + dom[rows]
+                    domain_mass += torch.bincount(
+                        flat, weights=v64, minlength=d_sae * n_domains
+                    ).view(d_sae, n_domains)
+                    domain_tokens += torch.bincount(dom, minlength=n_domains).double()
+                if has_experts:
+                    experts = meta["experts"].to(device=device, dtype=torch.int64)
+                    if experts.ndim == 1:
+                        experts = experts[:, None]
+                    n_exp = int(experts.max()) + 1 if experts.numel() else 0
+                    if n_exp > expert_counts.shape[1]:
+                        grow = n_exp - expert_counts.shape[1]
+                        expert_counts = torch.nn.functional.pad(expert_counts, (0, grow))
+                        expert_tokens = torch.nn.functional.pad(expert_tokens, (0, grow))
+                    width = expert_counts.shape[1]
+                    for slot in range(experts.shape[1]):  # each of the top_k routed experts
+                        chosen = experts[rows, slot]
+                        ok = chosen >= 0
+                        expert_counts += torch.bincount(
+                            cols[ok] * width + chosen[ok], minlength=d_sae * width
+                        ).view(d_sae, width)
+                        routed = experts[:, slot]
+                        expert_tokens += torch.bincount(routed[routed >= 0], minlength=width)
+                if len(spec):
+                    pos = spec_pos[cols]
+                    sel = pos >= 0
+                    r_sel, p_sel, v_sel = rows[sel], pos[sel], vals[sel, None]
+                    latent_part = x_hat - b_dec if b_dec is not None else x_hat
+                    for m in range(n_models):
+                        scaling_err[m].index_add_(0, p_sel, (v_sel * err[r_sel, m]).double())
+                        scaling_rec[m].index_add_(
+                            0, p_sel, (v_sel * latent_part[r_sel, m]).double()
+                        )
+                bar.update(stop - start)
+    bar.close()
+
+    n = float(total)
+    sst = x_sq_sum - (x_sum**2).sum(-1) / n
+    order = top_values.T.cpu().numpy()
+    top_idx = top_indices.T.cpu().numpy()
+    top_idx[order <= 0] = -1
+    has_experts = has_experts and expert_counts.shape[1] > 0
+    return PassStats(
+        n_tokens=total,
+        fire_count=fire_count.cpu().numpy(),
+        act_sum=act_sum.cpu().numpy(),
+        act_sq_sum=act_sq_sum.cpu().numpy(),
+        l0_sum=l0_sum,
+        sse=sse.cpu().numpy(),
+        sst=sst.cpu().numpy(),
+        domain_mass=domain_mass.cpu().numpy() if has_domains else None,
+        domain_tokens=domain_tokens.cpu().numpy() if has_domains else None,
+        expert_counts=expert_counts.cpu().numpy() if has_experts else None,
+        expert_tokens=expert_tokens.cpu().numpy() if has_experts else None,
+        top_values=np.maximum(order, 0.0).astype(np.float64),
+        top_indices=top_idx,
+        scaling_latents=np.asarray(scaling_latents, dtype=np.int64),
+        scaling_err=scaling_err.cpu().numpy() if len(spec) else None,
+        scaling_rec=scaling_rec.cpu().numpy() if len(spec) else None,
+        sparse_decode=bool(use_sparse),
+    )

@@ -1,0 +1,547 @@
+"""diff_features: the per-latent table and the class summary of a trained crosscoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from crossdiff.analysis.accumulate import PassStats, run_pass
+from crossdiff.analysis.classes import (
+    DEAD,
+    DESIGNATED,
+    SHARED,
+    class_names,
+    classify,
+    decoder_cosine,
+    relative_norm,
+    resolve_split,
+)
+from crossdiff.analysis.contexts import build_contexts, context_centers
+from crossdiff.analysis.density import ALPHA, density_test, describe, expert_entropy
+from crossdiff.analysis.latent_scaling import latent_scaling
+from crossdiff.analysis.source import TokenSource
+from crossdiff.common import CrossdiffError
+
+
+@dataclass
+class FeatureDiff:
+    """The result of diff_features.
+
+    table: one row per latent (see docs/report.md for the columns); summary: class-level numbers and
+    the sentences that state them; config: how the run was made; details: per-latent panels (top
+    contexts, expert counts, domain shares) for the latents the report shows.
+    """
+
+    table: pd.DataFrame
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    details: dict[int, dict[str, Any]]
+    top_indices: np.ndarray  # [d_sae, n_top] store index of each latent's top tokens, -1 for none
+    top_values: np.ndarray  # [d_sae, n_top]
+    expert_counts: np.ndarray | None  # [d_sae, n_experts] routed-expert counts where each fires
+    crosscoder: Any = field(default=None, repr=False)
+    source: TokenSource | None = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)
+
+    def latents(self, cls: str) -> pd.DataFrame:
+        """The table's rows of one class, e.g. diff.latents('moe-only')."""
+        known = set(self.table["class"])
+        if cls not in known and cls not in self.summary["class_counts"]:
+            raise CrossdiffError(f"unknown class {cls!r}; this diff has {sorted(known)}")
+        return self.table[self.table["class"] == cls]
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}: {v}" for k, v in self.summary["class_counts"].items())
+        return f"FeatureDiff({len(self.table)} latents; {counts})"
+
+
+def _crosscoder_config(cc: Any) -> dict[str, Any]:
+    cfg = getattr(cc, "cfg", None)
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "to_dict"):
+        try:
+            raw = cfg.to_dict()
+        except Exception:
+            raw = {}
+    elif dataclasses.is_dataclass(cfg):
+        raw = dataclasses.asdict(cfg)
+    else:
+        raw = dict(vars(cfg))
+    return {k: v for k, v in raw.items() if isinstance(v, str | int | float | bool | type(None))}
+
+
+def _resolve_direction(
+    direction: tuple[str, str] | None, model_names: tuple[str, ...]
+) -> tuple[int, int]:
+    if direction is None:
+        if len(model_names) >= 2 and {"dense", "moe"} <= set(model_names):
+            return model_names.index("dense"), model_names.index("moe")
+        return 0, 1
+    a, b = direction
+    missing = [n for n in (a, b) if n not in model_names]
+    if missing or a == b:
+        raise CrossdiffError(
+            f"direction {direction!r} must name two different models of {model_names}; "
+            f"e.g. direction=({model_names[0]!r}, {model_names[1]!r})"
+        )
+    return model_names.index(a), model_names.index(b)
+
+
+def _fmt_reason(same_basis: bool, inferred: str) -> str:
+    if same_basis:
+        return f"the two models' vectors live in one basis ({inferred}), so cosines are meaningful"
+    return (
+        f"the models were trained independently ({inferred}), so their activation bases are "
+        "unrelated and a cosine between their decoder vectors means nothing; it is reported only "
+        "for completeness"
+    )
+
+
+def diff_features(
+    cc: Any,
+    acts_or_store: Any,
+    *,
+    metadata: dict[str, torch.Tensor] | None = None,
+    tokenizer: Any = None,
+    split: str | tuple[float, float] = "paper",
+    direction: tuple[str, str] | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 1024,
+    n_top_contexts: int = 20,
+    context_window: int = 5,
+    latent_scaling: bool = True,
+    panels_per_class: int = 8,
+    same_basis: bool | None = None,
+    model_names: tuple[str, ...] | list[str] | None = None,
+    domain_names: tuple[str, ...] | list[str] | None = None,
+    show_progress: bool = True,
+) -> FeatureDiff:
+    """Classify every latent of `cc` (designated-shared, shared, A-only, B-only, dead) and measure
+
+    its density, activation, domain shares, routed experts and (for model-specific latents) latent
+    scaling, in one streaming pass over the tokens (plus small reads for the top contexts).
+
+    acts_or_store: an ActivationStore, or raw activations Tensor[n_tokens, n_models, d_model] with
+    an optional `metadata` dict of per-token tensors (token_ids, doc_ids, positions, domains,
+    experts).
+    split: 'paper' (0.3/0.7), 'anchors' (0.1/0.9) or (lo, hi) on r = |d_B| / (|d_A| + |d_B|).
+    direction: (A, B) model names; default ('dense', 'moe') when those exist, else models 0, 1.
+    max_tokens: analyse at most this many tokens, taken as evenly spaced contiguous chunks.
+    same_basis: whether the models' activations share one basis (same-model checkpoints);
+    default: only when the crosscoder ties its shared decoders. Decides whether cosines are
+    meaningful and which direction latent scaling uses.
+    """
+    split_name, lo, hi = resolve_split(split)
+    source = TokenSource(acts_or_store, metadata, model_names, domain_names)
+    w_dec = cc.W_dec.detach()
+    if w_dec.ndim != 3:
+        raise CrossdiffError(
+            f"cc.W_dec must be [d_sae, n_models, d_model], got shape {tuple(w_dec.shape)}; is this "
+            "a crossdiff CrossCoder?"
+        )
+    d_sae, n_models_cc, d_model = w_dec.shape
+    if n_models_cc != source.n_models:
+        raise CrossdiffError(
+            f"the crosscoder reads {n_models_cc} models but the activations have "
+            f"{source.n_models}; use the store the crosscoder was trained on"
+        )
+    if n_models_cc < 2:
+        raise CrossdiffError("a feature diff needs a crosscoder over at least 2 models")
+    probe = source.read_acts(0, 1)
+    if probe.shape[-1] != d_model:
+        raise CrossdiffError(
+            f"the crosscoder has d_model {d_model} but the activations have width "
+            f"{probe.shape[-1]}; use the store the crosscoder was trained on"
+        )
+    if n_top_contexts < 1 or context_window < 0 or batch_size < 1:
+        raise CrossdiffError(
+            "n_top_contexts and batch_size must be >= 1 and context_window >= 0; got "
+            f"{n_top_contexts}, {batch_size}, {context_window}"
+        )
+    a, b = _resolve_direction(
+        tuple(direction) if direction is not None else None, source.model_names
+    )
+    name_a, name_b = source.model_names[a], source.model_names[b]
+    cfg = getattr(cc, "cfg", None)
+    n_shared = int(getattr(cfg, "n_shared", 0) or 0)
+    shared_decoder = str(getattr(cfg, "shared_decoder", "free") or "free")
+    if same_basis is None:
+        same_basis = shared_decoder == "tied"
+        basis_reason = f"shared_decoder={shared_decoder!r}"
+    else:
+        basis_reason = "same_basis set by the caller"
+
+    norms_t = (
+        cc.decoder_norms().detach() if hasattr(cc, "decoder_norms") else w_dec.norm(dim=-1)
+    ).float()
+    norms = norms_t.cpu().numpy().astype(np.float64)
+    r = relative_norm(norms_t, a, b).cpu().numpy().astype(np.float64)
+    cosine = decoder_cosine(w_dec, a, b).cpu().numpy().astype(np.float64)
+    # model-specific by weights (dead ones are dropped after the pass)
+    spec_mask = np.zeros(d_sae, dtype=bool)
+    spec_mask[n_shared:] = (r[n_shared:] < lo) | (r[n_shared:] > hi)
+    scaling_ids = np.nonzero(spec_mask)[0] if latent_scaling else np.zeros(0, dtype=np.int64)
+
+    ranges = source.ranges(max_tokens)
+    stats = run_pass(
+        cc,
+        source,
+        ranges,
+        batch_size=batch_size,
+        n_top=n_top_contexts,
+        scaling_latents=scaling_ids,
+        show_progress=show_progress,
+    )
+    fires = stats.fire_count > 0
+    labels = classify(r, fires, n_shared, lo, hi, name_a, name_b)
+    n = stats.n_tokens
+    density = stats.fire_count / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_act = np.where(fires, stats.act_sum / np.maximum(stats.fire_count, 1), np.nan)
+
+    table = pd.DataFrame(
+        {
+            "latent": np.arange(d_sae),
+            "class": labels.astype(str),
+            "designated_shared": np.arange(d_sae) < n_shared,
+            f"norm_{name_a}": norms[:, a],
+            f"norm_{name_b}": norms[:, b],
+            "relative_norm": r,
+            "decoder_cosine": cosine,
+            "density": density,
+            "fire_count": stats.fire_count.astype(np.int64),
+            "mean_activation": mean_act,
+        }
+    )
+    for m, name in enumerate(source.model_names):
+        if m not in (a, b):
+            table[f"norm_{name}"] = norms[:, m]
+
+    domain_shares = None
+    if stats.domain_mass is not None:
+        mass_total = stats.domain_mass.sum(-1, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            domain_shares = np.where(mass_total > 0, stats.domain_mass / mass_total, np.nan)
+        for i, dname in enumerate(source.domain_names):
+            table[f"share_{dname}"] = domain_shares[:, i]
+
+    if stats.expert_counts is not None:
+        entropy, top, top_share = expert_entropy(stats.expert_counts)
+        table["expert_entropy"] = entropy
+        table["top_expert"] = top.astype(np.int64)
+        table["top_expert_share"] = top_share
+
+    # decoder_norms() may be in training units; bring latent scaling's norms to the same units
+    raw = w_dec.float().norm(dim=-1)
+    with torch.no_grad():
+        unit = torch.where(raw > 0, norms_t / raw.clamp_min(1e-30), torch.nan)
+    unit_scale = np.nan_to_num(torch.nanmean(unit, dim=0).cpu().numpy(), nan=1.0)
+    scaling_summary = _add_latent_scaling(
+        table, stats, w_dec, labels, scaling_ids, a, b, name_a, name_b, lo, hi, same_basis,
+        unit_scale,
+    )  # fmt: skip
+    summary = _summarize(
+        table,
+        stats,
+        source,
+        labels=labels,
+        name_a=name_a,
+        name_b=name_b,
+        split=(split_name, lo, hi),
+        n_shared=n_shared,
+        same_basis=same_basis,
+        basis_reason=basis_reason,
+        domain_shares=domain_shares,
+        scaling_summary=scaling_summary,
+    )
+
+    panel_ids = _panel_latents(table, class_names(name_a, name_b), panels_per_class, stats)
+    centers = {j: context_centers(stats.top_indices, j, n_top_contexts) for j in panel_ids}
+    contexts = build_contexts(cc, source, centers, tokenizer=tokenizer, window=context_window)
+    details: dict[int, dict[str, Any]] = {}
+    for j in panel_ids:
+        details[j] = {
+            "contexts": contexts.get(j, []),
+            "expert_counts": (
+                stats.expert_counts[j].astype(int).tolist()
+                if stats.expert_counts is not None
+                else None
+            ),
+            "domain_shares": (
+                {d: _finite(domain_shares[j, i]) for i, d in enumerate(source.domain_names)}
+                if domain_shares is not None
+                else None
+            ),
+        }
+    config = {
+        "split": {"name": split_name, "lo": lo, "hi": hi},
+        "direction": {"A": name_a, "B": name_b},
+        "model_names": list(source.model_names),
+        "domain_names": list(source.domain_names),
+        "max_tokens": max_tokens,
+        "n_tokens_analysed": n,
+        "n_tokens_available": source.n_tokens,
+        "n_token_ranges": len(ranges),
+        "batch_size": batch_size,
+        "n_top_contexts": n_top_contexts,
+        "context_window": context_window,
+        "latent_scaling": latent_scaling,
+        "panels_per_class": panels_per_class,
+        "same_basis": same_basis,
+        "sparse_decode": stats.sparse_decode,
+        "tokenizer": getattr(tokenizer, "name", None) if tokenizer is not None else None,
+        "crosscoder": _crosscoder_config(cc),
+        "store_manifest": source.manifest,
+    }
+    return FeatureDiff(
+        table=table,
+        summary=summary,
+        config=config,
+        details=details,
+        top_indices=stats.top_indices,
+        top_values=stats.top_values,
+        expert_counts=stats.expert_counts,
+        crosscoder=cc,
+        source=source,
+        tokenizer=tokenizer,
+    )
+
+
+def _finite(x: float) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _add_latent_scaling(
+    table: pd.DataFrame,
+    stats: PassStats,
+    w_dec: torch.Tensor,
+    labels: np.ndarray,
+    ids: np.ndarray,
+    a: int,
+    b: int,
+    name_a: str,
+    name_b: str,
+    lo: float,
+    hi: float,
+    same_basis: bool,
+    unit_scale: np.ndarray,
+) -> dict[str, Any]:
+    d_sae = len(table)
+    cols = {
+        f"beta_err_{name_a}": np.full(d_sae, np.nan),
+        f"beta_err_{name_b}": np.full(d_sae, np.nan),
+        f"beta_rec_{name_a}": np.full(d_sae, np.nan),
+        f"beta_rec_{name_b}": np.full(d_sae, np.nan),
+        "nu_err": np.full(d_sae, np.nan),
+        "nu_rec": np.full(d_sae, np.nan),
+        "scaling_artifact": np.zeros(d_sae, dtype=bool),
+    }
+    tol_a, tol_b = lo / (1 - lo), (1 - hi) / hi
+    live = labels[ids] != DEAD if len(ids) else np.zeros(0, dtype=bool)
+    ids = ids[live]
+    if len(ids) and stats.scaling_err is not None:
+        pos = np.nonzero(live)[0]
+        is_b = labels[ids] == f"{name_b}-only"
+        own = np.where(is_b, b, a)
+        other = np.where(is_b, a, b)
+        res = latent_scaling(
+            w_dec.double().cpu().numpy(),
+            stats.act_sq_sum,
+            ids,
+            own,
+            other,
+            stats.scaling_err[:, pos],
+            stats.scaling_rec[:, pos],
+            np.where(is_b, tol_b, tol_a),
+            same_basis,
+            unit_scale,
+        )
+        for target in ("err", "rec"):
+            cols[f"beta_{target}_{name_a}"][ids] = np.where(
+                is_b, res[f"beta_{target}_other"], res[f"beta_{target}_own"]
+            )
+            cols[f"beta_{target}_{name_b}"][ids] = np.where(
+                is_b, res[f"beta_{target}_own"], res[f"beta_{target}_other"]
+            )
+        cols["nu_err"][ids] = res["nu_err"]
+        cols["nu_rec"][ids] = res["nu_rec"]
+        cols["scaling_artifact"][ids] = res["artifact"]
+    for key, value in cols.items():
+        table[key] = value
+    flagged = {
+        cls: int(table.loc[table["class"] == cls, "scaling_artifact"].sum())
+        for cls in (f"{name_a}-only", f"{name_b}-only")
+    }
+    return {
+        "computed": bool(len(ids)),
+        "n_latents": int(len(ids)),
+        "n_flagged": flagged,
+        "tolerance": {f"{name_a}-only": tol_a, f"{name_b}-only": tol_b},
+        "direction": (
+            "the specific model's decoder vector in both models (shared basis)"
+            if same_basis
+            else "each model's own decoder vector of the latent (unrelated bases)"
+        ),
+        "targets": {
+            "err": "x - x_hat + f d (the error with the latent's own contribution added back)",
+            "rec": "x_hat - b_dec (the latents' part of the reconstruction, this latent included)",
+        },
+        "rule": (
+            "nu = beta_other * |v_other| / (beta_own * |v_own|); a latent is flagged when nu_err "
+            "or nu_rec exceeds the norm ratio its class allows (lo/(1-lo) or (1-hi)/hi)"
+        ),
+    }
+
+
+def _panel_latents(
+    table: pd.DataFrame, classes: tuple[str, ...], per_class: int, stats: PassStats
+) -> list[int]:
+    mass = stats.act_sum
+    out: list[int] = []
+    for cls in classes:
+        if cls == DEAD:
+            continue
+        ids = table.index[table["class"] == cls].to_numpy()
+        out += [int(i) for i in ids[np.argsort(-mass[ids], kind="stable")][:per_class]]
+    return sorted(out)
+
+
+def _summarize(
+    table: pd.DataFrame,
+    stats: PassStats,
+    source: TokenSource,
+    *,
+    labels: np.ndarray,
+    name_a: str,
+    name_b: str,
+    split: tuple[str, float, float],
+    n_shared: int,
+    same_basis: bool,
+    basis_reason: str,
+    domain_shares: np.ndarray | None,
+    scaling_summary: dict[str, Any],
+) -> dict[str, Any]:
+    classes = class_names(name_a, name_b)
+    class_a, class_b = f"{name_a}-only", f"{name_b}-only"
+    density = table["density"].to_numpy()
+    counts = {cls: int((labels == cls).sum()) for cls in classes}
+    live = {cls: density[labels == cls] for cls in classes if cls != DEAD}
+    reference = np.concatenate([live[SHARED], live[DESIGNATED]])
+    ref_name = "shared" if counts[DESIGNATED] == 0 else "shared (incl. designated-shared)"
+    tests = {
+        "b_denser_than_shared": density_test(
+            live[class_b], reference, group_name=class_b, reference_name=ref_name,
+            alternative="greater",
+        ),
+        "a_sparser_than_shared": density_test(
+            live[class_a], reference, group_name=class_a, reference_name=ref_name,
+            alternative="less",
+        ),
+    }  # fmt: skip
+    n = stats.n_tokens
+    fve_per_model = 1.0 - stats.sse / np.where(stats.sst > 0, stats.sst, np.nan)
+    fve = 1.0 - stats.sse.sum() / stats.sst.sum() if stats.sst.sum() > 0 else float("nan")
+    d_model = int(source.read_acts(0, 1).shape[-1])
+    d_sae = len(table)
+    reconstruction = {
+        "fve": _finite(fve),
+        "fve_per_model": {
+            name: _finite(v) for name, v in zip(source.model_names, fve_per_model, strict=True)
+        },
+        "mse_per_model": {
+            name: float(v / (n * d_model))
+            for name, v in zip(source.model_names, stats.sse, strict=True)
+        },
+        "l0": stats.l0_sum / n,
+        "dead_fraction": counts[DEAD] / d_sae,
+        "formula": "FVE = 1 - SSE / sum of squared deviations from the mean, over all analysed "
+        "tokens, per model; L0 = mean number of latents above the inference threshold per token",
+    }
+    experts: dict[str, Any] = {"recorded": stats.expert_counts is not None}
+    if stats.expert_counts is not None:
+        n_exp = stats.expert_counts.shape[1]
+        base_entropy, _, _ = expert_entropy(stats.expert_tokens[None])
+        experts.update(
+            n_experts=int(n_exp),
+            max_entropy=float(np.log2(n_exp)) if n_exp > 0 else None,
+            routing_entropy=_finite(base_entropy[0]),
+            routing_share=(stats.expert_tokens / max(stats.expert_tokens.sum(), 1)).tolist(),
+            mean_entropy_per_class={
+                cls: _finite(np.nanmean(table.loc[labels == cls, "expert_entropy"]))
+                if counts[cls]
+                else None
+                for cls in classes
+                if cls != DEAD
+            },
+        )
+    domains: dict[str, Any] = {"recorded": domain_shares is not None}
+    if domain_shares is not None and stats.domain_tokens is not None:
+        domains.update(
+            names=list(source.domain_names),
+            token_share={
+                d: float(stats.domain_tokens[i] / max(stats.domain_tokens.sum(), 1))
+                for i, d in enumerate(source.domain_names)
+            },
+            mean_share_per_class={
+                cls: {
+                    d: _finite(np.nanmean(domain_shares[labels == cls, i]))
+                    for i, d in enumerate(source.domain_names)
+                }
+                if counts[cls]
+                else None
+                for cls in classes
+                if cls != DEAD
+            },
+        )
+    shared_cos = table.loc[np.isin(labels, [SHARED, DESIGNATED]), "decoder_cosine"].to_numpy()
+    split_name, lo, hi = split
+    return {
+        "model_names": list(source.model_names),
+        "direction": {
+            "A": name_a,
+            "B": name_b,
+            "relative_norm": f"r = |d_{name_b}| / (|d_{name_a}| + |d_{name_b}|)",
+        },
+        "split": {
+            "name": split_name,
+            "lo": lo,
+            "hi": hi,
+            "rule": f"r < {lo:g}: {class_a}; {lo:g} <= r <= {hi:g}: shared; r > {hi:g}: {class_b}; "
+            "the first n_shared latents: designated-shared; "
+            "never fires on the analysed tokens: dead",
+        },
+        "n_tokens": n,
+        "d_sae": d_sae,
+        "n_shared": n_shared,
+        "classes": list(classes),
+        "class_counts": counts,
+        "density": {cls: describe(density[labels == cls]) for cls in classes if cls != DEAD},
+        "mean_activation": {
+            cls: describe(table.loc[labels == cls, "mean_activation"].to_numpy())
+            for cls in classes
+            if cls != DEAD
+        },
+        "density_tests": tests,
+        "alpha": ALPHA,
+        "reconstruction": reconstruction,
+        "experts": experts,
+        "domains": domains,
+        "latent_scaling": scaling_summary,
+        "decoder_cosine": {
+            "meaningful": bool(same_basis),
+            "reason": _fmt_reason(same_basis, basis_reason),
+            "shared_median": _finite(np.nanmedian(shared_cos))
+            if np.isfinite(shared_cos).any()
+            else None,
+        },
+        "sentences": [tests["b_denser_than_shared"]["sentence"],
+                      tests["a_sparser_than_shared"]["sentence"]],
+    }  # fmt: skip

@@ -1,0 +1,106 @@
+"""`crossdiff report`: feature diff of a trained crosscoder on a store, written as a report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from crossdiff.analysis.classes import SPLITS
+from crossdiff.common import CrossdiffError, add_runtime_arguments
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="classify latents (shared / model-specific) and write report.html",
+        description=(
+            "Run a trained crosscoder over an activation store: class of every latent by relative "
+            "decoder norm, density per class with the paper's two density tests, domain shares, "
+            "routed experts, latent scaling and top contexts. Writes report.json, report.md, a "
+            "self-contained report.html and PNG figures to --out."
+        ),
+    )
+    parser.add_argument("--crosscoder", type=Path, required=True, help="saved crosscoder folder")
+    parser.add_argument("--store", type=Path, required=True, help="activation store folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write the report to")
+    parser.add_argument(
+        "--split",
+        default="paper",
+        choices=sorted(SPLITS),
+        help="class thresholds on the relative norm: paper = 0.3/0.7, anchors = 0.1/0.9",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer folder or file for context text (default: STORE/../data/tokenizer)",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="analyse at most this many tokens"
+    )
+    parser.add_argument("--batch-size", type=int, default=1024, help="tokens per batch")
+    parser.add_argument(
+        "--direction",
+        nargs=2,
+        default=None,
+        metavar=("A", "B"),
+        help="model names: r = |d_B| / (|d_A| + |d_B|) (default: dense moe)",
+    )
+    add_runtime_arguments(parser)
+    parser.set_defaults(func=run_report)
+
+
+def _default_tokenizer(store: Path) -> Path | None:
+    for candidate in (store.resolve().parent / "data" / "tokenizer",):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from crossdiff.activations import ActivationStore
+    from crossdiff.analysis import diff_features
+    from crossdiff.common import resolve_device, seed_everything
+    from crossdiff.crosscoder import CrossCoder
+    from crossdiff.data import load_tokenizer
+    from crossdiff.report import write_report
+
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    store = ActivationStore(args.store)
+    cc = CrossCoder.load(args.crosscoder, device=str(device), dtype=args.dtype)
+    tokenizer_path = args.tokenizer or _default_tokenizer(args.store)
+    if args.tokenizer is not None and not args.tokenizer.exists():
+        raise CrossdiffError(f"--tokenizer {args.tokenizer} does not exist")
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
+    if tokenizer is None:
+        print("no tokenizer found: contexts show token ids (pass --tokenizer PATH for text)")
+    diff = diff_features(
+        cc,
+        store,
+        tokenizer=tokenizer,
+        split=args.split,
+        direction=tuple(args.direction) if args.direction else None,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+    )
+    paths = write_report(diff, args.out)
+    print(format_summary(diff.summary))
+    print(f"open the report: {paths['html']}")
+    return 0
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    split = summary["split"]
+    rec = summary["reconstruction"]
+    lines = [
+        f"classes ({split['name']} split {split['lo']:g}/{split['hi']:g} on "
+        f"{summary['direction']['relative_norm']}):",
+        *[f"  {cls:20s} {n}" for cls, n in summary["class_counts"].items()],
+        "FVE: "
+        + ", ".join(f"{m} {v:.4f}" for m, v in rec["fve_per_model"].items() if v is not None)
+        + f"; L0 {rec['l0']:.2f}; dead fraction {rec['dead_fraction']:.4f}",
+        *[f"- {t['sentence']}" for t in summary["density_tests"].values()],
+    ]
+    return "\n".join(lines)

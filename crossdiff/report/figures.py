@@ -1,0 +1,223 @@
+"""The report's matplotlib figures (Agg backend, colourblind-safe Okabe-Ito colours)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from crossdiff.analysis.classes import DEAD, DESIGNATED, SHARED  # noqa: E402
+from crossdiff.common import atomic_path  # noqa: E402
+
+# Okabe & Ito (2008): distinguishable with the common colour-vision deficiencies
+OKABE_ITO = ["#0072B2", "#56B4E9", "#E69F00", "#D55E00", "#009E73", "#CC79A7", "#F0E442"]
+GREY = "#999999"
+
+
+def class_colors(classes: list[str]) -> dict[str, str]:
+    a_only, b_only = classes[2], classes[3]
+    return {DESIGNATED: OKABE_ITO[0], SHARED: OKABE_ITO[1], a_only: OKABE_ITO[2],
+            b_only: OKABE_ITO[3], DEAD: GREY}  # fmt: skip
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def relative_norm_histogram(table, summary: dict[str, Any], path: Path) -> Path:
+    classes = summary["classes"]
+    colors = class_colors(classes)
+    lo, hi = summary["split"]["lo"], summary["split"]["hi"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    bins = np.linspace(0, 1, 51)
+    present = [c for c in classes if (table["class"] == c).any()]
+    values = [table.loc[table["class"] == c, "relative_norm"].dropna().to_numpy() for c in present]
+    labels = [f"{c} ({summary['class_counts'][c]})" for c in present]
+    ax.hist(values, bins=bins, stacked=True, color=[colors[c] for c in present], label=labels)
+    for x in (lo, hi):
+        ax.axvline(x, color="black", linestyle="--", linewidth=1)
+    ax.text(lo, ax.get_ylim()[1] * 0.97, f" {lo:g}", va="top", fontsize=9)
+    ax.text(hi, ax.get_ylim()[1] * 0.97, f" {hi:g}", va="top", fontsize=9)
+    d = summary["direction"]
+    ax.set_xlabel(f"relative decoder norm  {d['relative_norm']}")
+    ax.set_ylabel("number of latents")
+    ax.set_title(f"Relative decoder norm by class ({summary['split']['name']} split)")
+    ax.legend(frameon=False, fontsize=9)
+    return _save(fig, path)
+
+
+def decoder_cosine_histogram(table, summary: dict[str, Any], path: Path) -> Path | None:
+    shared = table[table["class"].isin([SHARED, DESIGNATED])]["decoder_cosine"].dropna()
+    if shared.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    ax.hist(shared.to_numpy(), bins=np.linspace(-1, 1, 41), color=OKABE_ITO[1], edgecolor="white")
+    ax.set_xlabel("cosine between the two models' decoder vectors")
+    ax.set_ylabel("number of shared latents")
+    title = "Decoder cosine of shared latents"
+    if not summary["decoder_cosine"]["meaningful"]:
+        title += "\n(unrelated bases: not meaningful, shown for completeness)"
+    ax.set_title(title, fontsize=11)
+    return _save(fig, path)
+
+
+def density_by_class(table, summary: dict[str, Any], path: Path) -> Path | None:
+    classes = [c for c in summary["classes"] if c != DEAD and (table["class"] == c).any()]
+    if not classes:
+        return None
+    colors = class_colors(summary["classes"])
+    logd = [np.log10(table.loc[table["class"] == c, "density"].to_numpy()) for c in classes]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    positions = np.arange(len(classes))
+    for i, (c, v) in enumerate(zip(classes, logd, strict=True)):
+        if len(v) > 1 and np.ptp(v) > 0:
+            parts = left.violinplot([v], positions=[i], showextrema=False, widths=0.8)
+            for body in parts["bodies"]:
+                body.set_facecolor(colors[c])
+                body.set_alpha(0.6)
+        left.scatter(np.full(len(v), i) + np.random.default_rng(0).uniform(-0.08, 0.08, len(v)),
+                     v, s=4, color=colors[c], alpha=0.5)  # fmt: skip
+        left.hlines(np.median(v), i - 0.3, i + 0.3, color="black", linewidth=2)
+    left.set_xticks(positions, [f"{c}\n(n={len(v)})" for c, v in zip(classes, logd, strict=True)])
+    left.set_ylabel("log10 activation density (fraction of tokens)")
+    left.set_title("Density per class (bar: median)")
+    lo_edge = min(float(v.min()) for v in logd)
+    hi_edge = max(float(v.max()) for v in logd)
+    bins = np.linspace(lo_edge - 0.05, hi_edge + 0.05, 40)
+    for c, v in zip(classes, logd, strict=True):
+        right.hist(v, bins=bins, density=True, histtype="step", linewidth=2, color=colors[c],
+                   label=c)  # fmt: skip
+    right.set_xlabel("log10 activation density")
+    right.set_ylabel("fraction of the class's latents (normalised)")
+    right.set_title("Density distributions")
+    right.legend(frameon=False, fontsize=9)
+    tests = summary["density_tests"]
+    pieces = [
+        f"{t['claim']}: " + (f"p = {t['p_value']:.2g}" if t["p_value"] is not None else "n/a")
+        for t in tests.values()
+    ]
+    fig.suptitle("\n".join(pieces), fontsize=9)
+    return _save(fig, path)
+
+
+def domain_shares(table, summary: dict[str, Any], path: Path) -> Path | None:
+    dom = summary["domains"]
+    if not dom.get("recorded"):
+        return None
+    names = dom["names"]
+    classes = [c for c in summary["classes"] if c != DEAD and dom["mean_share_per_class"].get(c)]
+    if not classes:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / len(names)
+    palette = [OKABE_ITO[0], OKABE_ITO[4], OKABE_ITO[5], OKABE_ITO[2], OKABE_ITO[1]]
+    for i, name in enumerate(names):
+        vals = [dom["mean_share_per_class"][c][name] or 0.0 for c in classes]
+        xs = np.arange(len(classes)) + (i - (len(names) - 1) / 2) * width
+        color = palette[i % len(palette)]
+        label = f"{name} (tokens: {dom['token_share'][name]:.0%})"
+        ax.bar(xs, vals, width, color=color, label=label)
+        ax.axhline(dom["token_share"][name], color=color, linestyle=":", linewidth=1)
+    ax.set_xticks(np.arange(len(classes)), classes)
+    ax.set_ylabel("mean share of activation mass")
+    ax.set_ylim(0, 1.25 * max(1e-9, *(b.get_height() for b in ax.patches)))
+    ax.set_title("Where each class fires: activation mass per domain (dotted: token share)")
+    ax.legend(frameon=False, fontsize=9, loc="upper center", ncol=len(names))
+    return _save(fig, path)
+
+
+def expert_entropy(table, summary: dict[str, Any], path: Path) -> Path | None:
+    ex = summary["experts"]
+    if not ex.get("recorded") or "expert_entropy" not in table:
+        return None
+    classes = [c for c in summary["classes"] if c != DEAD]
+    data = [table.loc[table["class"] == c, "expert_entropy"].dropna().to_numpy() for c in classes]
+    keep = [(c, d) for c, d in zip(classes, data, strict=True) if len(d)]
+    if not keep:
+        return None
+    colors = class_colors(summary["classes"])
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    box = ax.boxplot([d for _, d in keep], patch_artist=True, showfliers=False)
+    for patch, (c, _) in zip(box["boxes"], keep, strict=True):
+        patch.set_facecolor(colors[c])
+    ax.set_xticks(np.arange(1, len(keep) + 1), [c for c, _ in keep])
+    if ex.get("routing_entropy") is not None:
+        ax.axhline(ex["routing_entropy"], color="black", linestyle="--", linewidth=1,
+                   label="all tokens' routing entropy")  # fmt: skip
+    if ex.get("max_entropy") is not None:
+        ax.axhline(ex["max_entropy"], color=GREY, linestyle=":", linewidth=1,
+                   label="uniform over experts")  # fmt: skip
+    ax.set_ylabel("entropy of routed experts where the latent fires (bits)")
+    ax.set_title("Expert entropy per class (low: tied to few experts)")
+    ax.legend(frameon=False, fontsize=9)
+    return _save(fig, path)
+
+
+def fve_per_model(table, summary: dict[str, Any], path: Path) -> Path | None:
+    rec = summary["reconstruction"]
+    names = list(rec["fve_per_model"]) + ["all models"]
+    vals = [rec["fve_per_model"][n] for n in names[:-1]] + [rec["fve"]]
+    if any(v is None for v in vals):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = [OKABE_ITO[2], OKABE_ITO[3], OKABE_ITO[5], OKABE_ITO[4]][: len(names) - 1]
+    bars = ax.bar(names, vals, color=[*colors, OKABE_ITO[0]])
+    for bar, v in zip(bars, vals, strict=True):
+        ax.text(bar.get_x() + bar.get_width() / 2, min(v, 1.0), f"{v:.3f}", ha="center",
+                va="bottom")  # fmt: skip
+    ax.set_ylim(min(0.0, min(vals)), 1.08)
+    ax.set_ylabel("fraction of variance explained")
+    ax.set_title(f"Reconstruction (L0 = {rec['l0']:.1f} latents per token)")
+    return _save(fig, path)
+
+
+def latent_scaling_scatter(table, summary: dict[str, Any], path: Path) -> Path | None:
+    ls = summary["latent_scaling"]
+    if not ls.get("computed"):
+        return None
+    colors = class_colors(summary["classes"])
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for cls, tol in ls["tolerance"].items():
+        rows = table[(table["class"] == cls) & table["nu_err"].notna() & table["nu_rec"].notna()]
+        if rows.empty:
+            continue
+        ax.scatter(rows["nu_err"], rows["nu_rec"], s=10, color=colors[cls], alpha=0.7,
+                   label=f"{cls} ({int(rows['scaling_artifact'].sum())} flagged)")  # fmt: skip
+        ax.axvline(tol, color=colors[cls], linestyle="--", linewidth=1)
+        ax.axhline(tol, color=colors[cls], linestyle="--", linewidth=1)
+    ax.set_xlabel("nu_err: other/own effective norm on the error")
+    ax.set_ylabel("nu_rec: other/own effective norm on the reconstruction")
+    ax.set_title("Latent scaling of model-specific latents\n(beyond a dashed line: artifact)")
+    ax.legend(frameon=False, fontsize=9)
+    return _save(fig, path)
+
+
+FIGURES: dict[str, tuple[str, Callable[..., Path | None]]] = {
+    "relative_norm": ("Relative decoder norm by class", relative_norm_histogram),
+    "density": ("Activation density per class", density_by_class),
+    "decoder_cosine": ("Decoder cosine of shared latents", decoder_cosine_histogram),
+    "domain_shares": ("Activation mass per domain, per class", domain_shares),
+    "expert_entropy": ("Expert entropy per class", expert_entropy),
+    "fve": ("Fraction of variance explained per model", fve_per_model),
+    "latent_scaling": ("Latent scaling of model-specific latents", latent_scaling_scatter),
+}
+
+
+def make_figures(table, summary: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write every figure that has data; returns name -> path."""
+    out: dict[str, Path] = {}
+    for name, (_, draw) in FIGURES.items():
+        path = draw(table, summary, out_dir / f"{name}.png")
+        if path is not None:
+            out[name] = path
+    return out

@@ -1,0 +1,181 @@
+"""report.html: one self-contained file (figures as base64 PNG, plain JS, no network)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from crossdiff.report.figures import class_colors
+from crossdiff.report.markdown import fmt
+
+_TEMPLATE = Path(__file__).with_name("template.html")
+
+# table columns: (key, header, kind); kind "num" sorts numerically
+_BASE_COLUMNS = [
+    ("latent", "latent", "num"),
+    ("class", "class", "str"),
+    ("relative_norm", "relative norm", "num"),
+    ("decoder_cosine", "decoder cosine", "num"),
+    ("density", "density", "num"),
+    ("mean_activation", "mean act.", "num"),
+    ("expert_entropy", "expert entropy", "num"),
+    ("top_expert", "top expert", "num"),
+    ("top_expert_share", "top expert share", "num"),
+    ("nu_err", "nu err", "num"),
+    ("nu_rec", "nu rec", "num"),
+    ("scaling_artifact", "artifact?", "str"),
+]
+
+
+def _columns(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+    present = set(data["columns"])
+    a, b = data["summary"]["direction"]["A"], data["summary"]["direction"]["B"]
+    cols = [c for c in _BASE_COLUMNS if c[0] in present]
+    cols[2:2] = [(f"norm_{a}", f"|d {a}|", "num"), (f"norm_{b}", f"|d {b}|", "num")]
+    shares = [
+        (k, k.removeprefix("share_"), "num") for k in data["columns"] if k.startswith("share_")
+    ]
+    at = next(i for i, c in enumerate(cols) if c[0] == "mean_activation") + 1
+    cols[at:at] = shares
+    return cols
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _bars(values: dict[str, float | None] | list[float], label: str) -> str:
+    items = list(values.items()) if isinstance(values, dict) else list(enumerate(values))
+    total = max([v or 0.0 for _, v in items] + [1e-12])
+    rows = []
+    for key, v in items:
+        width = 100.0 * (v or 0.0) / total
+        rows.append(
+            f'<div class="bar"><span class="bar-label">{_esc(key)}</span>'
+            f'<span class="bar-track"><span class="bar-fill" style="width:{width:.1f}%"></span>'
+            f'</span><span class="bar-value">{fmt(v, 3)}</span></div>'
+        )
+    return f'<div class="bars"><div class="bars-title">{_esc(label)}</div>{"".join(rows)}</div>'
+
+
+def _context_html(ctx: dict[str, Any]) -> str:
+    peak = max(max(ctx["activations"]), 1e-12)
+    spans = []
+    for i, (tok, act) in enumerate(zip(ctx["tokens"], ctx["activations"], strict=True)):
+        alpha = max(0.0, min(1.0, act / peak))
+        cls = "tok center" if i == ctx["center"] else "tok"
+        spans.append(
+            f'<span class="{cls}" style="background:rgba(213,94,0,{alpha:.2f})" '
+            f'title="activation {fmt(act, 3)}">{_esc(tok)}</span>'
+        )
+    domain = f' <span class="domain">{_esc(ctx["domain"])}</span>' if ctx["domain"] else ""
+    return (
+        f'<div class="context"><span class="ctx-act">{fmt(ctx["activation"], 3)}</span>'
+        f'{domain}<span class="ctx-text">{"".join(spans)}</span></div>'
+    )
+
+
+def _panel(latent: int, row: dict[str, Any], detail: dict[str, Any], a: str, b: str) -> str:
+    stats = [
+        ("class", row["class"]),
+        ("relative norm", fmt(row["relative_norm"], 3)),
+        (f"|d {a}|", fmt(row.get(f"norm_{a}"), 3)),
+        (f"|d {b}|", fmt(row.get(f"norm_{b}"), 3)),
+        ("density", fmt(row["density"], 3)),
+        ("mean activation", fmt(row["mean_activation"], 3)),
+    ]
+    if row.get("nu_err") is not None:
+        stats += [("nu err", fmt(row["nu_err"], 3)), ("nu rec", fmt(row["nu_rec"], 3)),
+                  ("scaling artifact", fmt(row["scaling_artifact"]))]  # fmt: skip
+    dl = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in stats)
+    side = ""
+    if detail.get("domain_shares"):
+        side += _bars(detail["domain_shares"], "activation mass per domain")
+    if detail.get("expert_counts"):
+        counts = detail["expert_counts"]
+        total = max(sum(counts), 1)
+        side += _bars({f"expert {i}": c / total for i, c in enumerate(counts)},
+                      "routed experts where it fires")  # fmt: skip
+    contexts = "".join(_context_html(c) for c in detail["contexts"]) or "<p>no contexts</p>"
+    return (
+        f'<section class="panel" id="latent-{latent}"><h3>latent {latent} '
+        f'<span class="pill" data-class="{_esc(row["class"])}">{_esc(row["class"])}</span></h3>'
+        f'<div class="panel-body"><div><dl>{dl}</dl>{side}</div>'
+        f'<div class="contexts"><div class="bars-title">top contexts</div>{contexts}</div></div>'
+        "</section>"
+    )
+
+
+def _figure(name: str, title: str, path: Path) -> str:
+    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f'<figure id="fig-{name}"><img alt="{_esc(title)}" src="data:image/png;base64,{encoded}">'
+        f"<figcaption>{_esc(title)}</figcaption></figure>"
+    )
+
+
+def _json_script(obj: Any) -> str:
+    # "</" inside a <script> would end it early
+    return json.dumps(obj, separators=(",", ":")).replace("</", "<\\/")
+
+
+def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
+    s = data["summary"]
+    a, b = s["direction"]["A"], s["direction"]["B"]
+    cols = _columns(data)
+    keys = [c[0] for c in cols]
+    rows = [[row.get(k) for k in keys] for row in data["latents"]]
+    by_id = {row["latent"]: row for row in data["latents"]}
+    panels = "".join(_panel(int(k), by_id[int(k)], d, a, b) for k, d in data["details"].items())
+    cards = "".join(
+        f'<div class="card" data-class="{_esc(c)}"><div class="card-n">{s["class_counts"][c]}'
+        f'</div><div class="card-label">{_esc(c)}</div></div>'
+        for c in s["classes"]
+    )
+    rec = s["reconstruction"]
+    facts = [
+        ("tokens analysed", fmt(s["n_tokens"])),
+        ("latents", fmt(s["d_sae"])),
+        ("split", f"{s['split']['name']}: {fmt(s['split']['lo'])} / {fmt(s['split']['hi'])}"),
+        ("relative norm", s["direction"]["relative_norm"]),
+        ("FVE (all)", fmt(rec["fve"])),
+        *[(f"FVE {m}", fmt(v)) for m, v in rec["fve_per_model"].items()],
+        ("L0 (threshold)", fmt(rec["l0"])),
+        ("dead fraction", fmt(rec["dead_fraction"])),
+    ]
+    facts_html = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in facts)
+    sentences = "".join(f"<li>{_esc(t['sentence'])}</li>" for t in s["density_tests"].values())
+    notes = [s["split"]["rule"], "Decoder cosines: " + s["decoder_cosine"]["reason"] + "."]
+    if s["latent_scaling"]["computed"]:
+        notes.append("Latent scaling: " + s["latent_scaling"]["rule"] + ".")
+    figs = "".join(
+        _figure(name, info["title"], figures[name]) for name, info in data["figures"].items()
+    )
+    header = "".join(
+        f'<th data-key="{_esc(k)}" data-kind="{kind}" data-col="{i}">{_esc(label)}</th>'
+        for i, (k, label, kind) in enumerate(cols)
+    )
+    options = "".join(f'<option value="{_esc(c)}">{_esc(c)}</option>' for c in s["classes"])
+    colors = json.dumps(class_colors(s["classes"]))
+    page = _TEMPLATE.read_text(encoding="utf-8")
+    replacements = {
+        "{{TITLE}}": _esc(f"crossdiff report: {a} vs {b}"),
+        "{{CARDS}}": cards,
+        "{{FACTS}}": facts_html,
+        "{{SENTENCES}}": sentences,
+        "{{NOTES}}": "".join(f"<li>{_esc(n)}</li>" for n in notes),
+        "{{FIGURES}}": figs,
+        "{{HEADER}}": header,
+        "{{OPTIONS}}": options,
+        "{{PANELS}}": panels or "<p>No latents fire, so there are no panels.</p>",
+        "{{N_LATENTS}}": str(len(rows)),
+        "{{ROWS_JSON}}": _json_script(rows),
+        "{{PANEL_IDS_JSON}}": _json_script([int(k) for k in data["details"]]),
+        "{{COLORS_JSON}}": colors,
+    }
+    for key, value in replacements.items():
+        page = page.replace(key, value)
+    return page

@@ -1,0 +1,97 @@
+"""write_report: report.json (everything), report.md, report.html and the PNG figures."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from crossdiff.analysis.diff import FeatureDiff
+from crossdiff.common import atomic_path, write_json_atomic
+from crossdiff.report.figures import FIGURES, make_figures
+from crossdiff.report.html import render_html
+from crossdiff.report.markdown import render_markdown
+
+_PACKAGES = ("crossdiff", "torch", "transformer-lens", "sae-lens", "numpy", "pandas", "scipy",
+             "matplotlib")  # fmt: skip
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def to_jsonable(obj: Any) -> Any:
+    """numpy/pandas scalars to Python, NaN/inf to None, tuples to lists, keys to str."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [to_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, np.bool_ | bool):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def report_data(diff: FeatureDiff, figures: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Everything in report.json: versions, run config, summary, per-latent table and panels."""
+    return to_jsonable(
+        {
+            "format": "crossdiff-report",
+            "format_version": 1,
+            "versions": package_versions(),
+            "config": diff.config,
+            "summary": diff.summary,
+            "columns": list(diff.table.columns),
+            "latents": diff.table.to_dict(orient="records"),
+            "details": {str(k): v for k, v in diff.details.items()},
+            "figures": {
+                name: {"file": path.name, "title": FIGURES[name][0]}
+                for name, path in (figures or {}).items()
+            },
+        }
+    )
+
+
+def write_report(diff: FeatureDiff, out_dir: str | Path, *, quiet: bool = False) -> dict[str, Path]:
+    """Write report.json, report.md, report.html (self-contained) and PNG figures to `out_dir`.
+
+    Returns name -> path for every file written ('json', 'md', 'html' and one per figure).
+    Every file is written atomically, so an interrupted run leaves no half-written report.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = make_figures(diff.table, diff.summary, out_dir)
+    data = report_data(diff, figures)
+    paths: dict[str, Path] = {"json": write_json_atomic(out_dir / "report.json", data)}
+    with atomic_path(out_dir / "report.md") as tmp:
+        tmp.write_text(render_markdown(data))
+    paths["md"] = out_dir / "report.md"
+    with atomic_path(out_dir / "report.html") as tmp:
+        tmp.write_text(render_html(data, figures), encoding="utf-8")
+    paths["html"] = out_dir / "report.html"
+    paths.update(figures)
+    for path in paths.values():
+        path.chmod(0o644)  # atomic writes start private (mkstemp); a report is meant to be shared
+    if not quiet:
+        print(f"wrote report ({len(figures)} figures) to {out_dir}:")
+        for name, path in paths.items():
+            print(f"  {name:16s} {path}")
+    return paths
