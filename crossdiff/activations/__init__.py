@@ -1,0 +1,17 @@
+"""Paired activation harvesting into a sharded on-disk store, and activation normalization."""
+
+from crossdiff.activations.harvest import harvest
+from crossdiff.activations.normalization import FoldedWeights, RunningStats, fold_scaling_factors
+from crossdiff.activations.pairing import Pairing, list_pairings, load_pairing
+from crossdiff.activations.store import ActivationStore
+
+__all__ = [
+    "ActivationStore",
+    "FoldedWeights",
+    "Pairing",
+    "RunningStats",
+    "fold_scaling_factors",
+    "harvest",
+    "list_pairings",
+    "load_pairing",
+]

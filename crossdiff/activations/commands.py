@@ -1,0 +1,109 @@
+"""`crossdiff harvest`: record paired activations of two saved models into a store."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from crossdiff.common import CrossdiffError, add_runtime_arguments, read_json, resolve_dtype
+
+TOKENIZER_META = "crossdiff_tokenizer.json"
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "harvest",
+        help="record paired activations of two models into an on-disk store",
+        description=(
+            "Run two models on the same tokens and store their activations at the hook points of "
+            "a pairing preset (paper, mlp-all-layers, single-layer, or a TOML file). Re-running "
+            "the same command resumes an interrupted harvest."
+        ),
+    )
+    parser.add_argument(
+        "--models", nargs=2, type=Path, required=True, metavar=("DIR_A", "DIR_B"),
+        help="two model folders written by crossdiff (config.json + model.safetensors)",
+    )  # fmt: skip
+    parser.add_argument("--pairing", default="paper", help="preset name or TOML path")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens to harvest (default all)")
+    parser.add_argument("--out", type=Path, required=True, help="store folder to write")
+    parser.add_argument(
+        "--token-set",
+        type=Path,
+        default=None,
+        help="token set file (default: DIR_A/../../data/tokens_train.safetensors)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    parser.add_argument(
+        "--store-dtype",
+        default="float16",
+        choices=["float16", "bfloat16", "float32"],
+        help="dtype of activations on disk (default: float16)",
+    )
+    parser.add_argument(
+        "--model-names", nargs=2, default=["dense", "moe"], metavar=("NAME_A", "NAME_B")
+    )
+    parser.add_argument(
+        "--no-resume", action="store_true", help="replace an existing store instead of resuming"
+    )
+    add_runtime_arguments(parser)
+    parser.set_defaults(func=run_harvest)
+
+
+def _default_token_set(model_dir: Path) -> Path:
+    candidate = model_dir.resolve().parent.parent / "data" / "tokens_train.safetensors"
+    if not candidate.exists():
+        raise CrossdiffError(
+            f"no --token-set given and {candidate} does not exist (models outside a crossdiff run "
+            "folder); pass --token-set PATH to a token set saved with TokenSet.save"
+        )
+    return candidate
+
+
+def _tokenizer_meta(model_dir: Path) -> dict[str, Any] | None:
+    for folder in (model_dir, model_dir / "tokenizer", model_dir.resolve().parent / "tokenizer"):
+        if (folder / TOKENIZER_META).exists():
+            return read_json(folder / TOKENIZER_META, "tokenizer metadata")
+    return None
+
+
+def run_harvest(args: argparse.Namespace) -> int:
+    from crossdiff.activations.harvest import harvest
+    from crossdiff.common import resolve_device, seed_everything
+    from crossdiff.data.tokens import TokenSet
+    from crossdiff.models import load_model
+
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    dir_a, dir_b = args.models
+    token_path = args.token_set or _default_token_set(dir_a)
+    token_set = TokenSet.load(token_path)
+    models = [load_model(d, device=device).to(resolve_dtype(args.dtype)) for d in (dir_a, dir_b)]
+    metas = [_tokenizer_meta(d) for d in (dir_a, dir_b)]
+    fingerprints = tuple(m.get("fingerprint") if m else None for m in metas)
+    print(f"harvesting {dir_a} and {dir_b} on {token_path} with pairing {args.pairing!r}")
+    harvest(
+        models[0],
+        models[1],
+        token_set,
+        args.pairing,
+        args.out,
+        n_tokens=args.tokens,
+        batch_size=args.batch_size,
+        dtype=args.store_dtype,
+        model_names=tuple(args.model_names),
+        device=device,
+        resume=not args.no_resume,
+        tokenizer=_Named(metas[0]) if metas[0] else None,
+        tokenizer_fingerprints=fingerprints,  # type: ignore[arg-type]
+    )
+    return 0
+
+
+class _Named:
+    """Tokenizer metadata (name, fingerprint) read from a saved tokenizer folder."""
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        self.name = meta.get("name")
+        self.fingerprint = meta.get("fingerprint")

@@ -1,0 +1,571 @@
+"""Paired harvesting: run two models on identical token batches and stream their activations
+at the pairing's hook points into an ActivationStore."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from crossdiff.activations.pairing import Pairing, hook_layer, load_pairing
+from crossdiff.activations.store import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    ActivationStore,
+    StoreWriter,
+)
+from crossdiff.common import CrossdiffError, dtype_name, resolve_device, resolve_dtype
+from crossdiff.data.tokens import TokenSet
+
+SHARD_BYTES = 64 * 2**20
+# manifest keys that must match for a harvest to continue an existing store
+_COMPATIBLE_KEYS = (
+    "model_names",
+    "models",
+    "hook_points",
+    "pairing",
+    "dtype",
+    "d_models",
+    "experts",
+)
+
+
+@dataclass
+class _Tokens:
+    """Token rows with per-token metadata and the mask of positions to keep."""
+
+    tokens: Tensor  # [n_seq, seq_len]
+    doc_ids: Tensor
+    positions: Tensor
+    domains: Tensor  # [n_seq]
+    domain_names: tuple[str, ...]
+    keep: Tensor  # [n_seq, seq_len] bool
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(str(tuple(self.tokens.shape)).encode())
+        for rows in self.tokens.split(1 << 16):
+            digest.update(rows.to(torch.int32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:32]
+
+
+def _as_tokens(token_set: TokenSet | Tensor, drop_bos: bool) -> _Tokens:
+    if isinstance(token_set, TokenSet):
+        tokens, doc_ids = token_set.tokens.long(), token_set.doc_ids.long()
+        positions, domains = token_set.doc_positions.long(), token_set.domains.long()
+        names = tuple(token_set.domain_names)
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        if drop_bos:
+            keep[:, 0] = False
+            keep &= positions != -1
+    elif isinstance(token_set, Tensor):
+        if token_set.ndim != 2 or token_set.dtype.is_floating_point or token_set.is_complex():
+            raise CrossdiffError(
+                f"tokens must be an integer tensor [n_seq, seq_len], got {token_set.dtype} of "
+                f"shape {tuple(token_set.shape)}; pass a TokenSet or a LongTensor of token ids"
+            )
+        tokens = token_set.long().cpu()
+        n_seq, seq_len = tokens.shape
+        doc_ids = torch.arange(n_seq).unsqueeze(1).expand(n_seq, seq_len)
+        positions = torch.arange(seq_len).unsqueeze(0).expand(n_seq, seq_len)
+        domains, names = torch.full((n_seq,), -1, dtype=torch.long), ()
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        if drop_bos:
+            keep[:, 0] = False
+    else:
+        raise CrossdiffError(
+            f"token_set must be a crossdiff TokenSet or a LongTensor, "
+            f"got {type(token_set).__name__}"
+        )
+    if tokens.numel() == 0:
+        raise CrossdiffError("the token set is empty; build one with crossdiff.build_token_set")
+    if len(tokens) and int(tokens.min()) < 0:
+        raise CrossdiffError(f"token ids must be >= 0, found {int(tokens.min())}")
+    return _Tokens(tokens, doc_ids, positions, domains, names, keep)
+
+
+def config_hash(model: HookedTransformer) -> str:
+    fields = {k: v for k, v in model.cfg.to_dict().items() if k not in ("device", "n_devices")}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_hash(model: HookedTransformer) -> str:
+    """A hash of every parameter and buffer, so a resume with other weights is refused."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
+    return digest.hexdigest()[:16]
+
+
+def _vocab_fingerprint(model: HookedTransformer) -> str | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    if getattr(tokenizer, "fingerprint", None):
+        return str(tokenizer.fingerprint)
+    if hasattr(tokenizer, "get_vocab"):
+        vocab = sorted(tokenizer.get_vocab().items())
+        return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:32]
+    return None
+
+
+def _check_tokenizers(
+    models: tuple[HookedTransformer, HookedTransformer],
+    names: tuple[str, str],
+    fingerprints: tuple[str | None, str | None] | None,
+    tokens: Tensor,
+) -> None:
+    vocab = [m.cfg.d_vocab for m in models]
+    if vocab[0] != vocab[1]:
+        raise CrossdiffError(
+            f"the models have different vocabularies: {names[0]} has d_vocab={vocab[0]}, "
+            f"{names[1]} has d_vocab={vocab[1]}. Paired harvesting needs two models that share a "
+            "tokenizer; train or load both with the same one"
+        )
+    given = fingerprints or (None, None)
+    prints = [given[i] or _vocab_fingerprint(models[i]) for i in range(2)]
+    if prints[0] and prints[1] and prints[0] != prints[1]:
+        raise CrossdiffError(
+            f"the models' tokenizers differ: {names[0]} has fingerprint {prints[0]}, {names[1]} "
+            f"has {prints[1]}. The same token ids would mean different text to them; use two "
+            "models trained with the same tokenizer"
+        )
+    if int(tokens.max()) >= vocab[0]:
+        raise CrossdiffError(
+            f"the token set has id {int(tokens.max())} but the models' vocabulary has only "
+            f"{vocab[0]} ids; was it tokenized with another tokenizer?"
+        )
+
+
+def _check_hooks(model: HookedTransformer, name: str, hooks: tuple[str, ...]) -> None:
+    for hook in hooks:
+        if hook not in model.hook_dict:
+            close = difflib.get_close_matches(hook, list(model.hook_dict), n=5, cutoff=0.6)
+            hint = f"close matches: {close}" if close else "list them with `list(model.hook_dict)`"
+            raise CrossdiffError(
+                f"model {name!r} has no hook point {hook!r} ({hint}); fix the pairing or pass "
+                "another one (see docs/pairing-presets.md)"
+            )
+
+
+def _stop_layer(model: HookedTransformer, hooks: tuple[str, ...]) -> int | None:
+    layers = [hook_layer(h) for h in hooks]
+    if any(layer is None for layer in layers):
+        return None
+    return min(max(layers) + 1, model.cfg.n_layers)  # type: ignore[type-var]
+
+
+def _expert_slot(pairing: Pairing, models: tuple[HookedTransformer, ...]) -> int | None:
+    if not pairing.expert_indices:
+        return None
+    has = [all(h in m.hook_dict for h in pairing.expert_indices) for m in models]
+    if pairing.expert_model in ("a", "b"):
+        slot = "ab".index(pairing.expert_model)
+        return slot if has[slot] else None
+    return 1 if has[1] else (0 if has[0] else None)
+
+
+class _PairRunner:
+    """Runs both models on a batch and returns their activations and the recorded experts."""
+
+    def __init__(
+        self,
+        models: tuple[HookedTransformer, HookedTransformer],
+        names: tuple[str, str],
+        pairing: Pairing,
+        expert_slot: int | None,
+    ) -> None:
+        self.models, self.names = models, names
+        self.hooks = (pairing.hooks_a, pairing.hooks_b)
+        self.expert_hooks = pairing.expert_indices if expert_slot is not None else ()
+        self.expert_slot = expert_slot
+        self.captured: list[dict[str, Tensor]] = [{}, {}]
+        self.stops = []
+        for slot, model in enumerate(models):
+            names_read = self._read_by(slot)
+            self.stops.append(_stop_layer(model, names_read))
+
+    def _read_by(self, slot: int) -> tuple[str, ...]:
+        extra = self.expert_hooks if slot == self.expert_slot else ()
+        return tuple(dict.fromkeys(self.hooks[slot] + extra))
+
+    def install(self, stack: ExitStack) -> None:
+        for slot, model in enumerate(self.models):
+            store = self.captured[slot]
+
+            def save(tensor: Tensor, hook: Any, store: dict[str, Tensor] = store) -> None:
+                store[hook.name] = tensor.detach()
+
+            hooks = [(name, save) for name in self._read_by(slot)]
+            stack.enter_context(model.hooks(fwd_hooks=hooks))
+
+    def run(
+        self, tokens: Int[Tensor, "batch pos"], first_row: int
+    ) -> tuple[list[Tensor], Tensor | None]:
+        batch, pos = tokens.shape
+        acts: list[Tensor] = []
+        experts = None
+        for slot, model in enumerate(self.models):
+            self.captured[slot].clear()
+            device = next(model.parameters()).device
+            model(tokens.to(device), return_type=None, stop_at_layer=self.stops[slot])
+            parts = []
+            for hook in self.hooks[slot]:
+                parts.append(self._checked(slot, hook, batch, pos, first_row))
+            acts.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
+            if slot == self.expert_slot:
+                experts = torch.cat(
+                    [self._experts(slot, hook, batch, pos) for hook in self.expert_hooks], dim=-1
+                )
+        return acts, experts
+
+    def _checked(self, slot: int, hook: str, batch: int, pos: int, first_row: int) -> Tensor:
+        x = self.captured[slot].get(hook)
+        name = self.names[slot]
+        if x is None:
+            raise CrossdiffError(f"hook {hook!r} of model {name!r} did not fire during the forward")
+        if x.ndim != 3 or tuple(x.shape[:2]) != (batch, pos):
+            raise CrossdiffError(
+                f"hook {hook!r} of model {name!r} outputs shape {tuple(x.shape)}, but a paired "
+                f"site must be [batch, pos, d] (here [{batch}, {pos}, d]). Pick a hook with one "
+                "vector per token, e.g. hook_resid_post, hook_mlp_out or attn hook_result"
+            )
+        if not torch.isfinite(x).all():
+            raise CrossdiffError(
+                f"model {name!r} produced NaN or Inf activations at hook {hook!r} in the batch of "
+                f"rows {first_row}..{first_row + batch - 1}; check the model's weights and dtype "
+                "(float16 models overflow easily: try --dtype float32)"
+            )
+        return x
+
+    def _experts(self, slot: int, hook: str, batch: int, pos: int) -> Tensor:
+        x = self.captured[slot].get(hook)
+        name = self.names[slot]
+        if x is None:
+            raise CrossdiffError(f"hook {hook!r} of model {name!r} did not fire during the forward")
+        if x.ndim == 2 and x.shape[0] == batch * pos:  # stock TransformerLens MoE: [batch*pos, k]
+            x = x.reshape(batch, pos, -1)
+        if x.ndim != 3 or tuple(x.shape[:2]) != (batch, pos):
+            raise CrossdiffError(
+                f"expert hook {hook!r} of model {name!r} outputs shape {tuple(x.shape)}; "
+                "expected [batch, pos, top_k] or [batch*pos, top_k]"
+            )
+        return x.long()
+
+
+def _tokenizer_info(
+    tokenizer: Any, models: tuple[HookedTransformer, ...], fingerprints: Any
+) -> dict[str, Any]:
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    if fingerprint is None and fingerprints:
+        fingerprint = fingerprints[0] or fingerprints[1]
+    if fingerprint is None:
+        fingerprint = _vocab_fingerprint(models[0])
+    return {
+        "name": getattr(tokenizer, "name", None) or models[0].cfg.tokenizer_name,
+        "fingerprint": fingerprint,
+        "vocab_size": int(models[0].cfg.d_vocab),
+    }
+
+
+@contextmanager
+def _eval_mode(models: tuple[HookedTransformer, ...]) -> Iterator[None]:
+    """Harvest in eval mode (no dropout or router noise), then give the models back as they were."""
+    training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in zip(models, training, strict=True):
+            m.train(was_training)
+
+
+def _probe_widths(runner: _PairRunner, tokens: Tensor) -> tuple[list[int], int]:
+    with ExitStack() as stack:
+        runner.install(stack)
+        acts, experts = runner.run(tokens[:1], 0)
+    return [a.shape[-1] for a in acts], (experts.shape[-1] if experts is not None else 0)
+
+
+def _open_store(
+    out_dir: Path, header: dict[str, Any], segment: dict[str, Any], resume: bool
+) -> StoreWriter:
+    if (out_dir / MANIFEST).exists() and not resume:
+        for p in out_dir.iterdir():
+            ours = p.name == MANIFEST or re.match(r"^\.?(shard|stats)_\d{5}\.safetensors", p.name)
+            if p.is_file() and ours:
+                p.unlink()
+        print(f"resume=False: removed the existing store in {out_dir}")
+    if not (out_dir / MANIFEST).exists():
+        if out_dir.exists() and any(not p.name.startswith(".") for p in out_dir.iterdir()):
+            raise CrossdiffError(
+                f"{out_dir} is not empty and holds no activation store; choose an empty or new "
+                "folder for the store"
+            )
+        return StoreWriter.create(out_dir, dict(header, segments=[dict(segment, n_tokens=0)]))
+    writer = StoreWriter.reopen(out_dir)
+    differ = [k for k in _COMPATIBLE_KEYS if writer.manifest.get(k) != header.get(k)]
+    if differ:
+        raise CrossdiffError(
+            f"{out_dir} already holds a store harvested with different {differ}; harvest into a "
+            "new --out folder, or pass resume=False to replace it"
+        )
+    segments = writer.manifest["segments"]
+    same = [i for i, s in enumerate(segments) if s["token_set"] == segment["token_set"]]
+    if same and same[-1] != len(segments) - 1:
+        raise CrossdiffError(
+            f"the store in {out_dir} already has tokens of this token set (segment {same[-1]}), "
+            "and others were appended after it; harvesting it again would duplicate tokens"
+        )
+    if not same:
+        if writer.manifest["domain_names"] != header["domain_names"]:
+            raise CrossdiffError(
+                f"cannot append: the store has domains {writer.manifest['domain_names']}, this "
+                f"token set has {header['domain_names']}"
+            )
+        writer.manifest["segments"] = [
+            *segments,
+            dict(segment, start=writer.n_tokens, n_tokens=0),
+        ]
+    return writer
+
+
+def harvest(
+    model_a: HookedTransformer,
+    model_b: HookedTransformer,
+    token_set: TokenSet | Tensor,
+    pairing: Pairing | str | Path,
+    out_dir: str | Path,
+    *,
+    n_tokens: int | None = None,
+    batch_size: int = 32,
+    dtype: str | torch.dtype = "float16",
+    shard_tokens: int | None = None,
+    model_names: tuple[str, str] = ("dense", "moe"),
+    device: str | torch.device | None = None,
+    resume: bool = True,
+    tokenizer: Any = None,
+    tokenizer_fingerprints: tuple[str | None, str | None] | None = None,
+    progress: bool = True,
+) -> ActivationStore:
+    """Record both models' activations at the pairing's hook points into a store at `out_dir`.
+
+    Tokens are taken row by row from `token_set` (BOS positions dropped unless the pairing says
+    otherwise) until `n_tokens` are stored (default: all). `batch_size` is in rows. Re-running
+    with the same arguments continues an interrupted harvest; a larger `n_tokens` extends it; a
+    different token set is appended as a new segment. The models run in eval mode, each on its
+    own device (or both moved to `device` if given).
+    """
+    with _eval_mode((model_a, model_b)):
+        return _harvest(
+            model_a, model_b, token_set, pairing, out_dir, n_tokens=n_tokens,
+            batch_size=batch_size, dtype=dtype, shard_tokens=shard_tokens,
+            model_names=model_names, device=device, resume=resume, tokenizer=tokenizer,
+            tokenizer_fingerprints=tokenizer_fingerprints, progress=progress,
+        )  # fmt: skip
+
+
+def _harvest(
+    model_a: HookedTransformer,
+    model_b: HookedTransformer,
+    token_set: TokenSet | Tensor,
+    pairing: Pairing | str | Path,
+    out_dir: str | Path,
+    *,
+    n_tokens: int | None,
+    batch_size: int,
+    dtype: str | torch.dtype,
+    shard_tokens: int | None,
+    model_names: tuple[str, str],
+    device: str | torch.device | None,
+    resume: bool,
+    tokenizer: Any,
+    tokenizer_fingerprints: tuple[str | None, str | None] | None,
+    progress: bool,
+) -> ActivationStore:
+    pairing = load_pairing(pairing)
+    models = (model_a, model_b)
+    names = (str(model_names[0]), str(model_names[1]))
+    if len(model_names) != 2 or names[0] == names[1]:
+        raise CrossdiffError(f"model_names must be two different names, got {model_names}")
+    if batch_size <= 0:
+        raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
+    store_dtype = resolve_dtype(dtype)
+    out_dir = Path(out_dir)
+    rows = _as_tokens(token_set, pairing.drop_bos)
+    _check_tokenizers(models, names, tokenizer_fingerprints, rows.tokens)
+    for model, name, hooks in zip(models, names, (pairing.hooks_a, pairing.hooks_b), strict=True):
+        _check_hooks(model, name, hooks)
+        if device is not None and next(model.parameters()).device != resolve_device(device):
+            model.to(resolve_device(device))
+    expert_slot = _expert_slot(pairing, models)
+    if pairing.expert_indices and expert_slot is None:
+        print(
+            f"note: neither model has {list(pairing.expert_indices)}; experts are stored as -1",
+        )
+    runner = _PairRunner(models, names, pairing, expert_slot)
+
+    kept_per_row = rows.keep.sum(dim=1)
+    cumulative = kept_per_row.cumsum(0)
+    available = int(cumulative[-1])
+    target = available if n_tokens is None else int(n_tokens)
+    if target <= 0 or target > available:
+        raise CrossdiffError(
+            f"n_tokens={n_tokens} but the token set has {available} tokens to harvest "
+            f"({len(rows.tokens)} rows, BOS dropped={pairing.drop_bos}); ask for at most "
+            f"{available} or give a bigger token set"
+        )
+
+    with torch.no_grad():
+        widths, expert_width = _probe_widths(runner, rows.tokens)
+    d_store = max(widths)
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_names": list(names),
+        "models": [
+            {
+                "name": n,
+                "config_hash": config_hash(m),
+                "weights_hash": weights_hash(m),
+                "d_model": int(m.cfg.d_model),
+            }
+            for n, m in zip(names, models, strict=True)
+        ],
+        "hook_points": {names[0]: list(pairing.hooks_a), names[1]: list(pairing.hooks_b)},
+        "pairing": pairing.to_dict(),
+        "dtype": dtype_name(store_dtype),
+        "d_model": d_store,
+        "d_models": widths,
+        "experts": {
+            "model": None if expert_slot is None else names[expert_slot],
+            "hooks": list(runner.expert_hooks),
+            "width": max(expert_width, 1),
+        },
+        "tokenizer": _tokenizer_info(tokenizer, models, tokenizer_fingerprints),
+        "domain_names": list(rows.domain_names),
+    }
+    segment = {
+        "token_set": rows.fingerprint,
+        "n_seq": int(rows.tokens.shape[0]),
+        "seq_len": int(rows.tokens.shape[1]),
+        "start": 0,
+    }
+    writer = _open_store(out_dir, header, segment, resume)
+    done = int(writer.manifest["segments"][-1]["n_tokens"])
+    if done >= target:
+        print(f"{out_dir} already holds {done} tokens of this token set; nothing to harvest")
+        return ActivationStore(out_dir)
+
+    if shard_tokens is None:
+        shard_tokens = max(1024, SHARD_BYTES // (2 * d_store * store_dtype.itemsize))
+    first_row = int(torch.searchsorted(cumulative, done, right=True))
+    start_row = first_row // batch_size * batch_size  # batches stay aligned across resumes
+    skip = done - (int(cumulative[start_row - 1]) if start_row > 0 else 0)
+    end_row = int(torch.searchsorted(cumulative, target - 1, right=True)) + 1
+    remaining = target - done
+
+    buffer: list[dict[str, Tensor]] = []
+    n_buffered = 0
+    bar = tqdm(
+        total=target,
+        initial=done,
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest {pairing.name}",
+        disable=not progress,
+    )
+
+    def flush(final: bool) -> None:
+        nonlocal buffer, n_buffered
+        if not buffer:
+            return
+        merged = {k: torch.cat([b[k] for b in buffer]) for k in buffer[0]}
+        lo = 0
+        while n_buffered - lo >= shard_tokens or (final and n_buffered > lo):
+            hi = min(lo + shard_tokens, n_buffered)
+            writer.write_shard({k: v[lo:hi] for k, v in merged.items()})
+            lo = hi
+        buffer = [{k: v[lo:] for k, v in merged.items()}] if lo < n_buffered else []
+        n_buffered -= lo
+
+    with torch.no_grad(), ExitStack() as stack:
+        runner.install(stack)
+        for row in range(start_row, end_row, batch_size):
+            stop = min(row + batch_size, len(rows.tokens))  # fixed batches: same rounding
+            acts, experts = runner.run(rows.tokens[row:stop], row)
+            chunk = _select(rows, row, stop, acts, experts, widths, d_store, store_dtype)
+            n = chunk["acts"].shape[0]
+            lo, hi = min(skip, n), min(n, skip + remaining)
+            skip -= lo
+            if hi > lo:
+                buffer.append({k: v[lo:hi] for k, v in chunk.items()})
+                n_buffered += hi - lo
+                remaining -= hi - lo
+                bar.update(hi - lo)
+            if n_buffered >= shard_tokens:
+                flush(final=False)
+        flush(final=True)
+    bar.close()
+    if remaining != 0:
+        raise CrossdiffError(f"internal error: harvest ended {remaining} tokens short")
+    store = ActivationStore(out_dir)
+    print(
+        f"wrote {store.n_tokens} tokens ({store.n_models} models, width {store.d_model}, "
+        f"{store.manifest['dtype']}) in {store.n_shards} shards to {out_dir}"
+    )
+    return store
+
+
+def _select(
+    rows: _Tokens,
+    start: int,
+    stop: int,
+    acts: list[Tensor],
+    experts: Tensor | None,
+    widths: list[int],
+    d_store: int,
+    store_dtype: torch.dtype,
+) -> dict[str, Tensor]:
+    keep = rows.keep[start:stop].reshape(-1)
+    index = keep.nonzero().squeeze(1)
+    n = index.shape[0]
+    out = torch.zeros(n, len(acts), d_store, dtype=store_dtype)
+    for m, x in enumerate(acts):
+        if x.shape[-1] != widths[m]:
+            raise CrossdiffError(
+                f"model {m} activations changed width from {widths[m]} to {x.shape[-1]}"
+            )
+        out[:, m, : widths[m]] = x.reshape(-1, widths[m]).cpu()[index].to(store_dtype)
+    seq_len = rows.tokens.shape[1]
+    if experts is None:
+        expert_ids = torch.full((n, 1), -1, dtype=torch.int16)
+    else:
+        expert_ids = experts.reshape(-1, experts.shape[-1]).cpu()[index].to(torch.int16)
+    domains = rows.domains[start:stop].unsqueeze(1).expand(-1, seq_len).reshape(-1)
+    return {
+        "acts": out,
+        "token_ids": rows.tokens[start:stop].reshape(-1)[index].to(torch.int32),
+        "doc_ids": rows.doc_ids[start:stop].reshape(-1)[index].to(torch.int64),
+        "positions": rows.positions[start:stop].reshape(-1)[index].to(torch.int32),
+        "domains": domains[index].to(torch.int16),
+        "experts": expert_ids,
+    }

@@ -1,0 +1,133 @@
+"""Per-model activation statistics and the scaling factor that brings mean norm to sqrt(d_model).
+
+Training on scaled activations x'_m = s_m * x_m (s_m = sqrt(d_m) / E||x_m||, SAELens's convention)
+puts both models on one scale. `fold_scaling_factors` moves s_m into a crosscoder's weights so the
+folded crosscoder takes and returns raw activations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from crossdiff.common import CrossdiffError
+
+
+class RunningStats:
+    """Exact float64 running sums per model: token count, sum of norms, sum and sum of squares.
+
+    Sums merge by addition, so statistics over shards written in separate runs (resume, append)
+    equal those of a single run over the same shards in the same order.
+    """
+
+    def __init__(self, widths: list[int]) -> None:
+        self.widths = list(widths)
+        self.count = torch.zeros(len(widths), dtype=torch.float64)
+        self.norm_sum = torch.zeros(len(widths), dtype=torch.float64)
+        self.sums = [torch.zeros(w, dtype=torch.float64) for w in widths]
+        self.sumsqs = [torch.zeros(w, dtype=torch.float64) for w in widths]
+
+    def update(self, acts: Float[Tensor, "n n_models d"]) -> None:
+        for m, width in enumerate(self.widths):
+            x = acts[:, m, :width].to(torch.float64)
+            self.count[m] += x.shape[0]
+            self.norm_sum[m] += x.norm(dim=-1).sum()
+            self.sums[m] += x.sum(dim=0)
+            self.sumsqs[m] += (x * x).sum(dim=0)
+
+    def mean_norms(self) -> Tensor:
+        return self.norm_sum / self.count.clamp(min=1)
+
+    def scaling_factors(self) -> Tensor:
+        widths = torch.tensor(self.widths, dtype=torch.float64)
+        norms = self.mean_norms()
+        factors = torch.where(norms > 0, widths.sqrt() / norms.clamp(min=1e-30), torch.ones(1))
+        return factors
+
+    def mean(self, m: int) -> Tensor:
+        return self.sums[m] / max(float(self.count[m]), 1.0)
+
+    def std(self, m: int) -> Tensor:
+        mean = self.mean(m)
+        var = self.sumsqs[m] / max(float(self.count[m]), 1.0) - mean * mean
+        return var.clamp(min=0).sqrt()
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        tensors = {"count": self.count, "norm_sum": self.norm_sum}
+        for m in range(len(self.widths)):
+            tensors[f"sum.{m}"] = self.sums[m]
+            tensors[f"sumsq.{m}"] = self.sumsqs[m]
+            tensors[f"mean.{m}"] = self.mean(m)
+            tensors[f"std.{m}"] = self.std(m)
+        return {k: v.contiguous() for k, v in tensors.items()}
+
+    @classmethod
+    def from_tensors(cls, widths: list[int], tensors: dict[str, Tensor]) -> RunningStats:
+        stats = cls(widths)
+        stats.count = tensors["count"].clone()
+        stats.norm_sum = tensors["norm_sum"].clone()
+        stats.sums = [tensors[f"sum.{m}"].clone() for m in range(len(widths))]
+        stats.sumsqs = [tensors[f"sumsq.{m}"].clone() for m in range(len(widths))]
+        return stats
+
+    def summary(self, model_names: list[str]) -> list[dict[str, float | int | str]]:
+        norms, factors = self.mean_norms(), self.scaling_factors()
+        return [
+            {
+                "name": name,
+                "width": self.widths[m],
+                "n_tokens": int(self.count[m]),
+                "mean_norm": float(norms[m]),
+                "scaling_factor": float(factors[m]),
+            }
+            for m, name in enumerate(model_names)
+        ]
+
+
+class FoldedWeights(NamedTuple):
+    W_enc: Tensor
+    b_enc: Tensor | None
+    W_dec: Tensor
+    b_dec: Tensor
+
+
+def fold_scaling_factors(
+    W_enc: Float[Tensor, "n_models d_model d_sae"],
+    b_enc: Float[Tensor, " d_sae"] | None,
+    W_dec: Float[Tensor, "d_sae n_models d_model"],
+    b_dec: Float[Tensor, "n_models d_model"],
+    scaling_factors: Float[Tensor, " n_models"],
+) -> FoldedWeights:
+    """Fold per-model input scaling into crosscoder weights, so the result works on raw activations.
+
+    A crosscoder trained on x'_m = s_m x_m computes
+        pre = sum_m (x'_m - b_dec[m]) W_enc[m] + b_enc      (the b_dec term only if the encoder
+        x'_hat_m = f W_dec[:, m] + b_dec[m]                  subtracts it; folding covers both)
+    With W_enc'[m] = s_m W_enc[m], W_dec'[:, m] = W_dec[:, m] / s_m and b_dec'[m] = b_dec[m] / s_m:
+        sum_m (x_m - b_dec'[m]) W_enc'[m] = sum_m (x'_m - b_dec[m]) W_enc[m]   (same pre, same f)
+        f W_dec'[:, m] + b_dec'[m] = x'_hat_m / s_m                            (raw reconstruction)
+    b_enc and any activation threshold are unchanged. Decoder norms change by 1/s_m: a selection
+    score that weights latents by decoder norm must use the norms from before folding.
+    """
+    n_models = W_dec.shape[1]
+    if scaling_factors.shape != (n_models,):
+        raise CrossdiffError(
+            f"scaling_factors has shape {tuple(scaling_factors.shape)}, expected ({n_models},)"
+        )
+    if not torch.isfinite(scaling_factors).all() or (scaling_factors <= 0).any():
+        raise CrossdiffError(f"scaling factors must be finite and > 0, got {scaling_factors}")
+    s = scaling_factors.to(W_enc.dtype)
+    return FoldedWeights(
+        W_enc=W_enc * s[:, None, None],
+        b_enc=None if b_enc is None else b_enc.clone(),
+        W_dec=W_dec / s[None, :, None],
+        b_dec=b_dec / s[:, None],
+    )
+
+
+def scaling_factor(mean_norm: float, width: int) -> float:
+    return math.sqrt(width) / mean_norm if mean_norm > 0 else 1.0
