@@ -11,6 +11,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from crossdiff import crosscoder as _crosscoder  # noqa: F401,E402
+
 # name -> module that defines it. Loaded on first use so `import crossdiff` stays light.
 _PUBLIC: dict[str, str] = {
     # models

@@ -1,0 +1,122 @@
+"""Training checkpoints as safetensors + JSON (SAETrainer's own checkpoint pickles; not used).
+
+A checkpoint folder holds `state_<step>.safetensors` (weights, Adam moments, dead-latent counters)
+and `state.json` (config, step counters, lr-scheduler state, Adam hyper-parameters, the scaling
+factors and the options of the run). `state.json` is written last and names its tensor file, so
+the pair on disk is always consistent; both are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from crossdiff.common import CrossdiffError, atomic_path, read_json
+
+FORMAT = "crossdiff-crosscoder-checkpoint"
+_SHAPE_KEYS = ("n_models", "d_model", "d_sae", "n_shared", "shared_decoder")
+_RUN_KEYS = ("steps", "batch_size", "seed", "normalize")
+
+
+def write_checkpoint(trainer: Any, directory: Path, extra: dict[str, Any]) -> Path:
+    sae, optimizer = trainer.sae, trainer.optimizer
+    tensors = {f"model.{k}": v for k, v in sae.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    for index, param_state in opt_state["state"].items():
+        for key, value in param_state.items():
+            tensors[f"adam.{index}.{key}"] = torch.as_tensor(value)
+    tensors["trainer.act_freq_scores"] = trainer.act_freq_scores
+    tensors["trainer.n_forward_passes_since_fired"] = trainer.n_forward_passes_since_fired
+    steps_done = trainer.n_training_steps
+    name = f"state_{steps_done:09d}.safetensors"
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / name) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    state = {
+        "format": FORMAT,
+        "version": 1,
+        "tensors": name,
+        "steps_done": steps_done,
+        "n_training_samples": trainer.n_training_samples,
+        "n_frac_active_samples": trainer.n_frac_active_samples,
+        "cfg": sae.cfg.to_dict(),
+        "adam_param_groups": opt_state["param_groups"],
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        **extra,
+    }
+    try:
+        text = json.dumps(state, indent=1)
+    except TypeError as err:  # a torch/SAELens version whose scheduler state is not plain data
+        raise CrossdiffError(f"cannot write the training state as JSON: {err}") from err
+    with atomic_path(directory / "state.json") as tmp:
+        tmp.write_text(text)
+    for old in directory.glob("state_*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return directory / "state.json"
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """(state, tensors) of the checkpoint in `directory`, or None if there is none."""
+    path = directory / "state.json"
+    if not path.exists():
+        return None
+    state = read_json(path, "crosscoder checkpoint")
+    if state.get("format") != FORMAT:
+        raise CrossdiffError(f"{path} is not a crossdiff crosscoder checkpoint")
+    tensor_path = directory / state["tensors"]
+    if not tensor_path.exists():
+        raise CrossdiffError(f"{path} names {tensor_path}, which is missing; delete {directory}")
+    return state, load_file(tensor_path)
+
+
+def restore_checkpoint(
+    trainer: Any,
+    state: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    options: dict[str, Any],
+) -> None:
+    """Load weights, optimizer, scheduler and counters into a freshly built trainer."""
+    cfg = trainer.sae.cfg
+    saved, current = state["cfg"], cfg.to_dict()
+    shape_diff = {k: (saved.get(k), current[k]) for k in _SHAPE_KEYS if saved.get(k) != current[k]}
+    if shape_diff:
+        raise CrossdiffError(
+            f"the checkpoint holds a crosscoder of another shape ({shape_diff}, saved vs asked); "
+            "use another checkpoint_dir / --out, or delete the old checkpoint to start over"
+        )
+    saved_run = state.get("options", {})
+    run_diff = {
+        k: (saved_run.get(k), options[k]) for k in _RUN_KEYS if saved_run.get(k) != options[k]
+    }
+    if run_diff:
+        raise CrossdiffError(
+            f"the checkpoint is of a run with other options ({run_diff}, saved vs asked); "
+            "resume with the same options, or delete the checkpoint to start over"
+        )
+    model_state = {
+        k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
+    }
+    trainer.sae.load_state_dict(model_state)
+    adam_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("adam."):
+            _, index, name = key.split(".", 2)
+            adam_state.setdefault(int(index), {})[name] = value
+    trainer.optimizer.load_state_dict(
+        {"state": adam_state, "param_groups": state["adam_param_groups"]}
+    )
+    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    device = trainer.act_freq_scores.device
+    trainer.act_freq_scores = tensors["trainer.act_freq_scores"].to(device)
+    trainer.n_forward_passes_since_fired = tensors["trainer.n_forward_passes_since_fired"].to(
+        device
+    )
+    trainer.n_training_steps = state["steps_done"]
+    trainer.n_training_samples = state["n_training_samples"]
+    trainer.n_frac_active_samples = state["n_frac_active_samples"]

@@ -1,0 +1,143 @@
+"""Configuration of a crosscoder: the inference config and the training config, SAELens-style.
+
+`CrossCoderConfig` is a `sae_lens.SAEConfig` (what `cfg.json` holds); `TrainingCrossCoderConfig`
+adds what only training needs (auxiliary loss, threshold moving average, k annealing). SAELens's
+`d_in` is derived: `n_models * d_model`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
+
+from crossdiff.common import CrossdiffError
+
+SHARED_DECODER_MODES = ("free", "tied")
+
+
+@dataclass(kw_only=True)
+class CrossCoderConfig(SAEConfig):
+    """A BatchTopK crosscoder over `n_models` activation spaces of width `d_model`.
+
+    The first `n_shared` latents are shared by design. With `shared_decoder="tied"` each of them
+    has one decoder vector used for every model; with `"free"` each model keeps its own vector
+    and only the activation is shared. Their BatchTopK selection score is divided by
+    `shared_penalty_ratio` (see docs/crosscoder.md), so a ratio below 1 makes them cheaper.
+    """
+
+    d_in: int = 0  # derived: n_models * d_model
+    d_sae: int = 0
+    n_models: int = 2
+    d_model: int = 0
+    k: int | float = 32
+    n_shared: int = 0
+    shared_decoder: str = "free"
+    shared_penalty_ratio: int | float = 0.7
+    # SAELens's from_dict passes the metadata as a dict first and replaces it afterwards
+    metadata: SAEMetadata | dict[str, Any] = field(default_factory=SAEMetadata)
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "crosscoder"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.metadata, dict):
+            self.metadata = SAEMetadata(**self.metadata)
+        super().__post_init__()
+        if self.n_models < 2:
+            raise CrossdiffError(
+                f"n_models={self.n_models}: a crosscoder reads at least 2 models; "
+                "for one model use an ordinary SAE"
+            )
+        if self.d_model < 1:
+            raise CrossdiffError(
+                f"d_model={self.d_model}: pass the activation width of the models, "
+                "e.g. CrossCoderConfig(d_model=256, d_sae=4096, k=32)"
+            )
+        expected_d_in = self.n_models * self.d_model
+        if self.d_in == 0:
+            self.d_in = expected_d_in
+        elif self.d_in != expected_d_in:
+            raise CrossdiffError(
+                f"d_in={self.d_in} but n_models * d_model = {expected_d_in}; "
+                "leave d_in out, crossdiff derives it"
+            )
+        if self.d_sae < 1:
+            raise CrossdiffError(f"d_sae={self.d_sae}: pass the number of latents (>= 1)")
+        if not 0 < self.k <= self.d_sae:
+            raise CrossdiffError(
+                f"k={self.k} must be in (0, d_sae={self.d_sae}]: k is the mean number of "
+                "active latents per token; lower k or raise d_sae"
+            )
+        if not 0 <= self.n_shared < self.d_sae:
+            raise CrossdiffError(
+                f"n_shared={self.n_shared} must be in [0, d_sae={self.d_sae}): the shared "
+                "latents are the first n_shared of d_sae; lower n_shared or raise d_sae"
+            )
+        if self.shared_decoder not in SHARED_DECODER_MODES:
+            raise CrossdiffError(
+                f"shared_decoder={self.shared_decoder!r}; expected one of {SHARED_DECODER_MODES}"
+            )
+        if not (self.shared_penalty_ratio > 0 and math.isfinite(self.shared_penalty_ratio)):
+            raise CrossdiffError(
+                f"shared_penalty_ratio={self.shared_penalty_ratio} must be a positive number "
+                "(paper: 0.7; Anthropic: 0.1-0.2; 1.0 = no preference)"
+            )
+
+    @property
+    def n_tied(self) -> int:
+        """How many latents have one decoder vector for all models."""
+        return self.n_shared if self.shared_decoder == "tied" else 0
+
+
+@dataclass(kw_only=True)
+class TrainingCrossCoderConfig(CrossCoderConfig, TrainingSAEConfig):
+    """`CrossCoderConfig` plus what training needs.
+
+    aux_loss_coefficient: weight of the auxiliary top-k loss on dead latents (applied once).
+    k_aux: dead latents used per token by that loss (default d_in // 2, as SAELens).
+    threshold_lr: moving-average rate of the inference threshold (smallest selected score).
+    k_anneal_start, k_anneal_steps: BatchTopK k goes linearly from k_anneal_start to k over the
+        first k_anneal_steps steps (0 = no annealing).
+    """
+
+    aux_loss_coefficient: int | float = 1 / 32
+    k_aux: int | None = None
+    threshold_lr: int | float = 0.01
+    k_anneal_start: int | float | None = None
+    k_anneal_steps: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.k_anneal_steps < 0:
+            raise CrossdiffError(f"k_anneal_steps={self.k_anneal_steps} must be >= 0")
+        start = self.k_anneal_start
+        if start is not None and not self.k <= start <= self.d_sae:
+            raise CrossdiffError(
+                f"k_anneal_start={start} must lie in [k={self.k}, d_sae={self.d_sae}]"
+            )
+
+    def k_at_step(self, step: int) -> float:
+        start = self.k_anneal_start
+        if start is None or self.k_anneal_steps == 0 or step >= self.k_anneal_steps:
+            return float(self.k)
+        return float(start + (self.k - start) * step / self.k_anneal_steps)
+
+    def inference_config(self) -> CrossCoderConfig:
+        return CrossCoderConfig.from_dict(self.get_inference_sae_cfg_dict())
+
+    @classmethod
+    def from_inference_config(
+        cls, cfg: CrossCoderConfig, **training: object
+    ) -> TrainingCrossCoderConfig:
+        fields = {k: v for k, v in cfg.to_dict().items() if k not in ("architecture", "metadata")}
+        metadata = SAEMetadata(**cfg.metadata.to_dict())
+        return cls(**fields, metadata=metadata, **training)  # type: ignore[arg-type]
+
+
+def default_lr(d_sae: int) -> float:
+    """Learning rate by dictionary size, as the anchors: 2e-4 / sqrt(d_sae / 2**14)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)

@@ -1,0 +1,148 @@
+"""Reconstruction metrics with the right formula, accumulated over the whole evaluation set.
+
+FVE_m = 1 - sum_t ||x_tm - x_hat_tm||^2 / sum_t ||x_tm - mean_m||^2, per model m; overall FVE
+pools both sums over models. Not averaged per token, not variance about zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from crossdiff.common import CrossdiffError
+
+
+class ReconstructionMeter:
+    """Running sums for FVE and MSE per model (float64, so the variance is exact enough)."""
+
+    def __init__(self, n_models: int, d_model: int):
+        self.d_model = d_model
+        self.n_tokens = 0
+        self.sq_error = torch.zeros(n_models, dtype=torch.float64)
+        self.sum_x = torch.zeros(n_models, d_model, dtype=torch.float64)
+        self.sum_sq_x = torch.zeros(n_models, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(
+        self,
+        x: Float[Tensor, "batch n_models d_model"],
+        x_hat: Float[Tensor, "batch n_models d_model"],
+    ) -> None:
+        x64 = x.detach().to("cpu", torch.float64)
+        err = (x_hat.detach().to("cpu", torch.float64) - x64).pow(2).sum(dim=(0, 2))
+        self.sq_error += err
+        self.sum_x += x64.sum(0)
+        self.sum_sq_x += x64.pow(2).sum(dim=(0, 2))
+        self.n_tokens += x.shape[0]
+
+    def total_variance(self) -> Tensor:
+        """sum_t ||x_tm - mean_m||^2 per model."""
+        if self.n_tokens == 0:
+            raise CrossdiffError("no tokens were evaluated; give at least one batch")
+        return self.sum_sq_x - self.sum_x.pow(2).sum(-1) / self.n_tokens
+
+    def fve_per_model(self) -> list[float]:
+        return (1 - self.sq_error / self.total_variance()).tolist()
+
+    def fve(self) -> float:
+        return float(1 - self.sq_error.sum() / self.total_variance().sum())
+
+    def mse_per_model(self) -> list[float]:
+        return (self.sq_error / (self.n_tokens * self.d_model)).tolist()
+
+
+def _eval_batches(
+    acts_or_store: Any, n_models: int, d_model: int, batch_size: int, max_tokens: int | None
+) -> Iterator[Tensor]:
+    if isinstance(acts_or_store, Tensor):
+        acts = acts_or_store
+        if acts.ndim != 3 or tuple(acts.shape[1:]) != (n_models, d_model):
+            raise CrossdiffError(
+                f"activations have shape {tuple(acts.shape)}; expected "
+                f"[n_tokens, n_models={n_models}, d_model={d_model}]"
+            )
+        stop = acts.shape[0] if max_tokens is None else min(max_tokens, acts.shape[0])
+        for start in range(0, stop, batch_size):
+            yield acts[start : min(start + batch_size, stop)]
+        return
+    seen = 0
+    batch_size = min(batch_size, acts_or_store.n_tokens)
+    for batch in acts_or_store.iter_batches(
+        batch_size, seed=0, shuffle=True, normalize=False, loop=False
+    ):
+        if max_tokens is not None and seen + batch.shape[0] > max_tokens:
+            batch = batch[: max_tokens - seen]
+        if batch.shape[0] == 0:
+            break
+        seen += batch.shape[0]
+        yield batch
+        if max_tokens is not None and seen >= max_tokens:
+            break
+
+
+def check_finite(batch: Tensor, where: str) -> None:
+    bad = ~torch.isfinite(batch)
+    if bool(bad.any()):
+        token, model, dim = (int(i) for i in bad.nonzero()[0])
+        raise CrossdiffError(
+            f"non-finite activation (value {batch[token, model, dim].item()}) in {where}: "
+            f"token {token}, model {model}, dimension {dim}; re-harvest or drop those tokens"
+        )
+
+
+@torch.no_grad()
+def evaluate_crosscoder(
+    cc: Any,
+    acts_or_store: Any,
+    *,
+    batch_size: int = 4096,
+    max_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a crosscoder on raw activations (a tensor [N, n_models, d] or a store).
+
+    Returns fve, fve_per_model, mse_per_model, l0 and dead_fraction with the inference threshold;
+    fve_topk, fve_topk_per_model and l0_topk with BatchTopK on each evaluation batch (L0 = k);
+    n_tokens. A store is read raw (not normalized), shuffled, up to `max_tokens`; a tensor is
+    read in order, its first `max_tokens` rows.
+    """
+    cfg = cc.cfg
+    was_training = cc.training
+    cc.eval()
+    threshold_meter = ReconstructionMeter(cfg.n_models, cfg.d_model)
+    topk_meter = ReconstructionMeter(cfg.n_models, cfg.d_model)
+    active_total = 0
+    topk_active_total = 0
+    fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
+    device = cc.W_enc.device
+    for i, batch in enumerate(
+        _eval_batches(acts_or_store, cfg.n_models, cfg.d_model, batch_size, max_tokens)
+    ):
+        batch = batch.to(device, cc.dtype)
+        check_finite(batch, f"evaluation batch {i}")
+        f = cc.encode_threshold(batch)
+        threshold_meter.update(batch, cc.decode_dense(f))
+        active = f > 0
+        active_total += int(active.sum())
+        fired |= active.any(0).cpu()
+        f_topk = cc.encode_topk(batch)
+        topk_meter.update(batch, cc.decode_dense(f_topk))
+        topk_active_total += int((f_topk > 0).sum())
+    cc.train(was_training)
+    n = threshold_meter.n_tokens
+    if n == 0:
+        raise CrossdiffError("no activations to evaluate on (empty tensor or store)")
+    return {
+        "fve": threshold_meter.fve(),
+        "fve_per_model": threshold_meter.fve_per_model(),
+        "mse_per_model": threshold_meter.mse_per_model(),
+        "l0": active_total / n,
+        "dead_fraction": float(1 - fired.float().mean()),
+        "fve_topk": topk_meter.fve(),
+        "fve_topk_per_model": topk_meter.fve_per_model(),
+        "l0_topk": topk_active_total / n,
+        "n_tokens": n,
+    }

@@ -1,0 +1,383 @@
+"""train_crosscoder: SAELens's SAETrainer with crossdiff's data providers and checkpoints.
+
+Training runs on scaled activations (each model's mean norm brought to sqrt(d_model)); at the end
+the factors are folded into the weights, so the returned CrossCoder works on raw activations.
+Checkpoints are safetensors + JSON (never pickle), written atomically; `resume=True` continues a
+run from the last one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.training.sae_trainer import SAETrainer
+from torch import Tensor
+
+from crossdiff.common import CrossdiffError, resolve_device, seed_everything
+from crossdiff.crosscoder.checkpoint import read_checkpoint, restore_checkpoint, write_checkpoint
+from crossdiff.crosscoder.config import CrossCoderConfig, TrainingCrossCoderConfig, default_lr
+from crossdiff.crosscoder.metrics import check_finite, evaluate_crosscoder
+from crossdiff.crosscoder.model import CrossCoder
+from crossdiff.crosscoder.training import TrainingCrossCoder
+
+_SAMPLE_TOKENS = 65536  # tokens used to estimate scaling factors and the initial decoder bias
+DEFAULT_STEPS = 3000
+
+
+def fold_scaling_factors(cc: CrossCoder, scaling_factors: Float[Tensor, " n_models"]) -> CrossCoder:
+    """Fold per-model activation scaling factors into `cc` (in place) and return it.
+
+    A crosscoder trained on x_m * scaling_factors[m] then gives the same latents on raw x_m, and
+    reconstructions equal to the scaled ones divided by scaling_factors[m].
+    """
+    cc.fold_scaling_factors(scaling_factors)
+    return cc
+
+
+class _TensorSource:
+    """Activations held in memory: [N, n_models, d_model], shuffled per epoch with a seed."""
+
+    def __init__(self, acts: Tensor, cfg: CrossCoderConfig, batch_size: int):
+        if acts.ndim != 3 or tuple(acts.shape[1:]) != (cfg.n_models, cfg.d_model):
+            raise CrossdiffError(
+                f"activations have shape {tuple(acts.shape)}; expected [n_tokens, "
+                f"n_models={cfg.n_models}, d_model={cfg.d_model}] (stack the models on dim 1)"
+            )
+        if not acts.is_floating_point():
+            raise CrossdiffError(f"activations have dtype {acts.dtype}; expected a float dtype")
+        if acts.shape[0] < batch_size:
+            raise CrossdiffError(
+                f"only {acts.shape[0]} tokens for batch_size={batch_size}; lower batch_size "
+                "or give more activations"
+            )
+        check_finite(acts, "the activations tensor")
+        self.acts = acts
+        self.n_tokens = acts.shape[0]
+
+    def sample(self, n: int, seed: int) -> Tensor:
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(self.n_tokens, generator=g)[: min(n, self.n_tokens)]
+        return self.acts[rows].float()
+
+    def raw_scaling_factors(self, seed: int) -> Tensor:
+        sample = self.sample(_SAMPLE_TOKENS, seed)
+        mean_norm = sample.norm(dim=-1).mean(0)
+        if bool((mean_norm == 0).any()):
+            raise CrossdiffError("a model's activations are all zero; check the harvest")
+        return sample.shape[-1] ** 0.5 / mean_norm
+
+    def batches(
+        self, batch_size: int, scale: Tensor, *, seed: int, start_step: int, device: torch.device
+    ) -> Iterator[Tensor]:
+        per_epoch = self.n_tokens // batch_size
+        step = start_step
+        scale = scale.to(device)[:, None]
+        while True:
+            epoch, first = divmod(step, per_epoch)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            perm = torch.randperm(self.n_tokens, generator=g)
+            for j in range(first, per_epoch):
+                rows = perm[j * batch_size : (j + 1) * batch_size]
+                yield self.acts[rows].to(device, torch.float32) * scale
+            step = (epoch + 1) * per_epoch
+
+
+class _StoreSource:
+    """An ActivationStore (duck-typed): iter_batches yields scaled [batch, n_models, d] tensors."""
+
+    def __init__(self, store: Any, cfg: CrossCoderConfig, batch_size: int):
+        widths = list(getattr(store, "d_models", None) or [store.d_model] * store.n_models)
+        if len(set(widths)) > 1:
+            raise CrossdiffError(
+                f"the store's models have different widths {widths}; the store pads them to "
+                f"{store.d_model}, but a crosscoder needs equal widths. Pair hook points of "
+                "equal width (e.g. the residual stream of models with the same d_model)"
+            )
+        if (store.n_models, store.d_model) != (cfg.n_models, cfg.d_model):
+            raise CrossdiffError(
+                f"the store holds n_models={store.n_models}, d_model={store.d_model} but the "
+                f"config says n_models={cfg.n_models}, d_model={cfg.d_model}; make them agree"
+            )
+        if store.n_tokens < batch_size:
+            raise CrossdiffError(
+                f"the store has {store.n_tokens} tokens, fewer than batch_size={batch_size}"
+            )
+        self.store = store
+        self.n_tokens = store.n_tokens
+        self.d = (store.n_models, store.d_model)
+
+    def raw_scaling_factors(self, seed: int) -> Tensor:
+        return torch.as_tensor(self.store.scaling_factors, dtype=torch.float32)
+
+    def sample(self, n: int, seed: int) -> Tensor:
+        """Raw (unscaled) activations, shuffled."""
+        n = min(n, self.n_tokens)
+        it = self.store.iter_batches(n, seed=seed, shuffle=True, normalize=False, loop=False)
+        return next(iter(it)).float()
+
+    def batches(
+        self, batch_size: int, scale: Tensor, *, seed: int, start_step: int, device: torch.device
+    ) -> Iterator[Tensor]:
+        # the store scales with its own factors, which are `scale` (normalize=True)
+        # a resumed run reshuffles with a new seed rather than replaying the batches it has seen
+        it = self.store.iter_batches(
+            batch_size,
+            seed=seed + start_step,
+            shuffle=True,
+            normalize=True,
+            loop=True,
+            dtype=torch.float32,
+            device=device,
+        )
+        for i, batch in enumerate(it):
+            if tuple(batch.shape) != (batch_size, *self.d):
+                raise CrossdiffError(
+                    f"the store yielded a batch of shape {tuple(batch.shape)} at step "
+                    f"{start_step + i}; expected {(batch_size, *self.d)}. The store may be "
+                    "truncated or corrupt: re-harvest it"
+                )
+            check_finite(batch, f"store batch at training step {start_step + i}")
+            yield batch
+
+
+class CrossCoderTrainer(SAETrainer):
+    """SAELens's trainer with crossdiff's checkpoints (safetensors + JSON) and progress log."""
+
+    def __init__(
+        self,
+        *args: Any,
+        checkpoint_dir: Path | None,
+        checkpoint_every: int,
+        log_every: int,
+        extra_state: dict[str, Any],
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.log_every = log_every
+        self.extra_state = extra_state
+        self.history: list[dict[str, float]] = []
+
+    def save_checkpoint(
+        self, checkpoint_name: str = "", base_path: Any = None, wandb_aliases: Any = None
+    ) -> None:
+        if self.checkpoint_dir is not None:
+            write_checkpoint(self, self.checkpoint_dir, self.extra_state)
+
+    def _checkpoint_if_needed(self) -> None:
+        done = self.n_training_steps + 1
+        if self.checkpoint_every and done % self.checkpoint_every == 0:
+            self.n_training_steps += 1  # the state on disk is "after this step"
+            try:
+                self.save_checkpoint()
+            finally:
+                self.n_training_steps -= 1
+
+    @torch.no_grad()
+    def _update_pbar(self, step_output: Any, pbar: Any, update_interval: int = 100) -> None:
+        if pbar.unit != "tok":
+            pbar.unit = "tok"
+            pbar.set_description("crosscoder")
+        pbar.update(self.cfg.train_batch_size_samples)
+        if self.n_training_steps % self.log_every and self.n_training_steps != 1:
+            return
+        x = step_output.sae_in.double()
+        sq_err = (step_output.sae_out.double() - x).pow(2).sum()
+        total_var = (x - x.mean(0)).pow(2).sum()
+        row = {
+            "step": self.n_training_steps,
+            "mse": float(step_output.losses["mse_loss"]),
+            "aux": float(step_output.losses["auxiliary_reconstruction_loss"]),
+            "fve_batch": float(1 - sq_err / total_var),
+            "l0": float((step_output.feature_acts > 0).sum() / x.shape[0]),
+            "dead": int(self.dead_neurons.sum()),
+            "threshold": float(self.sae.threshold),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+        }
+        self.history.append(row)
+        pbar.set_postfix(
+            mse=f"{row['mse']:.3g}",
+            fve=f"{row['fve_batch']:.3f}",
+            l0=f"{row['l0']:.0f}",
+            dead=row["dead"],
+            refresh=False,
+        )
+
+
+def _training_config(cfg: CrossCoderConfig, overrides: dict[str, Any]) -> TrainingCrossCoderConfig:
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if isinstance(cfg, TrainingCrossCoderConfig):
+        fields = {k: v for k, v in asdict(cfg).items() if k != "metadata"}
+        metadata = SAEMetadata(**cfg.metadata.to_dict())
+        return TrainingCrossCoderConfig(**(fields | overrides), metadata=metadata)
+    if not isinstance(cfg, CrossCoderConfig):
+        raise CrossdiffError(f"cfg must be a CrossCoderConfig, got {type(cfg).__name__}")
+    return TrainingCrossCoderConfig.from_inference_config(cfg, **overrides)
+
+
+def train_crosscoder(
+    acts: Any,
+    cfg: CrossCoderConfig,
+    *,
+    steps: int | None = None,
+    total_tokens: int | None = None,
+    batch_size: int = 1024,
+    lr: float | None = None,
+    lr_warmup_steps: int | None = None,
+    lr_decay_fraction: float = 0.2,
+    k_anneal_steps: int | None = None,
+    k_anneal_start: float | None = None,
+    aux_loss_coefficient: float | None = None,
+    dead_after_tokens: int | None = None,
+    normalize: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = True,
+    log_every: int = 100,
+    wandb: bool = False,
+    wandb_project: str = "crossdiff",
+) -> CrossCoder:
+    """Train a crosscoder on paired activations; return it ready for raw activations.
+
+    acts: a tensor [n_tokens, n_models, d_model] (raw activations) or an ActivationStore.
+    steps / total_tokens: training length (default 3000 steps). lr: default 2e-4 / sqrt(d_sae /
+    2**14). Warm-up over lr_warmup_steps (default 5% of steps), linear decay to 0 over the last
+    lr_decay_fraction of steps. k_anneal_*: BatchTopK k from k_anneal_start down to cfg.k over the
+    first k_anneal_steps. dead_after_tokens: a latent that has not fired for this many tokens gets
+    the auxiliary loss (default min(10M, total_tokens / 10)). normalize: scale a tensor's models
+    to mean norm sqrt(d_model) while training (a store always uses its own scaling factors).
+    checkpoint_dir: where to write checkpoints every `checkpoint_every` steps; with `resume`, an
+    existing checkpoint there is continued. The summary of the run is in `cc.training_summary`.
+    """
+    if batch_size < 1:
+        raise CrossdiffError(f"batch_size={batch_size} must be >= 1")
+    if steps is None:
+        steps = DEFAULT_STEPS if total_tokens is None else max(1, total_tokens // batch_size)
+    if steps < 1:
+        raise CrossdiffError(f"steps={steps} must be >= 1")
+    if not 0 <= lr_decay_fraction < 1:
+        raise CrossdiffError(f"lr_decay_fraction={lr_decay_fraction} must be in [0, 1)")
+    tcfg = _training_config(
+        cfg,
+        {
+            "aux_loss_coefficient": aux_loss_coefficient,
+            "k_anneal_steps": k_anneal_steps,
+            "k_anneal_start": k_anneal_start,
+        },
+    )
+    dev = resolve_device(device)
+    source = (
+        _TensorSource(acts, tcfg, batch_size)
+        if isinstance(acts, Tensor)
+        else _StoreSource(acts, tcfg, batch_size)
+    )
+    lr = default_lr(tcfg.d_sae) if lr is None else lr
+    total = steps * batch_size
+    dead_tokens = dead_after_tokens or min(10_000_000, max(total // 10, batch_size))
+    warmup = max(1, steps // 20) if lr_warmup_steps is None else lr_warmup_steps
+    decay = int(steps * lr_decay_fraction)
+    if warmup + decay > steps:
+        raise CrossdiffError(f"lr_warmup_steps={warmup} plus decay {decay} exceed steps={steps}")
+    options = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "lr_warmup_steps": warmup,
+        "lr_decay_steps": decay,
+        "dead_after_tokens": dead_tokens,
+        "normalize": normalize,
+        "seed": seed,
+    }
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=total,
+        train_batch_size_samples=batch_size,
+        lr=lr,
+        lr_end=lr,
+        lr_scheduler_name="constant",
+        lr_warm_up_steps=warmup,
+        lr_decay_steps=decay,
+        device=str(dev),
+        dead_feature_window=math.ceil(dead_tokens / batch_size),
+        feature_sampling_window=max(1, min(2000, steps)),
+        logger=LoggingConfig(
+            log_to_wandb=wandb,
+            wandb_project=wandb_project,
+            wandb_log_frequency=max(1, log_every),
+            eval_every_n_wandb_logs=10,
+        ),
+    )
+
+    seed_everything(seed)
+    sae = TrainingCrossCoder(tcfg).to(dev)
+    is_store = not isinstance(acts, Tensor)
+    scale = (
+        source.raw_scaling_factors(seed) if (normalize or is_store) else torch.ones(tcfg.n_models)
+    )
+    sample = source.sample(_SAMPLE_TOKENS, seed + 1) * scale[:, None]
+    with torch.no_grad():
+        sae.b_dec.copy_(sample.mean(0).to(dev))
+    eval_sample = sample[:4096].to(dev)
+    ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    extra_state = {"options": options, "scaling_factors": scale.tolist()}
+    trainer = CrossCoderTrainer(
+        trainer_cfg,
+        sae,
+        iter(()),
+        evaluator=lambda model, *_: {
+            f"eval/{k}": v
+            for k, v in evaluate_crosscoder(model, eval_sample).items()
+            if not isinstance(v, list)
+        },
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=checkpoint_every if ckpt_dir is not None else 0,
+        log_every=max(1, log_every),
+        extra_state=extra_state,
+    )
+    start_step = 0
+    if ckpt_dir is not None and resume and (found := read_checkpoint(ckpt_dir)) is not None:
+        restore_checkpoint(trainer, *found, options=options)
+        scale = torch.tensor(found[0]["scaling_factors"])
+        start_step = trainer.n_training_steps
+        print(f"crosscoder: resuming from {ckpt_dir} at step {start_step}/{steps}")
+    trainer.data_provider = source.batches(
+        batch_size, scale, seed=seed, start_step=start_step, device=dev
+    )
+
+    if wandb:
+        import wandb as wandb_lib
+
+        wandb_lib.init(project=wandb_project, config={"cfg": tcfg.to_dict(), **options})
+    started = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - started
+    if wandb:
+        wandb_lib.finish()
+    if ckpt_dir is not None:
+        trainer.save_checkpoint()
+
+    cc = trainer.sae.to_inference()
+    fold_scaling_factors(cc, scale)
+    trained_tokens = (steps - start_step) * batch_size
+    summary = {
+        **options,
+        "scaling_factors": scale.tolist(),
+        "resumed_from_step": start_step,
+        "train_seconds": seconds,
+        "tokens_per_second": trained_tokens / seconds if seconds > 0 else None,
+        "final_threshold": float(cc.threshold),
+    }
+    cc.cfg.metadata.crossdiff_training = summary
+    cc.training_summary = {**summary, "history": trainer.history}
+    return cc
