@@ -274,3 +274,27 @@ def test_wandb_logging_path_runs(monkeypatch):
     cfg = CrossCoderConfig(d_model=8, d_sae=32, k=2)
     cc = train_crosscoder(acts, cfg, steps=24, batch_size=64, log_every=2, wandb=True)
     assert cc.training_summary["steps"] == 24 and len(cc.training_summary["history"]) >= 12
+
+
+def test_resume_on_a_store_replays_exactly_the_uninterrupted_batches(tmp_path, monkeypatch):
+    store = InMemoryStore(small_acts())
+    cfg = CrossCoderConfig(d_model=8, d_sae=32, k=2)
+    opts = {"steps": 24, "batch_size": 64, "lr": 1e-2}
+    straight = train_crosscoder(store, cfg, **opts)
+
+    real_batches = trainer_module._StoreSource.batches
+
+    def interrupted(self, *args, **kwargs):
+        for i, batch in enumerate(real_batches(self, *args, **kwargs)):
+            if i == 15:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(trainer_module._StoreSource, "batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_crosscoder(store, cfg, checkpoint_dir=tmp_path, checkpoint_every=10, **opts)
+    monkeypatch.setattr(trainer_module._StoreSource, "batches", real_batches)
+    resumed = train_crosscoder(store, cfg, checkpoint_dir=tmp_path, checkpoint_every=10, **opts)
+    assert resumed.training_summary["resumed_from_step"] == 10
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-6, atol=1e-7)

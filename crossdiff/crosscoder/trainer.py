@@ -127,17 +127,21 @@ class _StoreSource:
     def batches(
         self, batch_size: int, scale: Tensor, *, seed: int, start_step: int, device: torch.device
     ) -> Iterator[Tensor]:
-        # the store scales with its own factors, which are `scale` (normalize=True)
-        # a resumed run reshuffles with a new seed rather than replaying the batches it has seen
+        # The store scales with its own factors, which are `scale` (normalize=True). A resumed
+        # run replays the same seeded stream and discards the batches it has already trained on,
+        # so it sees exactly the batches an uninterrupted run sees; that costs re-reading them
+        # (disk reads only, no compute).
         it = self.store.iter_batches(
             batch_size,
-            seed=seed + start_step,
+            seed=seed,
             shuffle=True,
             normalize=True,
             loop=True,
             dtype=torch.float32,
             device=device,
         )
+        for _ in range(start_step):
+            next(it)
         for i, batch in enumerate(it):
             if tuple(batch.shape) != (batch_size, *self.d):
                 raise CrossdiffError(
