@@ -1,0 +1,36 @@
+"""Dense and MoE language models: configs and presets, crossdiff's MoE with expert hooks,
+model folders, and the trainer that trains both on the same tokens."""
+
+from crossdiff.models.build import build_model, is_moe
+from crossdiff.models.configs import (
+    PRESETS,
+    Preset,
+    count_parameters,
+    dense_config,
+    matched_configs,
+    moe_config,
+)
+from crossdiff.models.evaluate import expert_load, heldout_cross_entropy, unigram_cross_entropy
+from crossdiff.models.io import load_model, save_model
+from crossdiff.models.moe import CrossdiffMoE, moe_aux_loss
+from crossdiff.models.train import TrainedModels, train_language_models
+
+__all__ = [
+    "PRESETS",
+    "CrossdiffMoE",
+    "Preset",
+    "TrainedModels",
+    "build_model",
+    "count_parameters",
+    "dense_config",
+    "expert_load",
+    "heldout_cross_entropy",
+    "is_moe",
+    "load_model",
+    "matched_configs",
+    "moe_aux_loss",
+    "moe_config",
+    "save_model",
+    "train_language_models",
+    "unigram_cross_entropy",
+]

@@ -1,0 +1,33 @@
+"""`python -m crossdiff.models.worker SPEC.json`: train one language model in its own process.
+
+Started by `train_language_models` when it trains the dense and the MoE model at the same time;
+SPEC.json says which model, where the token sets are, and the options. A user-facing error is
+written to the spec's error file so the parent can repeat it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from crossdiff.common import CrossdiffError, read_json
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m crossdiff.models.worker SPEC.json", file=sys.stderr)
+        return 2
+    from crossdiff.models.train import run_worker
+
+    try:
+        run_worker(argv[0])
+    except CrossdiffError as err:
+        Path(read_json(argv[0], what="worker spec")["error_file"]).write_text(str(err))
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
