@@ -31,15 +31,28 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "data": {"source": "embedded", "preset": "tiny"},
         "models": {"preset": "tiny"},
-        "store": {"pairing": "paper", "n_tokens": 400_000, "dtype": "float16"},
-        "crosscoder": {"expansion": 32, "k": 32, "n_shared": 0, "shared_decoder": "free"},
+        "store": {"pairing": "paper", "n_tokens": 300_000, "dtype": "float16"},
+        "crosscoder": {
+            "expansion": 8,
+            "k": 32,
+            "n_shared": 0,
+            "shared_decoder": "free",
+            "steps": 1200,
+            "batch_size": 1024,
+        },
         "report": {"split": "paper", "max_tokens": 200_000},
     },
     "micro": {
         "data": {"source": "embedded", "preset": "tiny", "n_chars_per_domain": 150_000},
-        "models": {"preset": "tiny", "steps": 30},
+        "models": {"preset": "tiny", "steps": 30, "checkpoint_every": 10, "eval_rows": 16},
         "store": {"pairing": "paper", "n_tokens": 12_000, "dtype": "float16"},
-        "crosscoder": {"expansion": 4, "k": 8, "steps": 60, "batch_size": 256},
+        "crosscoder": {
+            "expansion": 4,
+            "k": 8,
+            "steps": 60,
+            "batch_size": 256,
+            "checkpoint_every": 20,
+        },
         "report": {"split": "paper", "max_tokens": 12_000},
     },
     "paper": {
@@ -164,6 +177,7 @@ def run_pipeline(
             data.train,
             data.heldout,
             models_dir,
+            tokenizer=data.tokenizer,
             seed=seed,
             device=str(torch_device),
             **model_kwargs,
@@ -275,19 +289,15 @@ def _print_summary(summary: RunSummary) -> None:
 
 def _summary_lines(diff: dict[str, Any]) -> list[str]:
     lines = []
-    fve = diff.get("fve_per_model")
-    names = diff.get("model_names", ())
-    if fve:
-        lines.append(
-            "FVE per model: " + ", ".join(f"{n}={v:.3f}" for n, v in zip(names, fve, strict=False))
-        )
-    if "l0" in diff:
-        lines.append(f"L0: {diff['l0']:.1f}")
-    counts = diff.get("class_counts")
-    if counts:
-        lines.append("classes: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
-    for claim in diff.get("density_claims", []):
-        lines.append(f"density: {claim.get('statement', claim)}")
+    recon = diff.get("reconstruction", {})
+    if recon.get("fve_per_model"):
+        per_model = ", ".join(f"{n}={v:.3f}" for n, v in recon["fve_per_model"].items())
+        lines.append(f"FVE per model: {per_model} (overall {recon['fve']:.3f})")
+    if "l0" in recon:
+        lines.append(f"L0: {recon['l0']:.1f}; dead fraction: {recon['dead_fraction']:.3f}")
+    if diff.get("class_counts"):
+        lines.append("classes: " + ", ".join(f"{k}={v}" for k, v in diff["class_counts"].items()))
+    lines.extend(f"density: {sentence}" for sentence in diff.get("sentences", []))
     return lines
 
 

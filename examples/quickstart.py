@@ -21,10 +21,10 @@ def main() -> None:
 
     summary = run_pipeline(args.out, args.preset, device=args.device)
     diff = summary.metrics["diff"]
-    print("FVE per model:", dict(zip(diff["model_names"], diff["fve_per_model"], strict=True)))
+    print("FVE per model:", diff["reconstruction"]["fve_per_model"])
     print("latent classes:", diff["class_counts"])
-    for claim in diff["density_claims"]:
-        print("-", claim["statement"])
+    for sentence in diff["sentences"]:
+        print("-", sentence)
     print("open", summary.report_paths["html"])
 
 

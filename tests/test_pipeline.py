@@ -1,0 +1,133 @@
+"""`crossdiff run` end to end at the `micro` size: the CPU examples run as written, a re-run skips
+finished stages, and a run killed at several points finishes with the same report as one that was
+never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from crossdiff.common import CrossdiffError
+from crossdiff.pipeline import resolve_options, run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+
+
+def run_example(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True
+    )
+    assert result.returncode == 0, (
+        f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
+    return result
+
+
+def comparable(report_path: Path) -> dict:
+    """The findings of a report: summary and per-latent table (not timings or file paths)."""
+    report = json.loads(report_path.read_text())
+    return {"summary": report["summary"], "latents": report["latents"]}
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("micro") / "run"
+    result = run_example("examples/quickstart.py", "--preset", "micro", "--out", str(out))
+    assert "FVE per model" in result.stdout
+    return out
+
+
+def test_quickstart_writes_a_complete_report(micro_run: Path):
+    report = json.loads((micro_run / "report" / "report.json").read_text())
+    summary = report["summary"]
+    assert sum(summary["class_counts"].values()) == summary["d_sae"] == len(report["latents"])
+    fve = summary["reconstruction"]["fve_per_model"]
+    assert set(fve) == {"dense", "moe"} and all(0 < v <= 1 for v in fve.values())
+    for stage in ("data", "models", "store", "crosscoder"):
+        record = json.loads((micro_run / stage / "stage.json").read_text())
+        assert record["options"]["seed"] == 0
+    assert (micro_run / "report" / "report.html").stat().st_size > 10_000
+
+
+def test_inspect_latent_example_reads_the_run(micro_run: Path):
+    result = run_example("examples/inspect_latent.py", str(micro_run), "--contexts", "3")
+    assert "class" in result.stdout and "top" in result.stdout
+    assert result.stdout.count("[[") >= 1  # at least one context with its top token marked
+
+
+def test_rerun_skips_finished_stages_and_refuses_changed_options(micro_run: Path):
+    before = comparable(micro_run / "report" / "report.json")
+    summary = run_pipeline(micro_run, "micro", device="cpu")
+    assert summary.skipped == ["data", "models", "store", "crosscoder"]
+    assert comparable(micro_run / "report" / "report.json") == before
+    with pytest.raises(CrossdiffError, match="n_tokens"):
+        run_pipeline(micro_run, "micro", overrides={"store": {"n_tokens": 9_000}}, device="cpu")
+
+
+def _run_until(out: Path, marker_glob: str) -> bool:
+    """Start `crossdiff run --preset micro`; SIGKILL its whole process group as soon as a file
+    matching `marker_glob` appears under `out`. True if it was killed before finishing."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crossdiff", "run", "--preset", "micro", "--out", str(out),
+         "--device", "cpu"],
+        cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    while proc.poll() is None:
+        if any(out.glob(marker_glob)):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.slow
+def test_run_killed_at_several_stages_finishes_with_the_same_report(micro_run, tmp_path):
+    out = tmp_path / "run"
+    markers = [
+        "models/checkpoints/*/checkpoint.safetensors",  # mid language-model training
+        "store/shard_00000.safetensors",  # mid harvest
+        "crosscoder_checkpoints/state_*.safetensors",  # mid crosscoder training
+    ]
+    killed = [_run_until(out, marker) for marker in markers]
+    assert killed[0], "the first run finished before it could be interrupted"
+    run_pipeline(out, "micro", device="cpu")
+    assert comparable(out / "report" / "report.json") == comparable(
+        micro_run / "report" / "report.json"
+    )
+
+
+def test_unknown_preset_and_stage_are_clear_errors():
+    with pytest.raises(CrossdiffError, match="known presets"):
+        resolve_options("huge")
+    with pytest.raises(CrossdiffError, match="unknown stage"):
+        resolve_options("micro", {"training": {"steps": 1}})
+
+
+def test_bring_your_own_models_example_runs_at_reduced_size(tmp_path):
+    result = run_example("examples/bring_your_own_models.py", "--out", str(tmp_path), "--quick")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["summary"]["model_names"] == ["early", "late"]
+    assert report["summary"]["n_shared"] == 64  # designated shared latents, tied decoders
+    assert "late-only" in report["summary"]["class_counts"]
+    assert "open" in result.stdout
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the message given without a GPU"
+)
+def test_paper_replication_example_says_it_needs_a_gpu():
+    result = subprocess.run(
+        [sys.executable, "examples/paper_replication.py", "--out", "unused"],
+        cwd=REPO, env=ENV, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0 and "needs a CUDA GPU" in result.stderr
