@@ -298,3 +298,15 @@ def test_resume_on_a_store_replays_exactly_the_uninterrupted_batches(tmp_path, m
     assert resumed.training_summary["resumed_from_step"] == 10
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_training_works_with_progress_bars_disabled(monkeypatch):
+    # users silence tqdm (TQDM_DISABLE=1, read when tqdm is imported); a disabled bar has no `unit`
+    import functools
+
+    import sae_lens.training.sae_trainer as sae_trainer
+
+    monkeypatch.setattr(sae_trainer, "tqdm", functools.partial(sae_trainer.tqdm, disable=True))
+    cfg = CrossCoderConfig(d_model=8, d_sae=32, k=2)
+    cc = train_crosscoder(small_acts(), cfg, steps=3, batch_size=64)
+    assert cc.training_summary["steps"] == 3

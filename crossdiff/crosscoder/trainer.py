@@ -189,7 +189,8 @@ class CrossCoderTrainer(SAETrainer):
 
     @torch.no_grad()
     def _update_pbar(self, step_output: Any, pbar: Any, update_interval: int = 100) -> None:
-        if pbar.unit != "tok":
+        # a disabled bar (TQDM_DISABLE=1, no terminal) has no `unit`; it still takes updates
+        if not getattr(pbar, "disable", False) and pbar.unit != "tok":
             pbar.unit = "tok"
             pbar.set_description("crosscoder")
         pbar.update(self.cfg.train_batch_size_samples)
