@@ -230,6 +230,7 @@ def run_pipeline(
             k=cc_kwargs.pop("k"),
             n_shared=cc_kwargs.pop("n_shared", 0),
             shared_decoder=cc_kwargs.pop("shared_decoder", "free"),
+            dtype=cc_kwargs.pop("dtype", "float32"),
             **(
                 {"shared_penalty_ratio": cc_kwargs.pop("shared_penalty_ratio")}
                 if "shared_penalty_ratio" in cc_kwargs
@@ -326,6 +327,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--expansion", type=float, default=None, help="d_sae / d_model")
     parser.add_argument("--pairing", default=None, help="pairing preset name or TOML path")
     add_runtime_arguments(parser)
+    for action in parser._actions:
+        if action.dest == "dtype":
+            action.help = "the crosscoder's parameter dtype (default: float32)"
     parser.set_defaults(func=_main)
 
 
@@ -333,10 +337,21 @@ def _main(args: argparse.Namespace) -> int:
     overrides = {
         "models": {"steps": args.lm_steps},
         "store": {"n_tokens": args.harvest_tokens, "pairing": args.pairing},
-        "crosscoder": {"steps": args.crosscoder_steps, "k": args.k, "expansion": args.expansion},
+        "crosscoder": {
+            "steps": args.crosscoder_steps,
+            "k": args.k,
+            "expansion": args.expansion,
+            # the crosscoder's parameter dtype; models and harvest keep their preset's dtypes
+            "dtype": None if args.dtype == "float32" else args.dtype,
+        },
     }
     summary = run_pipeline(
-        args.out, args.preset, overrides=overrides, seed=args.seed, device=args.device
+        args.out,
+        args.preset,
+        overrides=overrides,
+        seed=args.seed,
+        device=args.device,
+        stop_after=args.stop_after,
     )
     _print_summary(summary)
     return 0
