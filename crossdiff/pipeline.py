@@ -39,6 +39,9 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "shared_decoder": "free",
             "steps": 1200,
             "batch_size": 1024,
+            # 1/32 (the anchors' weight) leaves a third of the latents dead in a run this short;
+            # 0.25 brings that to about 4% at the same FVE (measured on the tiny store)
+            "aux_loss_coefficient": 0.25,
         },
         "report": {"split": "paper", "max_tokens": 200_000},
     },
