@@ -88,8 +88,6 @@ def write_report(diff: FeatureDiff, out_dir: str | Path, *, quiet: bool = False)
         tmp.write_text(render_html(data, figures), encoding="utf-8")
     paths["html"] = out_dir / "report.html"
     paths.update(figures)
-    for path in paths.values():
-        path.chmod(0o644)  # atomic writes start private (mkstemp); a report is meant to be shared
     if not quiet:
         print(f"wrote report ({len(figures)} figures) to {out_dir}:")
         for name, path in paths.items():
