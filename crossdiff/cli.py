@@ -95,12 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from crossdiff.distributed import finish_distributed, init_distributed
+
     try:
         args = _apply_config_file(parser, argv, args)
+        init_distributed()  # under torchrun: join the process group; otherwise nothing
         return int(args.func(args) or 0)
     except CrossdiffError as err:
         print(f"crossdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        finish_distributed()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from crossdiff.crosscoder import (
     evaluate_crosscoder,
     train_crosscoder,
 )
+from crossdiff.crosscoder.prefetch import prefetch_to_device
 from crossdiff.crosscoder.synthetic import (
     InMemoryStore,
     match_planted_latents,
@@ -310,3 +311,59 @@ def test_training_works_with_progress_bars_disabled(monkeypatch):
     cfg = CrossCoderConfig(d_model=8, d_sae=32, k=2)
     cc = train_crosscoder(small_acts(), cfg, steps=3, batch_size=64)
     assert cc.training_summary["steps"] == 3
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 10])
+def test_sync_free_aux_loss_equals_the_counted_one(n_dead):
+    """The accelerator path (fixed k_aux, non-dead picks weighted 0) gives the CPU path's loss
+    and gradients, with fewer, as many and more dead latents than k_aux."""
+    torch.manual_seed(1)
+    cfg = TrainingCrossCoderConfig(d_model=8, d_sae=32, k=2, aux_loss_coefficient=0.5, k_aux=4)
+    sae = TrainingCrossCoder(cfg)
+    x = torch.randn(16, 2, 8)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[torch.randperm(32)[:n_dead]] = True
+    recon = sae.decode_dense(sae.encode_with_hidden_pre(x)[0]).detach()
+    losses, grads = [], []
+    for sync_free in (False, True):
+        sae.zero_grad()
+        loss = sae.aux_loss(x, recon, sae.pre_activations(x), dead, sync_free=sync_free)
+        if loss.requires_grad:
+            loss.backward()
+        losses.append(loss.detach())
+        grads.append(sae.W_enc.grad.clone() if sae.W_enc.grad is not None else torch.zeros(1))
+    torch.testing.assert_close(losses[1], losses[0])
+    assert (float(losses[0]) > 0) == (n_dead > 0)
+    if n_dead:
+        torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_bfloat16_autocast_trains_as_well_as_float32():
+    acts = small_acts(2048)
+    cfg = CrossCoderConfig(d_model=8, d_sae=32, k=2)
+    runs = {
+        autocast: train_crosscoder(acts, cfg, steps=200, batch_size=128, lr=3e-3, autocast=autocast)
+        for autocast in (False, True)
+    }
+    fve = {a: evaluate_crosscoder(cc, acts)["fve"] for a, cc in runs.items()}
+    assert fve[True] > 0.85 and abs(fve[True] - fve[False]) < 0.05
+    for cc in runs.values():  # master weights stay float32 under autocast
+        assert cc.W_enc.dtype == torch.float32 and cc.threshold.dtype == torch.float32
+    assert not torch.equal(runs[True].W_enc, runs[False].W_enc)  # autocast really ran
+
+
+def test_prefetch_keeps_order_and_raises_the_source_error_at_its_batch():
+    batches = [torch.full((4, 2, 3), float(i)) for i in range(7)]
+    got = list(prefetch_to_device(iter(batches), torch.device("cpu"), depth=3))
+    assert [int(b[0, 0, 0]) for b in got] == list(range(7))
+
+    def failing():
+        yield batches[0]
+        yield batches[1]
+        raise CrossdiffError("store shard 3 is corrupted")
+
+    received = []
+    with pytest.raises(CrossdiffError, match="shard 3"):
+        for batch in prefetch_to_device(failing(), torch.device("cpu"), depth=2):
+            received.append(batch)
+    assert len(received) == 2

@@ -105,9 +105,9 @@ def test_both_models_see_the_same_batches_in_the_same_order(tmp_path, data, cfgs
     seen = []
     real_step = train_module.train_step
 
-    def recording_step(model, optimizer, tokens, lr, grad_clip):
+    def recording_step(model, optimizer, tokens, lr, grad_clip, **kwargs):
         seen.append((model.cfg.num_experts, tokens.clone(), lr))
-        return real_step(model, optimizer, tokens, lr, grad_clip)
+        return real_step(model, optimizer, tokens, lr, grad_clip, **kwargs)
 
     monkeypatch.setattr(train_module, "train_step", recording_step)
     run(tmp_path, data, cfgs, steps=5)

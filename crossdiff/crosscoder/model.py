@@ -125,7 +125,8 @@ class CrossCoderWeights:
         n_keep = min(max(int(k * pre.shape[0]), 1), scores.numel())
         # Exact shortcut: if at least n_keep scores exceed half the running threshold, the top
         # n_keep are all among them, and topk over those few is much cheaper than over all.
-        floor = 0.5 * float(self.threshold)
+        # CPU only: on an accelerator, reading the threshold and the count would stall the queue.
+        floor = 0.5 * float(self.threshold) if scores.device.type == "cpu" else 0.0
         if floor > 0:
             candidates = (scores > floor).nonzero().squeeze(1)
             if candidates.numel() >= n_keep:
@@ -248,7 +249,9 @@ class _SelectedPreActivations(torch.autograd.Function):
     def forward(ctx, values, x_centered, W_flat, b_enc, b_dec_flat, rows, latents, uses_b_dec):
         ctx.save_for_backward(x_centered, W_flat, rows, latents)
         ctx.uses_b_dec = uses_b_dec
-        return values.clone()
+        return values.to(
+            W_flat.dtype, copy=True
+        )  # float32 even when autocast computed `pre` in bfloat16
 
     @staticmethod
     def backward(ctx, grad):

@@ -4,11 +4,17 @@ Training runs on scaled activations (each model's mean norm brought to sqrt(d_mo
 the factors are folded into the weights, so the returned CrossCoder works on raw activations.
 Checkpoints are safetensors + JSON (never pickle), written atomically; `resume=True` continues a
 run from the last one.
+
+Under torchrun every rank reads the same seeded stream of global batches and trains on its own
+slice of each; gradients are all-reduced before clipping, firing counts are all-reduced so the
+dead-latent mask agrees, and the threshold update is global (see training.py). Rank 0 writes the
+checkpoints; one written by N ranks resumes on any number of processes.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -18,7 +24,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from sae_lens.config import LoggingConfig, SAETrainerConfig
-from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.sae import SAEMetadata, TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
@@ -27,7 +33,15 @@ from crossdiff.crosscoder.checkpoint import read_checkpoint, restore_checkpoint,
 from crossdiff.crosscoder.config import CrossCoderConfig, TrainingCrossCoderConfig, default_lr
 from crossdiff.crosscoder.metrics import check_finite, evaluate_crosscoder
 from crossdiff.crosscoder.model import CrossCoder
+from crossdiff.crosscoder.prefetch import prefetch_to_device
 from crossdiff.crosscoder.training import TrainingCrossCoder
+from crossdiff.distributed import (
+    DistInfo,
+    all_reduce_sum_,
+    broadcast_module_,
+    dist_info,
+    rank_device,
+)
 
 _SAMPLE_TOKENS = 65536  # tokens used to estimate scaling factors and the initial decoder bias
 DEFAULT_STEPS = 3000
@@ -76,18 +90,19 @@ class _TensorSource:
         return sample.shape[-1] ** 0.5 / mean_norm
 
     def batches(
-        self, batch_size: int, scale: Tensor, *, seed: int, start_step: int, device: torch.device
+        self, batch_size: int, scale: Tensor, *, seed: int, start_step: int, part: DistInfo
     ) -> Iterator[Tensor]:
+        """Scaled float32 batches on the CPU: this rank's slice of each global batch."""
         per_epoch = self.n_tokens // batch_size
         step = start_step
-        scale = scale.to(device)[:, None]
+        scale = scale.to(self.acts.device)[:, None]
         while True:
             epoch, first = divmod(step, per_epoch)
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             perm = torch.randperm(self.n_tokens, generator=g)
             for j in range(first, per_epoch):
-                rows = perm[j * batch_size : (j + 1) * batch_size]
-                yield self.acts[rows].to(device, torch.float32) * scale
+                rows = _rank_slice(perm[j * batch_size : (j + 1) * batch_size], part)
+                yield (self.acts[rows].to(torch.float32) * scale).cpu()
             step = (epoch + 1) * per_epoch
 
 
@@ -125,20 +140,15 @@ class _StoreSource:
         return next(iter(it)).float()
 
     def batches(
-        self, batch_size: int, scale: Tensor, *, seed: int, start_step: int, device: torch.device
+        self, batch_size: int, scale: Tensor, *, seed: int, start_step: int, part: DistInfo
     ) -> Iterator[Tensor]:
+        """Scaled float32 batches on the CPU: this rank's slice of each global batch."""
         # The store scales with its own factors, which are `scale` (normalize=True). A resumed
         # run replays the same seeded stream and discards the batches it has already trained on,
         # so it sees exactly the batches an uninterrupted run sees; that costs re-reading them
         # (disk reads only, no compute).
         it = self.store.iter_batches(
-            batch_size,
-            seed=seed,
-            shuffle=True,
-            normalize=True,
-            loop=True,
-            dtype=torch.float32,
-            device=device,
+            batch_size, seed=seed, shuffle=True, normalize=True, loop=True, dtype=torch.float32
         )
         for _ in range(start_step):
             next(it)
@@ -150,7 +160,13 @@ class _StoreSource:
                     "truncated or corrupt: re-harvest it"
                 )
             check_finite(batch, f"store batch at training step {start_step + i}")
-            yield batch
+            yield _rank_slice(batch, part)
+
+
+def _rank_slice(batch: Tensor, part: DistInfo) -> Tensor:
+    """Rank r's contiguous slice of a global batch (all of it in one process)."""
+    size = len(batch) // part.world_size
+    return batch[part.rank * size : (part.rank + 1) * size]
 
 
 class CrossCoderTrainer(SAETrainer):
@@ -175,8 +191,61 @@ class CrossCoderTrainer(SAETrainer):
     def save_checkpoint(
         self, checkpoint_name: str = "", base_path: Any = None, wandb_aliases: Any = None
     ) -> None:
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and dist_info().is_main:
             write_checkpoint(self, self.checkpoint_dir, self.extra_state)
+
+    def fit(self) -> Any:
+        if dist_info().is_main:
+            return super().fit()
+        previous = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # one progress bar per job, from rank 0
+        try:
+            return super().fit()
+        finally:
+            if previous is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = previous
+
+    def step(self, batch: Tensor) -> TrainStepOutput:
+        output = super().step(batch)
+        # SAETrainer counts the rows it was given; a rank gets 1/N of the global batch
+        self.n_training_samples += self.cfg.train_batch_size_samples - batch.shape[0]
+        return output
+
+    def _train_step(self, sae: Any, sae_in: Tensor) -> TrainStepOutput:
+        """SAETrainer's step, made data-parallel and free of host synchronisation: firing
+        counts and gradients are summed over ranks, so every rank takes the same step."""
+        sae.train()
+        with self.autocast_if_enabled:
+            output = sae.training_forward_pass(
+                step_input=TrainStepInput(
+                    sae_in=sae_in,
+                    dead_neuron_mask=self.dead_neurons,
+                    coefficients=self.get_coefficients(),
+                    n_training_steps=self.n_training_steps,
+                    is_logging_step=self._is_logging_step(),
+                )
+            )
+        with torch.no_grad():
+            fired = all_reduce_sum_((output.feature_acts > 0).sum(0).float())
+            since = self.n_forward_passes_since_fired
+            self.n_forward_passes_since_fired = torch.where(fired > 0, 0, since + 1).to(since)
+            self.act_freq_scores += fired
+            self.n_frac_active_samples += self.cfg.train_batch_size_samples
+        output.loss.backward()
+        world = dist_info().world_size
+        if world > 1:
+            for p in sae.parameters():
+                if p.grad is not None:
+                    all_reduce_sum_(p.grad).div_(world)
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.lr_scheduler.step()
+        for scheduler in self.coefficient_schedulers.values():
+            scheduler.step()
+        return output
 
     def _checkpoint_if_needed(self) -> None:
         done = self.n_training_steps + 1
@@ -197,14 +266,23 @@ class CrossCoderTrainer(SAETrainer):
         if self.n_training_steps % self.log_every and self.n_training_steps != 1:
             return
         x = step_output.sae_in.double()
-        sq_err = (step_output.sae_out.double() - x).pow(2).sum()
-        total_var = (x - x.mean(0)).pow(2).sum()
+        # sums over the global batch (all ranks), so the log is the same in any world size
+        sums = torch.stack(
+            [
+                step_output.losses["mse_loss"].detach().double(),
+                step_output.losses["auxiliary_reconstruction_loss"].detach().double(),
+                (step_output.sae_out.double() - x).pow(2).sum(),
+                (x - x.mean(0)).pow(2).sum(),
+                (step_output.feature_acts > 0).sum().double() / x.shape[0],
+            ]
+        )
+        mse, aux, sq_err, total_var, l0 = (all_reduce_sum_(sums) / dist_info().world_size).tolist()
         row = {
             "step": self.n_training_steps,
-            "mse": float(step_output.losses["mse_loss"]),
-            "aux": float(step_output.losses["auxiliary_reconstruction_loss"]),
-            "fve_batch": float(1 - sq_err / total_var),
-            "l0": float((step_output.feature_acts > 0).sum() / x.shape[0]),
+            "mse": mse,
+            "aux": aux,
+            "fve_batch": 1 - sq_err / total_var,
+            "l0": l0,
             "dead": int(self.dead_neurons.sum()),
             "threshold": float(self.sae.threshold),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
@@ -253,6 +331,8 @@ def train_crosscoder(
     log_every: int = 100,
     wandb: bool = False,
     wandb_project: str = "crossdiff",
+    autocast: bool = False,
+    prefetch: int = 2,
 ) -> CrossCoder:
     """Train a crosscoder on paired activations; return it ready for raw activations.
 
@@ -265,6 +345,11 @@ def train_crosscoder(
     to mean norm sqrt(d_model) while training (a store always uses its own scaling factors).
     checkpoint_dir: where to write checkpoints every `checkpoint_every` steps; with `resume`, an
     existing checkpoint there is continued. The summary of the run is in `cc.training_summary`.
+    autocast: compute the dense encoder matmul in bfloat16 (torch.autocast; weights, optimizer
+    state, selection, loss and metrics stay float32); worth it on a GPU. prefetch: batches read
+    and checked ahead by a background thread (pinned and copied asynchronously on CUDA).
+    Under torchrun, `batch_size` is the global batch; each of the N processes trains on
+    batch_size / N rows of it and the result is the same crosscoder (see the module docstring).
     """
     if batch_size < 1:
         raise CrossdiffError(f"batch_size={batch_size} must be >= 1")
@@ -282,7 +367,14 @@ def train_crosscoder(
             "k_anneal_start": k_anneal_start,
         },
     )
-    dev = resolve_device(device)
+    info = dist_info()
+    dev = rank_device(device) if info.enabled else resolve_device(device)
+    if batch_size % info.world_size:
+        raise CrossdiffError(
+            f"batch_size={batch_size} does not split evenly over {info.world_size} processes; "
+            "use a batch size divisible by the number of processes"
+        )
+    wandb = wandb and info.is_main
     source = (
         _TensorSource(acts, tcfg, batch_size)
         if isinstance(acts, Tensor)
@@ -314,6 +406,7 @@ def train_crosscoder(
         lr_warm_up_steps=warmup,
         lr_decay_steps=decay,
         device=str(dev),
+        autocast=autocast,
         dead_feature_window=math.ceil(dead_tokens / batch_size),
         feature_sampling_window=max(1, min(2000, steps)),
         logger=LoggingConfig(
@@ -333,6 +426,7 @@ def train_crosscoder(
     sample = source.sample(_SAMPLE_TOKENS, seed + 1) * scale[:, None]
     with torch.no_grad():
         sae.b_dec.copy_(sample.mean(0).to(dev))
+    broadcast_module_(sae)  # every rank starts from rank 0's weights, whatever its RNG did
     eval_sample = sample[:4096].to(dev)
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     extra_state = {"options": options, "scaling_factors": scale.tolist()}
@@ -355,10 +449,10 @@ def train_crosscoder(
         restore_checkpoint(trainer, *found, options=options)
         scale = torch.tensor(found[0]["scaling_factors"])
         start_step = trainer.n_training_steps
-        print(f"crosscoder: resuming from {ckpt_dir} at step {start_step}/{steps}")
-    trainer.data_provider = source.batches(
-        batch_size, scale, seed=seed, start_step=start_step, device=dev
-    )
+        if info.is_main:
+            print(f"crosscoder: resuming from {ckpt_dir} at step {start_step}/{steps}")
+    batches = source.batches(batch_size, scale, seed=seed, start_step=start_step, part=info)
+    trainer.data_provider = prefetch_to_device(batches, dev, depth=prefetch)
 
     if wandb:
         import wandb as wandb_lib

@@ -4,6 +4,11 @@ One training step: pre-activations (dense encoder), BatchTopK selection on decod
 scores, sparse decoding of the k * batch selected latents, MSE summed over models and width, the
 auxiliary top-k loss on dead latents (its coefficient applied here, once: the trainer only sums),
 and the moving-average update of the inference threshold.
+
+Under torchrun each rank holds a slice of the global batch. BatchTopK then selects over the global
+batch (the k * batch largest scores of all ranks, found from an all-gather of each rank's
+candidates), and the threshold update takes the global minimum, so the selection, the threshold
+and therefore the run are those of one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 from torch import Tensor
 
 from crossdiff.crosscoder.config import TrainingCrossCoderConfig
 from crossdiff.crosscoder.model import CrossCoder, CrossCoderWeights
+from crossdiff.distributed import all_gather_cat, all_reduce_min_, dist_info
 
 
 class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig]):
@@ -49,10 +55,13 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
         k = self.cfg.k_at_step(step_input.n_training_steps)
         with torch.no_grad():  # dense pre-activations only to choose; gradients go sparse
             pre = self.pre_activations(x)
-        flat, scores = self.select_batch_topk(pre, k)
+        if dist_info().enabled:
+            flat, scores = self.select_global_batch_topk(pre, k)
+        else:
+            flat, scores = self.select_batch_topk(pre, k)
         rows, latents = flat // self.cfg.d_sae, flat % self.cfg.d_sae
         values = self.selected_pre_activations(pre, x, rows, latents).relu()
-        recon = self.decode_sparse(flat, values, batch)
+        recon = self.decode_sparse(flat, values, batch).float()
         mse = (recon - x).pow(2).sum(dim=(-2, -1)).mean()
         aux = self.aux_loss(x, recon, pre, step_input.dead_neuron_mask)
         self._update_threshold(scores, first=step_input.n_training_steps == 0)
@@ -86,21 +95,36 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
         recon: Float[Tensor, "batch n_models d_model"],
         pre: Float[Tensor, "batch d_sae"],
         dead: Tensor | None,
+        *,
+        sync_free: bool | None = None,
     ) -> Float[Tensor, ""]:
-        """Top-k_aux dead latents reconstruct the residual (no bias); weighted here, once."""
-        n_dead = 0 if dead is None else int(dead.sum())
-        if n_dead == 0 or self.cfg.aux_loss_coefficient == 0:
-            return pre.new_zeros(())
-        assert dead is not None
+        """Top-k_aux dead latents reconstruct the residual (no bias); weighted here, once.
+
+        On the CPU the number of dead latents is read to skip the work when there are none; on
+        an accelerator (`sync_free`, default: not on the CPU) that read would stall the queue
+        every step, so a fixed k_aux is taken and picks that are not dead get weight 0, which
+        gives the same loss."""
+        if dead is None or self.cfg.aux_loss_coefficient == 0:
+            return pre.new_zeros((), dtype=torch.float32)
+        dead = dead.to(pre.device)
         k_aux_nominal = self.cfg.k_aux or self.cfg.d_in // 2
-        k_aux = min(k_aux_nominal, n_dead)
-        scale = min(n_dead / k_aux_nominal, 1.0)
-        residual = (x - recon).detach().flatten(1)
+        n_dead = dead.sum()
+        if sync_free is None:
+            sync_free = pre.device.type != "cpu"
+        if not sync_free:
+            if int(n_dead) == 0:
+                return pre.new_zeros((), dtype=torch.float32)
+            k_aux = min(k_aux_nominal, int(n_dead))
+        else:
+            k_aux = min(k_aux_nominal, self.cfg.d_sae)
+        scale = (n_dead / k_aux_nominal).clamp(max=1.0)
+        residual = (x - recon).detach().flatten(1).float()
         with torch.no_grad():
-            masked = pre.detach().masked_fill(~dead.to(pre.device)[None, :], float("-inf"))
+            masked = pre.detach().masked_fill(~dead[None, :], float("-inf"))
             top = masked.topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux]
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
         values = self.selected_pre_activations(pre, x, rows, top.flatten()).relu()
+        values = values * dead[top.flatten()]
         flat_dec = self.W_dec.reshape(self.cfg.d_sae, self.cfg.d_in)
         aux_recon = F.embedding_bag(
             top, flat_dec, mode="sum", per_sample_weights=values.view_as(top)
@@ -109,13 +133,31 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
         return self.cfg.aux_loss_coefficient * scale * error
 
     @torch.no_grad()
+    def select_global_batch_topk(
+        self, pre: Float[Tensor, "batch d_sae"], k: float
+    ) -> tuple[Int[Tensor, " n_selected"], Float[Tensor, " n_selected"]]:
+        """BatchTopK over the global batch of all ranks: keep this rank's scores among the
+        k * global_batch largest of all ranks (every rank's candidates are gathered)."""
+        scores = (pre.relu() * self.selection_weights()).flatten()
+        n_keep = max(int(k * pre.shape[0] * dist_info().world_size), 1)
+        local = scores.topk(min(n_keep, scores.numel()), sorted=False).values
+        gathered = all_gather_cat(local)
+        kth = gathered.topk(min(n_keep, gathered.numel()), sorted=False).values.min()
+        # a zero score selects a zero value: leaving those out changes neither loss nor gradient
+        indices = ((scores >= kth) & (scores > 0)).nonzero().squeeze(1)
+        return indices, scores[indices]
+
+    @torch.no_grad()
     def _update_threshold(self, scores: Tensor, *, first: bool) -> None:
-        positive = scores[scores > 0]
-        if positive.numel() == 0:
-            return
-        smallest = positive.min().to(self.threshold.dtype)
+        """Move the threshold toward the smallest positive selected score (over all ranks),
+        without reading anything back to the host."""
+        inf = torch.tensor(float("inf"), device=scores.device, dtype=torch.float32)
+        smallest = torch.where(scores > 0, scores.float(), inf).min() if scores.numel() else inf
+        if dist_info().enabled:
+            smallest = all_reduce_min_(smallest.clone())
         rate = 1.0 if first else self.cfg.threshold_lr
-        self.threshold.mul_(1 - rate).add_(rate * smallest)
+        updated = self.threshold * (1 - rate) + rate * smallest.to(self.threshold.dtype)
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
 
     def to_inference(self) -> CrossCoder:
         """The inference `CrossCoder` with these weights (same state dict)."""

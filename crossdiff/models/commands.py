@@ -11,12 +11,16 @@ from crossdiff.common import add_runtime_arguments, resolve_dtype
 
 def run(args: argparse.Namespace) -> int:
     from crossdiff.data import prepare_data
+    from crossdiff.distributed import dist_info, main_process_first
     from crossdiff.models.configs import get_preset, matched_configs
     from crossdiff.models.train import train_language_models
 
     get_preset(args.preset)  # fail on a bad name before any data work
     started = time.perf_counter()
-    data = prepare_data(args.out / "data", source=args.corpus, preset=args.preset, seed=args.seed)
+    with main_process_first():  # under torchrun rank 0 prepares; the others then reuse it
+        data = prepare_data(
+            args.out / "data", source=args.corpus, preset=args.preset, seed=args.seed
+        )
     dense_cfg, moe_cfg = matched_configs(
         args.preset, d_vocab=int(data.tokenizer.vocab_size), dtype=resolve_dtype(args.dtype)
     )
@@ -40,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         parallel=args.parallel,
     )
     seconds = time.perf_counter() - started
+    if not dist_info().is_main:
+        return 0
     met = all(m["meets_target"] for m in result.eval["models"].values())
     print(
         f"train-models finished in {seconds:.0f} s; models in {args.out / 'models'}; "
@@ -56,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Prepare the three-domain data in OUT/data (or reuse it), then train the dense and "
             "the MoE model of a preset on the identical token stream into OUT/models (dense/, "
             "moe/, tokenizer/, eval.json). A rerun resumes from checkpoints and skips finished "
-            "models."
+            "models. Data-parallel on N processes: torchrun --nproc_per_node N -m crossdiff "
+            "train-models ..."
         ),
     )
     parser.add_argument("--preset", default="tiny", help="model preset: tiny or paper")

@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Int
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -43,6 +45,14 @@ from crossdiff.common import (
     write_json_atomic,
 )
 from crossdiff.data.tokens import TokenSet
+from crossdiff.distributed import (
+    all_reduce_sum_,
+    barrier,
+    check_same_on_all_ranks,
+    dist_info,
+    rank_device,
+    shard_rows,
+)
 from crossdiff.models.build import build_model
 from crossdiff.models.configs import get_preset, matched_configs
 from crossdiff.models.evaluate import evaluate_models, heldout_cross_entropy, print_evaluation
@@ -126,9 +136,16 @@ def train_language_models(
     (`parallel`, default on for CPU), each with `threads` torch threads (default: half the
     cores); small matmuls scale poorly across threads, so this is faster than one after the
     other. Both processes read the same rows in the same order either way.
+
+    Under torchrun (`torchrun --nproc_per_node N -m crossdiff train-models ...`) the models train
+    one after the other, each data-parallel over the N processes: every step's global batch of
+    `batch_size` rows is split into N disjoint parts, one per rank, and DistributedDataParallel
+    averages the gradients, so the run follows the single-process one with the same global batch.
+    Rank 0 writes checkpoints and model folders; a checkpoint resumes on any number of processes.
     """
     out_dir = Path(out_dir)
-    device = resolve_device(device)
+    info = dist_info()
+    device = rank_device(device) if info.enabled else resolve_device(device)
     defaults = get_preset(preset).training
     opts = TrainOptions(
         steps=defaults["steps"] if steps is None else steps,
@@ -147,6 +164,12 @@ def train_language_models(
         z_loss_coef=z_loss_coef,
     )
     _check_options(opts)
+    if opts.batch_size % info.world_size:
+        raise CrossdiffError(
+            f"batch_size={opts.batch_size} rows does not split evenly over {info.world_size} "
+            "processes; use a batch size divisible by the number of processes"
+        )
+    check_same_on_all_ranks(opts.steps * 1_000_003 + opts.batch_size, "steps and batch size")
     if dense_cfg is None or moe_cfg is None:
         vocab = {} if tokenizer is None else {"d_vocab": int(tokenizer.vocab_size)}
         preset_dense, preset_moe = matched_configs(preset, **vocab)
@@ -155,24 +178,32 @@ def train_language_models(
     cfgs = {"dense": dense_cfg, "moe": moe_cfg}
     for name, cfg in cfgs.items():
         _check_data_fits(train, heldout, cfg, name)
-    if tokenizer is not None:
+    if tokenizer is not None and info.is_main:
         tokenizer.save(out_dir / "tokenizer")
 
-    print(
-        f"training dense and MoE models on {len(train)} rows x {train.seq_len} tokens "
-        f"({opts.steps} steps of {opts.batch_size} rows, device {device})"
-    )
+    if info.is_main:
+        ranks = f", {info.world_size} processes" if info.enabled else ""
+        print(
+            f"training dense and MoE models on {len(train)} rows x {train.seq_len} tokens "
+            f"({opts.steps} steps of {opts.batch_size} rows, device {device}{ranks})"
+        )
+    if info.enabled:
+        parallel = False  # the ranks are the parallelism
     models, history = _train_both(cfgs, train, heldout, out_dir, opts, device, threads, parallel)
 
+    # every rank evaluates the same weights on the same rows; rank 0 writes and prints
     results = evaluate_models(models, train, heldout, max_rows=opts.eval_rows)
     results["training"] = opts.as_dict()
     results["history"] = history
-    write_json_atomic(out_dir / "eval.json", results)
-    print_evaluation(results)
+    if info.is_main:
+        write_json_atomic(out_dir / "eval.json", results)
+        print_evaluation(results)
+    barrier()
     paths = {name: out_dir / name for name in MODEL_NAMES} | {"eval": out_dir / "eval.json"}
     if tokenizer is not None:
         paths["tokenizer"] = out_dir / "tokenizer"
-    print(f"wrote {paths['dense']}, {paths['moe']} and {paths['eval']}")
+    if info.is_main:
+        print(f"wrote {paths['dense']}, {paths['moe']} and {paths['eval']}")
     return TrainedModels(dense=models["dense"], moe=models["moe"], eval=results, paths=paths)
 
 
@@ -241,20 +272,29 @@ def make_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.Ad
 def train_step(
     model: HookedTransformer,
     optimizer: torch.optim.Optimizer,
-    tokens: Tensor,
+    tokens: Int[Tensor, "batch pos"],
     lr: float,
     grad_clip: float,
+    *,
+    ddp: DistributedDataParallel | None = None,
 ) -> tuple[float, float]:
-    """One optimizer step; returns (cross-entropy, aux loss)."""
+    """One optimizer step; returns (cross-entropy, aux loss), averaged over ranks under DDP.
+
+    `ddp` is the DistributedDataParallel wrapping `model` in a torchrun job: the forward goes
+    through it so that backward all-reduces the gradients before they are clipped."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    cross_entropy = model(tokens, return_type="loss")
+    cross_entropy = (ddp or model)(tokens, return_type="loss")
     aux = moe_aux_loss(model).to(cross_entropy.device)
     (cross_entropy + aux).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(cross_entropy.detach()), float(aux.detach())
+    losses = torch.stack([cross_entropy.detach(), aux.detach()]).float()
+    if ddp is not None:
+        losses = all_reduce_sum_(losses) / dist_info().world_size
+    ce, aux_value = losses.tolist()
+    return ce, aux_value
 
 
 def _run_settings(cfg: HookedTransformerConfig, opts: TrainOptions, train: TokenSet) -> dict:
@@ -422,7 +462,9 @@ def _train_model(
     device: torch.device,
     position: int = 0,
 ) -> list[dict[str, Any]]:
-    """Train one model from scratch or from its checkpoint and write its folder."""
+    """Train one model from scratch or from its checkpoint and write its folder (under torchrun:
+    data-parallel, rank 0 writing)."""
+    info = dist_info()
     model_dir = out_dir / name
     settings = _run_settings(cfg, opts, train)
     seed_everything(opts.seed)
@@ -431,9 +473,14 @@ def _train_model(
     model.train()
     optimizer = make_optimizer(model, opts)
     ckpt_dir = out_dir / "checkpoints" / name
-    start, history = _load_checkpoint(ckpt_dir, model, optimizer, settings)
-    if start:
+    start, history, curve = _load_checkpoint(ckpt_dir, model, optimizer, settings)
+    if start and info.is_main:
         print(f"{name}: resuming from the checkpoint at step {start} in {ckpt_dir}")
+    ddp = None
+    if info.enabled:
+        # buffers (attention masks, rotary tables) are constants: no need to broadcast each step
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
     tokens_per_step = opts.batch_size * train.seq_len
     bar = tqdm(
@@ -443,12 +490,15 @@ def _train_model(
         desc=f"train {name}",
         unit="step",
         position=position,
+        disable=None if info.is_main else True,
     )
     started = time.perf_counter()
     for done, step in enumerate(bar, start=1):
-        rows = batch_rows(step, opts.batch_size, len(train), opts.seed)
-        tokens = train.tokens[rows].to(device)
-        ce, aux = train_step(model, optimizer, tokens, learning_rate(step, opts), opts.grad_clip)
+        rows = shard_rows(batch_rows(step, opts.batch_size, len(train), opts.seed), info)
+        tokens = train.tokens[rows].to(device, non_blocking=True)
+        lr = learning_rate(step, opts)
+        ce, aux = train_step(model, optimizer, tokens, lr, opts.grad_clip, ddp=ddp)
+        curve.append([round(ce, 6), round(aux, 6)])
         rate = done * tokens_per_step / (time.perf_counter() - started)
         bar.set_postfix(ce=f"{ce:.3f}", aux=f"{aux:.4f}", tok_s=f"{rate:.0f}")
         if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
@@ -456,15 +506,19 @@ def _train_model(
             model.train()
             history.append({"step": step + 1, "train_ce": ce, "heldout_ce": per_domain})
             shown = ", ".join(f"{d} {v:.3f}" for d, v in per_domain.items())
-            tqdm.write(f"{name} step {step + 1}: train ce {ce:.3f}; held-out ce {shown}")
-        if (step + 1) % opts.checkpoint_every == 0 and step + 1 < opts.steps:
-            _save_checkpoint(ckpt_dir, model, optimizer, step + 1, settings, history)
+            if info.is_main:
+                tqdm.write(f"{name} step {step + 1}: train ce {ce:.3f}; held-out ce {shown}")
+        if (step + 1) % opts.checkpoint_every == 0 and step + 1 < opts.steps and info.is_main:
+            _save_checkpoint(ckpt_dir, model, optimizer, step + 1, settings, history, curve)
     bar.close()
 
     model.eval()
-    save_model(model, model_dir, extra={"training": {"settings": settings, "history": history}})
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    print(f"{name}: wrote {model_dir}")
+    if info.is_main:
+        training = {"settings": settings, "history": history, "loss_curve": curve}
+        save_model(model, model_dir, extra={"training": training})
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        print(f"{name}: wrote {model_dir}")
+    barrier()  # the other ranks load the folder rank 0 has just written
     return history
 
 
@@ -479,6 +533,7 @@ def _save_checkpoint(
     step: int,
     settings: dict,
     history: list,
+    curve: list,
 ) -> None:
     """One safetensors file holds weights, AdamW moments and the RNG state; its metadata holds
     the step and settings as JSON, so the file alone is a consistent checkpoint. state.json is
@@ -495,6 +550,7 @@ def _save_checkpoint(
         "step": step,
         "settings": settings,
         "history": history,
+        "loss_curve": curve,
         "param_groups": groups,
     }
     with atomic_path(ckpt_dir / "checkpoint.safetensors") as tmp:
@@ -504,10 +560,10 @@ def _save_checkpoint(
 
 def _load_checkpoint(
     ckpt_dir: Path, model: HookedTransformer, optimizer: torch.optim.Optimizer, settings: dict
-) -> tuple[int, list[dict[str, Any]]]:
+) -> tuple[int, list[dict[str, Any]], list[list[float]]]:
     path = ckpt_dir / "checkpoint.safetensors"
     if not path.exists():
-        return 0, []
+        return 0, [], []
     try:
         with safe_open(str(path), framework="pt") as f:
             state_json = json.loads((f.metadata() or {})["state"])
@@ -535,4 +591,5 @@ def _load_checkpoint(
         optim_state["param_groups"].append(saved | {"params": group["params"]})
     optimizer.load_state_dict(optim_state)
     torch.set_rng_state(tensors["rng.torch"])
-    return int(state_json["step"]), list(state_json.get("history", []))
+    history = list(state_json.get("history", []))
+    return int(state_json["step"]), history, list(state_json.get("loss_curve", []))
