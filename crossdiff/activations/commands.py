@@ -18,7 +18,8 @@ def register(subparsers: Any) -> None:
         description=(
             "Run two models on the same tokens and store their activations at the hook points of "
             "a pairing preset (paper, mlp-all-layers, single-layer, or a TOML file). Re-running "
-            "the same command resumes an interrupted harvest."
+            "the same command resumes an interrupted harvest. Under `torchrun --nproc_per_node N` "
+            "the N processes harvest one store together (docs/store.md)."
         ),
     )
     parser.add_argument(
@@ -70,19 +71,28 @@ def _tokenizer_meta(model_dir: Path) -> dict[str, Any] | None:
 
 def run_harvest(args: argparse.Namespace) -> int:
     from crossdiff.activations.harvest import harvest
-    from crossdiff.common import resolve_device, seed_everything
+    from crossdiff.common import seed_everything
     from crossdiff.data.tokens import TokenSet
+    from crossdiff.distributed import dist_info, rank_device
     from crossdiff.models import load_model
 
     seed_everything(args.seed)
-    device = resolve_device(args.device)
+    # under torchrun every rank reads the models and the token set (nothing here writes) and
+    # harvests its own rows on its own device (`cuda` is cuda:LOCAL_RANK); rank 0 merges and talks
+    info = dist_info()
+    device = rank_device(args.device)
     dir_a, dir_b = args.models
     token_path = args.token_set or _default_token_set(dir_a)
     token_set = TokenSet.load(token_path)
     models = [load_model(d, device=device).to(resolve_dtype(args.dtype)) for d in (dir_a, dir_b)]
     metas = [_tokenizer_meta(d) for d in (dir_a, dir_b)]
     fingerprints = tuple(m.get("fingerprint") if m else None for m in metas)
-    print(f"harvesting {dir_a} and {dir_b} on {token_path} with pairing {args.pairing!r}")
+    if info.is_main:
+        processes = f" by {info.world_size} processes" if info.enabled else ""
+        print(
+            f"harvesting {dir_a} and {dir_b} on {token_path} with pairing {args.pairing!r}"
+            f"{processes}"
+        )
     harvest(
         models[0],
         models[1],

@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -27,8 +28,14 @@ from crossdiff.activations.store import (
     ActivationStore,
     StoreWriter,
 )
-from crossdiff.common import CrossdiffError, dtype_name, resolve_device, resolve_dtype
+from crossdiff.common import (
+    CrossdiffError,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+)
 from crossdiff.data.tokens import TokenSet
+from crossdiff.distributed import dist_info
 
 SHARD_BYTES = 64 * 2**20
 # manifest keys that must match for a harvest to continue an existing store
@@ -41,6 +48,11 @@ _COMPATIBLE_KEYS = (
     "d_models",
     "experts",
 )
+# what a harvest writes into its folder: shards and statistics (and their temporary files) ...
+_STORE_FILE_RE = re.compile(r"^\.?(shard|stats)_\d{5}\.safetensors")
+# ... and, harvested by N processes, the ranks' own stores ranks-of-N/rank_R/ with plan.json
+RANKS_DIR_RE = re.compile(r"^ranks-of-(\d+)$")
+PLAN = "plan.json"
 
 
 @dataclass
@@ -305,16 +317,57 @@ def _probe_widths(runner: _PairRunner, tokens: Tensor) -> tuple[list[int], int]:
     return [a.shape[-1] for a in acts], (experts.shape[-1] if experts is not None else 0)
 
 
+def _is_store_entry(p: Path) -> bool:
+    """A file or folder a harvest writes into its store folder (so may remove or reuse)."""
+    if p.is_dir():
+        return bool(RANKS_DIR_RE.match(p.name))
+    return p.name == MANIFEST or bool(_STORE_FILE_RE.match(p.name))
+
+
+def _clear_store(out_dir: Path) -> None:
+    """Remove a store (manifest, shards, statistics, rank sub-stores) from `out_dir`."""
+    for p in out_dir.iterdir():
+        if _is_store_entry(p):
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def _rank_folders(out_dir: Path) -> list[Path]:
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if p.is_dir() and RANKS_DIR_RE.match(p.name))
+
+
+def _check_empty(out_dir: Path) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise CrossdiffError(f"{out_dir} is a file; choose a folder for the store")
+    others = [p for p in out_dir.iterdir() if not p.name.startswith(".") and not _is_store_entry(p)]
+    if others:
+        raise CrossdiffError(
+            f"{out_dir} is not empty and holds no activation store; choose an empty or new "
+            "folder for the store"
+        )
+
+
 def _open_store(
     out_dir: Path, header: dict[str, Any], segment: dict[str, Any], resume: bool
 ) -> StoreWriter:
-    if (out_dir / MANIFEST).exists() and not resume:
-        for p in out_dir.iterdir():
-            ours = p.name == MANIFEST or re.match(r"^\.?(shard|stats)_\d{5}\.safetensors", p.name)
-            if p.is_file() and ours:
-                p.unlink()
+    if not resume and ((out_dir / MANIFEST).exists() or _rank_folders(out_dir)):
+        _clear_store(out_dir)
         print(f"resume=False: removed the existing store in {out_dir}")
     if not (out_dir / MANIFEST).exists():
+        unfinished = _rank_folders(out_dir)
+        if unfinished:
+            n = RANKS_DIR_RE.match(unfinished[0].name).group(1)  # type: ignore[union-attr]
+            raise CrossdiffError(
+                f"{out_dir} holds an unfinished harvest by {n} processes ({unfinished[0].name}/, "
+                f"not merged into a store yet); finish it with the same command under `torchrun "
+                f"--nproc_per_node {n}`, or pass resume=False (--no-resume) to replace it"
+            )
         if out_dir.exists() and any(not p.name.startswith(".") for p in out_dir.iterdir()):
             raise CrossdiffError(
                 f"{out_dir} is not empty and holds no activation store; choose an empty or new "
@@ -365,6 +418,7 @@ def harvest(
     tokenizer: Any = None,
     tokenizer_fingerprints: tuple[str | None, str | None] | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> ActivationStore:
     """Record both models' activations at the pairing's hook points into a store at `out_dir`.
 
@@ -373,14 +427,55 @@ def harvest(
     with the same arguments continues an interrupted harvest; a larger `n_tokens` extends it; a
     different token set is appended as a new segment. The models run in eval mode, each on its
     own device (or both moved to `device` if given).
+
+    Under torchrun (`distributed=None` detects a process group of more than one process; True
+    requires one, False harvests as if alone) every process must make the same call: each
+    harvests its own contiguous part of the rows into `out_dir/ranks-of-N/rank_R/`, then rank 0
+    merges them into one store at `out_dir`, equal token for token to a single-process harvest
+    (see docs/store.md). Such a run writes a new store or finishes its own interrupted one; it
+    does not extend or append to an existing store.
     """
+    info = dist_info()
+    if distributed is None:
+        distributed = info.enabled
+    if distributed and not info.enabled:
+        raise CrossdiffError(
+            "distributed=True but no torch.distributed process group of more than one process "
+            "is running; launch with `torchrun --nproc_per_node N` and call "
+            "crossdiff.distributed.init_distributed() first (the CLI does), or leave "
+            "distributed=None"
+        )
     with _eval_mode((model_a, model_b)):
         return _harvest(
             model_a, model_b, token_set, pairing, out_dir, n_tokens=n_tokens,
             batch_size=batch_size, dtype=dtype, shard_tokens=shard_tokens,
             model_names=model_names, device=device, resume=resume, tokenizer=tokenizer,
             tokenizer_fingerprints=tokenizer_fingerprints, progress=progress,
+            distributed=distributed,
         )  # fmt: skip
+
+
+@dataclass
+class _Job:
+    """A checked harvest: the token rows, the models' runner, the store's header and sizes."""
+
+    rows: _Tokens
+    runner: _PairRunner
+    pairing: Pairing
+    widths: list[int]
+    d_store: int
+    store_dtype: torch.dtype
+    header: dict[str, Any]
+    segment: dict[str, Any]
+    cumulative: Tensor  # [n_seq] tokens kept in rows 0..i
+    target: int  # tokens of the token set to harvest
+    batch_size: int
+    shard_tokens: int
+    verbose: bool
+
+    def say(self, message: str) -> None:
+        if self.verbose:
+            print(message)
 
 
 def _harvest(
@@ -400,7 +495,62 @@ def _harvest(
     tokenizer: Any,
     tokenizer_fingerprints: tuple[str | None, str | None] | None,
     progress: bool,
+    distributed: bool,
 ) -> ActivationStore:
+    out_dir = Path(out_dir)
+
+    def prepare() -> _Job:
+        return _prepare(
+            model_a, model_b, token_set, pairing, n_tokens=n_tokens, batch_size=batch_size,
+            dtype=dtype, shard_tokens=shard_tokens, model_names=model_names, device=device,
+            tokenizer=tokenizer, tokenizer_fingerprints=tokenizer_fingerprints,
+            verbose=not distributed or dist_info().is_main,
+        )  # fmt: skip
+
+    if distributed:
+        from crossdiff.activations.sharded import harvest_ranks, together
+
+        return harvest_ranks(together(prepare, "checking its inputs"), out_dir, resume, progress)
+    job = prepare()
+    writer = _open_store(out_dir, job.header, job.segment, resume)
+    done = int(writer.manifest["segments"][-1]["n_tokens"])
+    if done >= job.target:
+        print(f"{out_dir} already holds {done} tokens of this token set; nothing to harvest")
+        return ActivationStore(out_dir)
+    with tqdm(
+        total=job.target,
+        initial=done,
+        unit="tok",
+        unit_scale=True,
+        desc=f"harvest {job.pairing.name}",
+        disable=not progress,
+    ) as bar:
+        _fill(job, writer, done, job.target, bar)
+    store = ActivationStore(out_dir)
+    print(
+        f"wrote {store.n_tokens} tokens ({store.n_models} models, width {store.d_model}, "
+        f"{store.manifest['dtype']}) in {store.n_shards} shards to {out_dir}"
+    )
+    return store
+
+
+def _prepare(
+    model_a: HookedTransformer,
+    model_b: HookedTransformer,
+    token_set: TokenSet | Tensor,
+    pairing: Pairing | str | Path,
+    *,
+    n_tokens: int | None,
+    batch_size: int,
+    dtype: str | torch.dtype,
+    shard_tokens: int | None,
+    model_names: tuple[str, str],
+    device: str | torch.device | None,
+    tokenizer: Any,
+    tokenizer_fingerprints: tuple[str | None, str | None] | None,
+    verbose: bool,
+) -> _Job:
+    """Check the inputs, place the models, probe the widths and build the store's header."""
     pairing = load_pairing(pairing)
     models = (model_a, model_b)
     names = (str(model_names[0]), str(model_names[1]))
@@ -409,7 +559,6 @@ def _harvest(
     if batch_size <= 0:
         raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
     store_dtype = resolve_dtype(dtype)
-    out_dir = Path(out_dir)
     rows = _as_tokens(token_set, pairing.drop_bos)
     _check_tokenizers(models, names, tokenizer_fingerprints, rows.tokens)
     for model, name, hooks in zip(models, names, (pairing.hooks_a, pairing.hooks_b), strict=True):
@@ -417,7 +566,7 @@ def _harvest(
         if device is not None and next(model.parameters()).device != resolve_device(device):
             model.to(resolve_device(device))
     expert_slot = _expert_slot(pairing, models)
-    if pairing.expert_indices and expert_slot is None:
+    if pairing.expert_indices and expert_slot is None and verbose:
         print(
             f"note: neither model has {list(pairing.expert_indices)}; experts are stored as -1",
         )
@@ -469,14 +618,24 @@ def _harvest(
         "seq_len": int(rows.tokens.shape[1]),
         "start": 0,
     }
-    writer = _open_store(out_dir, header, segment, resume)
-    done = int(writer.manifest["segments"][-1]["n_tokens"])
-    if done >= target:
-        print(f"{out_dir} already holds {done} tokens of this token set; nothing to harvest")
-        return ActivationStore(out_dir)
-
     if shard_tokens is None:
         shard_tokens = max(1024, SHARD_BYTES // (2 * d_store * store_dtype.itemsize))
+    return _Job(
+        rows=rows, runner=runner, pairing=pairing, widths=widths, d_store=d_store,
+        store_dtype=store_dtype, header=header, segment=segment, cumulative=cumulative,
+        target=target, batch_size=batch_size, shard_tokens=int(shard_tokens), verbose=verbose,
+    )  # fmt: skip
+
+
+def _fill(job: _Job, writer: StoreWriter, done: int, target: int, bar: Any) -> None:
+    """Harvest tokens [done, target) of the token set (kept tokens, row by row) into `writer`.
+
+    Rows always go through the models in the same fixed batches (rows b*batch_size up to
+    (b+1)*batch_size), whichever part of the token set is harvested: an interrupted, extended or
+    rank-split harvest computes exactly the batches of one uninterrupted run.
+    """
+    rows, cumulative, batch_size = job.rows, job.cumulative, job.batch_size
+    shard_tokens = job.shard_tokens
     first_row = int(torch.searchsorted(cumulative, done, right=True))
     start_row = first_row // batch_size * batch_size  # batches stay aligned across resumes
     skip = done - (int(cumulative[start_row - 1]) if start_row > 0 else 0)
@@ -485,14 +644,6 @@ def _harvest(
 
     buffer: list[dict[str, Tensor]] = []
     n_buffered = 0
-    bar = tqdm(
-        total=target,
-        initial=done,
-        unit="tok",
-        unit_scale=True,
-        desc=f"harvest {pairing.name}",
-        disable=not progress,
-    )
 
     def flush(final: bool) -> None:
         nonlocal buffer, n_buffered
@@ -508,11 +659,13 @@ def _harvest(
         n_buffered -= lo
 
     with torch.no_grad(), ExitStack() as stack:
-        runner.install(stack)
+        job.runner.install(stack)
         for row in range(start_row, end_row, batch_size):
             stop = min(row + batch_size, len(rows.tokens))  # fixed batches: same rounding
-            acts, experts = runner.run(rows.tokens[row:stop], row)
-            chunk = _select(rows, row, stop, acts, experts, widths, d_store, store_dtype)
+            acts, experts = job.runner.run(rows.tokens[row:stop], row)
+            chunk = _select(
+                rows, row, stop, acts, experts, job.widths, job.d_store, job.store_dtype
+            )
             n = chunk["acts"].shape[0]
             lo, hi = min(skip, n), min(n, skip + remaining)
             skip -= lo
@@ -524,15 +677,8 @@ def _harvest(
             if n_buffered >= shard_tokens:
                 flush(final=False)
         flush(final=True)
-    bar.close()
     if remaining != 0:
         raise CrossdiffError(f"internal error: harvest ended {remaining} tokens short")
-    store = ActivationStore(out_dir)
-    print(
-        f"wrote {store.n_tokens} tokens ({store.n_models} models, width {store.d_model}, "
-        f"{store.manifest['dtype']}) in {store.n_shards} shards to {out_dir}"
-    )
-    return store
 
 
 def _select(

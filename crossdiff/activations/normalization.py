@@ -39,6 +39,16 @@ class RunningStats:
             self.sums[m] += x.sum(dim=0)
             self.sumsqs[m] += (x * x).sum(dim=0)
 
+    def add(self, other: RunningStats) -> None:
+        """Add `other`'s sums to these (the statistics of both sets of tokens together)."""
+        if other.widths != self.widths:
+            raise CrossdiffError(f"cannot add statistics of widths {other.widths} to {self.widths}")
+        self.count += other.count
+        self.norm_sum += other.norm_sum
+        for m in range(len(self.widths)):
+            self.sums[m] += other.sums[m]
+            self.sumsqs[m] += other.sumsqs[m]
+
     def mean_norms(self) -> Tensor:
         return self.norm_sum / self.count.clamp(min=1)
 

@@ -5,6 +5,10 @@ Layout (format in docs/store.md):
     shard_NNNNN.safetensors     acts [n, n_models, d] and token_ids, doc_ids, positions, domains,
                                 experts [n, width] per token
     stats_NNNNN.safetensors     float64 running sums after NNNNN shards (norms, mean/std per dim)
+    ranks-of-N/rank_R/          a harvest by N processes: each rank's own store (same layout); the
+                                top-level manifest names their shards by relative path
+
+A shard's `file` in the manifest is a path relative to the store folder.
 
 Writes go shard first, then statistics, then the manifest, each atomically: a crash leaves at most
 an orphan file that the next writer removes, never a manifest that names a missing or partial shard.
@@ -116,7 +120,10 @@ class StoreWriter:
         return writer
 
     def remove_orphans(self) -> list[Path]:
-        """Delete shard/stats files the manifest does not name, and temporary files of a crash."""
+        """Delete shard/stats files the manifest does not name, and temporary files of a crash.
+
+        Only files directly in the store folder: shards a merged manifest names in rank
+        sub-folders (`ranks-of-N/rank_R/...`) belong to those sub-stores and are left alone."""
         keep = {s["file"] for s in self.manifest["shards"]}
         if self.manifest.get("statistics"):
             keep.add(self.manifest["statistics"]["file"])
@@ -283,17 +290,18 @@ class ActivationStore:
             f"delete the store folder {self.path} and harvest again (or restore the file from a "
             "copy); crossdiff never reads a damaged shard"
         )
+        name = info.get("file", path.name)  # relative to the store (rank sub-folders included)
         if not path.exists():
-            raise CrossdiffError(f"{what} {path.name} of store {self.path} is missing; {advice}")
+            raise CrossdiffError(f"{what} {name} of store {self.path} is missing; {advice}")
         size = path.stat().st_size
         if size != info["bytes"]:
             raise CrossdiffError(
-                f"{what} {path.name} of store {self.path} is corrupted: it has {size} bytes, the "
+                f"{what} {name} of store {self.path} is corrupted: it has {size} bytes, the "
                 f"manifest says {info['bytes']}; {advice}"
             )
         if sha256_file(path) != info["sha256"]:
             raise CrossdiffError(
-                f"{what} {path.name} of store {self.path} is corrupted: its sha256 checksum does "
+                f"{what} {name} of store {self.path} is corrupted: its sha256 checksum does "
                 f"not match the manifest; {advice}"
             )
 

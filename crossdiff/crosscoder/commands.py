@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "`crossdiff harvest`. Writes OUT/cfg.json + OUT/sae_weights.safetensors (load with "
             "crossdiff.CrossCoder.load(OUT) or sae_lens.SAE.load_from_disk(OUT) after "
             "`import crossdiff`), OUT/training.json, and checkpoints in OUT/checkpoint/ "
-            "(an interrupted run resumes from them)."
+            "(an interrupted run resumes from them). Data-parallel on N processes: torchrun "
+            "--nproc_per_node N -m crossdiff train-crosscoder ... (--batch-size is global)."
         ),
     )
     p.add_argument("--store", type=Path, required=True, help="activation store folder")
@@ -86,6 +87,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument("--overwrite", action="store_true", help="train again even if OUT is complete")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (SAELens logger)")
+    p.add_argument(
+        "--autocast",
+        action="store_true",
+        help="bfloat16 autocast for the encoder matmul (GPU; weights and loss stay float32)",
+    )
     p.add_argument("--wandb-project", default="crossdiff")
     add_runtime_arguments(p)
     p.set_defaults(func=run)
@@ -103,6 +109,7 @@ def _open_store(path: Path) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from crossdiff.crosscoder import CrossCoderConfig, evaluate_crosscoder, train_crosscoder
+    from crossdiff.distributed import dist_info
 
     out: Path = args.out
     if (out / "training.json").exists() and not args.overwrite:
@@ -140,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         wandb=args.wandb,
         wandb_project=args.wandb_project,
+        autocast=args.autocast,
     )
+    if not dist_info().is_main:  # every rank holds the same crosscoder; rank 0 writes it
+        return 0
     cc.save(out)
     metrics = evaluate_crosscoder(cc, store, max_tokens=args.eval_tokens)
     summary = dict(cc.training_summary)
