@@ -133,6 +133,14 @@ def run_pipeline(
     stop_after: str | None = None,
 ) -> RunSummary:
     """Run every stage into `out_dir`; see the module docstring for resume semantics."""
+    from crossdiff.distributed import dist_info
+
+    if dist_info().enabled:
+        raise CrossdiffError(
+            "`crossdiff run` runs in one process; under torchrun run the stages that scale out "
+            "one by one (train-models, harvest, train-crosscoder: see docs/distributed.md), "
+            "then `crossdiff report` in one process"
+        )
     from crossdiff.activations import ActivationStore, harvest, load_pairing
     from crossdiff.analysis import diff_features
     from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, train_crosscoder

@@ -12,6 +12,7 @@ from crossdiff.common import CrossdiffError
 from crossdiff.data import TokenSet
 from crossdiff.models import load_model, matched_configs, train_language_models
 from crossdiff.models.evaluate import unigram_cross_entropy
+from crossdiff.models.io import read_model_header
 from crossdiff.models.train import TrainOptions, batch_rows, learning_rate
 
 VOCAB, SEQ = 48, 16
@@ -232,3 +233,19 @@ def test_unigram_baseline_is_add_one_smoothed_on_train_tokens():
     result = unigram_cross_entropy(train, train, d_vocab=VOCAB)
     expected = -math.log((n_per_domain + 1) / (n_per_domain + VOCAB))
     assert result == {d: pytest.approx(expected) for d in ("code", "science", "stories")}
+
+
+def test_bfloat16_autocast_trains_with_float32_weights(tmp_path, data, cfgs):
+    plain = run(tmp_path / "fp32", data, cfgs, steps=8, batch_size=8)
+    mixed = run(tmp_path / "bf16", data, cfgs, steps=8, batch_size=8, autocast=True)
+    for name in ("dense", "moe"):
+        model = getattr(mixed, name)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        curves = [
+            torch.tensor(read_model_header(tmp_path / run_dir / name)["training"]["loss_curve"])
+            for run_dir in ("fp32", "bf16")
+        ]
+        # bfloat16 keeps ~3 significant digits: the same run, not the same bits
+        assert not torch.equal(curves[0], curves[1])
+        torch.testing.assert_close(curves[1][:, 0], curves[0][:, 0], atol=0.05, rtol=0)
+    assert plain.eval["training"]["autocast"] is False and mixed.eval["training"]["autocast"]

@@ -89,8 +89,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (SAELens logger)")
     p.add_argument(
         "--autocast",
-        action="store_true",
-        help="bfloat16 autocast for the encoder matmul (GPU; weights and loss stay float32)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 autocast of the encoder matmul (default: on for CUDA; loss stays float32)",
     )
     p.add_argument("--wandb-project", default="crossdiff")
     add_runtime_arguments(p)

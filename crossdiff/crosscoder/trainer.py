@@ -331,7 +331,7 @@ def train_crosscoder(
     log_every: int = 100,
     wandb: bool = False,
     wandb_project: str = "crossdiff",
-    autocast: bool = False,
+    autocast: bool | None = None,
     prefetch: int = 2,
 ) -> CrossCoder:
     """Train a crosscoder on paired activations; return it ready for raw activations.
@@ -346,8 +346,9 @@ def train_crosscoder(
     checkpoint_dir: where to write checkpoints every `checkpoint_every` steps; with `resume`, an
     existing checkpoint there is continued. The summary of the run is in `cc.training_summary`.
     autocast: compute the dense encoder matmul in bfloat16 (torch.autocast; weights, optimizer
-    state, selection, loss and metrics stay float32); worth it on a GPU. prefetch: batches read
-    and checked ahead by a background thread (pinned and copied asynchronously on CUDA).
+    state, selection, loss and metrics stay float32); default on for CUDA, off elsewhere.
+    prefetch: batches read and checked ahead by a background thread (pinned and copied
+    asynchronously on CUDA).
     Under torchrun, `batch_size` is the global batch; each of the N processes trains on
     batch_size / N rows of it and the result is the same crosscoder (see the module docstring).
     """
@@ -406,7 +407,7 @@ def train_crosscoder(
         lr_warm_up_steps=warmup,
         lr_decay_steps=decay,
         device=str(dev),
-        autocast=autocast,
+        autocast=dev.type == "cuda" if autocast is None else bool(autocast),
         dead_feature_window=math.ceil(dead_tokens / batch_size),
         feature_sampling_window=max(1, min(2000, steps)),
         logger=LoggingConfig(

@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         threads=args.threads,
         parallel=args.parallel,
+        autocast=args.autocast,
     )
     seconds = time.perf_counter() - started
     if not dist_info().is_main:
@@ -88,6 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="train both models at once in two processes (default: on for CPU)",
+    )
+    parser.add_argument(
+        "--autocast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 autocast of the forward pass (default: on for CUDA, off for CPU)",
     )
     add_runtime_arguments(parser)
     parser.set_defaults(func=run)

@@ -86,6 +86,7 @@ class TrainOptions:
     eval_rows: int = 64  # held-out rows per domain in the final evaluation
     load_balance_coef: float = DEFAULT_LOAD_BALANCE_COEF
     z_loss_coef: float = DEFAULT_Z_LOSS_COEF
+    autocast: bool = False  # bfloat16 autocast of the forward (fp32 weights, AdamW and loss)
 
     def as_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self.__dict__))
@@ -123,6 +124,7 @@ def train_language_models(
     z_loss_coef: float = DEFAULT_Z_LOSS_COEF,
     threads: int | None = None,
     parallel: bool | None = None,
+    autocast: bool | None = None,
 ) -> TrainedModels:
     """Train the dense and the MoE model of `preset` (or the given configs) on `train`, evaluate
     on `heldout`, and write everything under `out_dir` (see the module docstring).
@@ -142,6 +144,9 @@ def train_language_models(
     `batch_size` rows is split into N disjoint parts, one per rank, and DistributedDataParallel
     averages the gradients, so the run follows the single-process one with the same global batch.
     Rank 0 writes checkpoints and model folders; a checkpoint resumes on any number of processes.
+
+    `autocast` (default: on for CUDA) runs the forward under bfloat16 autocast; weights, AdamW
+    state, softmaxes and the loss stay float32.
     """
     out_dir = Path(out_dir)
     info = dist_info()
@@ -162,6 +167,7 @@ def train_language_models(
         eval_rows=eval_rows,
         load_balance_coef=load_balance_coef,
         z_loss_coef=z_loss_coef,
+        autocast=device.type == "cuda" if autocast is None else bool(autocast),
     )
     _check_options(opts)
     if opts.batch_size % info.world_size:
@@ -277,6 +283,7 @@ def train_step(
     grad_clip: float,
     *,
     ddp: DistributedDataParallel | None = None,
+    autocast: bool = False,
 ) -> tuple[float, float]:
     """One optimizer step; returns (cross-entropy, aux loss), averaged over ranks under DDP.
 
@@ -284,8 +291,9 @@ def train_step(
     through it so that backward all-reduces the gradients before they are clipped."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    cross_entropy = (ddp or model)(tokens, return_type="loss")
-    aux = moe_aux_loss(model).to(cross_entropy.device)
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
+        cross_entropy = (ddp or model)(tokens, return_type="loss").float()
+        aux = moe_aux_loss(model).to(cross_entropy.device).float()
     (cross_entropy + aux).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -303,7 +311,9 @@ def _run_settings(cfg: HookedTransformerConfig, opts: TrainOptions, train: Token
     cfg_dict.pop("device")
     return {
         "config": cfg_dict,
-        "options": opts.as_dict() | {"eval_every": None, "checkpoint_every": None},
+        # how often to evaluate and save, and the compute precision, do not change what is trained
+        "options": opts.as_dict()
+        | {"eval_every": None, "checkpoint_every": None, "autocast": None},
         "train_rows": len(train),
         "train_seq_len": train.seq_len,
         "train_fingerprint": _fingerprint(train.tokens),
@@ -497,7 +507,9 @@ def _train_model(
         rows = shard_rows(batch_rows(step, opts.batch_size, len(train), opts.seed), info)
         tokens = train.tokens[rows].to(device, non_blocking=True)
         lr = learning_rate(step, opts)
-        ce, aux = train_step(model, optimizer, tokens, lr, opts.grad_clip, ddp=ddp)
+        ce, aux = train_step(
+            model, optimizer, tokens, lr, opts.grad_clip, ddp=ddp, autocast=opts.autocast
+        )
         curve.append([round(ce, 6), round(aux, 6)])
         rate = done * tokens_per_step / (time.perf_counter() - started)
         bar.set_postfix(ce=f"{ce:.3f}", aux=f"{aux:.4f}", tok_s=f"{rate:.0f}")
