@@ -30,21 +30,24 @@ def prefetch_to_device(
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def offer(item: object) -> bool:
+        """Put `item` unless the consumer has gone; False once it has."""
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for batch in batches:
-                item = batch.pin_memory() if pin else batch
-                while not stop.is_set():
-                    try:
-                        slots.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer(batch.pin_memory() if pin else batch):
                     return
-            slots.put(_DONE)
+            offer(_DONE)
         except BaseException as err:  # handed to the consumer, raised there
-            slots.put(err)
+            offer(err)
 
     thread = threading.Thread(target=produce, name="crossdiff-prefetch", daemon=True)
     thread.start()
@@ -57,7 +60,9 @@ def prefetch_to_device(
                 raise item
             yield _to_device(item, device)
     finally:
+        # stop and wait for the reader, so that no thread is inside torch at interpreter exit
         stop.set()
+        thread.join()
 
 
 def _to_device(batch: Tensor, device: torch.device) -> Tensor:

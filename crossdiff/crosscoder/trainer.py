@@ -460,7 +460,10 @@ def train_crosscoder(
 
         wandb_lib.init(project=wandb_project, config={"cfg": tcfg.to_dict(), **options})
     started = time.perf_counter()
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        trainer.data_provider.close()  # stops the prefetch thread
     seconds = time.perf_counter() - started
     if wandb:
         wandb_lib.finish()
