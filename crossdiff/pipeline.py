@@ -132,19 +132,17 @@ def run_pipeline(
     device: str = "auto",
     stop_after: str | None = None,
 ) -> RunSummary:
-    """Run every stage into `out_dir`; see the module docstring for resume semantics."""
-    from crossdiff.distributed import dist_info
+    """Run every stage into `out_dir`; see the module docstring for resume semantics.
 
-    if dist_info().enabled:
-        raise CrossdiffError(
-            "`crossdiff run` runs in one process; under torchrun run the stages that scale out "
-            "one by one (train-models, harvest, train-crosscoder: see docs/distributed.md), "
-            "then `crossdiff report` in one process"
-        )
+    Under torchrun the language models, the harvest and the crosscoder run data-parallel over
+    all processes (docs/distributed.md); rank 0 prepares the data first, writes the stage
+    records and the report, and returns the full summary (the other ranks stop after the
+    crosscoder)."""
     from crossdiff.activations import ActivationStore, harvest, load_pairing
     from crossdiff.analysis import diff_features
     from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, train_crosscoder
     from crossdiff.data import prepare_data
+    from crossdiff.distributed import barrier, dist_info, main_process_first, rank_device
     from crossdiff.models import load_model, train_language_models
     from crossdiff.report import write_report
 
@@ -153,28 +151,36 @@ def run_pipeline(
     options = resolve_options(preset, overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch_device = resolve_device(device)
+    info = dist_info()
+    torch_device = rank_device(device) if info.enabled else resolve_device(device)
     summary = RunSummary(out_dir=out)
-    write_json_atomic(out / "run.json", {"preset": preset, "seed": seed, "options": options})
+    if info.is_main:
+        write_json_atomic(out / "run.json", {"preset": preset, "seed": seed, "options": options})
 
     def stage(name: str) -> tuple[Path, dict[str, Any], bool]:
         stage_dir = out / name
         stage_options = {**options[name], "seed": seed}
         done = _check_or_skip(name, stage_dir, stage_options)
+        barrier()  # every rank has read the record before rank 0 may write it
         if done:
             summary.skipped.append(name)
-            print(f"[crossdiff] {name}: already done in {stage_dir}, skipping")
-        else:
-            print(f"[crossdiff] {name}: running into {stage_dir}")
+        if info.is_main:
+            what = f"already done in {stage_dir}, skipping" if done else f"running into {stage_dir}"
+            print(f"[crossdiff] {name}: {what}")
         return stage_dir, stage_options, done
+
+    def mark_done(stage_dir: Path, stage_options: dict[str, Any], seconds: float) -> None:
+        if info.is_main:
+            _mark_done(stage_dir, stage_options, seconds)
 
     # 1. corpus, tokenizer, token sets (prepare_data resumes and checks its own options)
     data_dir, data_opts, data_done = stage("data")
     t0 = time.perf_counter()
     data_kwargs = {k: v for k, v in data_opts.items() if k != "seed"}
-    data = prepare_data(data_dir, seed=seed, **data_kwargs)
+    with main_process_first():  # rank 0 builds the data; the other ranks then reuse it
+        data = prepare_data(data_dir, seed=seed, **data_kwargs)
     if not data_done:
-        _mark_done(data_dir, data_opts, time.perf_counter() - t0)
+        mark_done(data_dir, data_opts, time.perf_counter() - t0)
     summary.stage_seconds["data"] = time.perf_counter() - t0
     if stop_after == "data":
         return summary
@@ -193,7 +199,7 @@ def run_pipeline(
             device=str(torch_device),
             **model_kwargs,
         )
-        _mark_done(models_dir, models_opts, time.perf_counter() - t0)
+        mark_done(models_dir, models_opts, time.perf_counter() - t0)
     summary.stage_seconds["models"] = time.perf_counter() - t0
     eval_path = models_dir / "eval.json"
     if eval_path.exists():
@@ -219,7 +225,7 @@ def run_pipeline(
             device=str(torch_device),
             resume=True,
         )
-        _mark_done(store_dir, store_opts, time.perf_counter() - t0)
+        mark_done(store_dir, store_opts, time.perf_counter() - t0)
     store = ActivationStore(store_dir)
     summary.stage_seconds["store"] = time.perf_counter() - t0
     if stop_after == "store":
@@ -257,11 +263,12 @@ def run_pipeline(
             resume=True,
             **cc_kwargs,
         )
-        crosscoder.save(cc_dir)
-        _mark_done(cc_dir, cc_opts, time.perf_counter() - t0)
+        if info.is_main:
+            crosscoder.save(cc_dir)
+        mark_done(cc_dir, cc_opts, time.perf_counter() - t0)
     summary.stage_seconds["crosscoder"] = time.perf_counter() - t0
-    if stop_after == "crosscoder":
-        return summary
+    if stop_after == "crosscoder" or not info.is_main:
+        return summary  # the report is one process's work
 
     # 5. feature diff and report (cheap: always redone, so it reflects the current code)
     report_dir = out / "report"
@@ -320,7 +327,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Build the corpus and tokenizer, train a dense and an MoE model on the same tokens, "
             "harvest their paired activations, train a crosscoder, and write the report. "
-            "Each finished stage is skipped on a re-run, so an interrupted run resumes."
+            "Each finished stage is skipped on a re-run, so an interrupted run resumes. Under "
+            "torchrun --nproc_per_node N -m crossdiff run ..., the models, harvest and "
+            "crosscoder run data-parallel over the N processes."
         ),
     )
     parser.add_argument(
@@ -364,5 +373,8 @@ def _main(args: argparse.Namespace) -> int:
         device=args.device,
         stop_after=args.stop_after,
     )
-    _print_summary(summary)
+    from crossdiff.distributed import dist_info
+
+    if dist_info().is_main:
+        _print_summary(summary)
     return 0

@@ -35,6 +35,19 @@ def launch(script: str, *args, nproc: int, env: dict | None = None, check: bool 
     return result
 
 
+def launch_module(*args, nproc: int, env: dict | None = None):
+    """`python -m crossdiff ARGS` in `nproc` processes under torchrun."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", "-m", "crossdiff", *map(str, args),
+    ]  # fmt: skip
+    full_env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"} | (env or {})
+    result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise AssertionError(f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lm-data")

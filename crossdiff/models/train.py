@@ -16,6 +16,7 @@ Layout of `out_dir`:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -488,9 +489,7 @@ def _train_model(
         print(f"{name}: resuming from the checkpoint at step {start} in {ckpt_dir}")
     ddp = None
     if info.enabled:
-        # buffers (attention masks, rotary tables) are constants: no need to broadcast each step
-        ids = [device.index] if device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        ddp = _data_parallel(model, device)
 
     tokens_per_step = opts.batch_size * train.seq_len
     bar = tqdm(
@@ -532,6 +531,14 @@ def _train_model(
         print(f"{name}: wrote {model_dir}")
     barrier()  # the other ranks load the folder rank 0 has just written
     return history
+
+
+def _data_parallel(model: HookedTransformer, device: torch.device) -> DistributedDataParallel:
+    ids = [device.index] if device.type == "cuda" else None
+    # buffers (attention masks, rotary tables) are constants: no need to sync them every step
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def _on_device(cfg: HookedTransformerConfig, device: torch.device) -> HookedTransformerConfig:
