@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 import tomllib
+import traceback
 from pathlib import Path
 
 from crossdiff.common import CrossdiffError
@@ -95,17 +96,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from crossdiff.distributed import finish_distributed, init_distributed
+    from crossdiff.distributed import (
+        abort_distributed,
+        dist_info,
+        finish_distributed,
+        init_distributed,
+    )
 
     try:
         args = _apply_config_file(parser, argv, args)
         init_distributed()  # under torchrun: join the process group; otherwise nothing
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except CrossdiffError as err:
         print(f"crossdiff {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        finish_distributed()
+        code = 2
+    except BaseException:
+        if dist_info().enabled:
+            traceback.print_exc()
+            abort_distributed(1)
+        raise
+    if code and dist_info().enabled:
+        abort_distributed(code)
+    finish_distributed()
+    return code
 
 
 if __name__ == "__main__":

@@ -10,9 +10,12 @@ no-op for a world of one process, so the stages call these helpers unconditional
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -64,6 +67,33 @@ def init_distributed() -> DistInfo:
         backend = "gloo"
     dist.init_process_group(backend=backend)
     return dist_info()
+
+
+def abort_distributed(code: int) -> NoReturn:
+    """Leave at once with `code` after a failure in a torchrun job.
+
+    Unwinding an exception past a DistributedDataParallel can deadlock: its reducer, freed while
+    the traceback is dropped, destroys the gloo process group, whose worker thread then waits for
+    the GIL the destructor holds. torchrun sees the exit code and stops the other ranks."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@contextmanager
+def distributed_job() -> Iterator[DistInfo]:
+    """For a script run by torchrun: join the process group for the block, leave it cleanly
+    when the block succeeds and at once (abort_distributed) when it fails."""
+    info = init_distributed()
+    try:
+        yield info
+    except BaseException as err:
+        if info.enabled:
+            traceback.print_exc()
+            code = err.code if isinstance(err, SystemExit) and isinstance(err.code, int) else 1
+            abort_distributed(code)
+        raise
+    finish_distributed()
 
 
 def finish_distributed() -> None:

@@ -15,8 +15,8 @@ from crossdiff.models import load_model
 from crossdiff.models.io import read_model_header
 
 JOBS = Path(__file__).parent / "distributed_jobs"
-# the MoE's load-balancing loss is computed per rank, on half the tokens
-TOLERANCE = {"dense": 1e-4, "moe": 5e-3}
+# float32 sums in another order; an MoE's top-k routing can amplify them a little
+TOLERANCE = {"dense": 1e-4, "moe": 1e-3}
 
 
 def launch(script: str, *args, nproc: int, env: dict | None = None, check: bool = True):
@@ -74,6 +74,7 @@ def test_two_rank_loss_curve_matches_one_process_with_the_same_global_batch(
     for name in ("dense", "moe"):
         one, two = curve(single_run, name), curve(tmp_path, name)
         assert one.shape == two.shape == (8, 2)
+        torch.testing.assert_close(two[:, 1], one[:, 1], atol=1e-5, rtol=0)  # aux: global too
         assert one[-1, 0] < one[0, 0] - 0.1  # it is learning, so the comparison means something
         # cross-entropy: the same global batch and averaged gradients give the same run
         torch.testing.assert_close(two[:, 0], one[:, 0], atol=TOLERANCE[name], rtol=0)

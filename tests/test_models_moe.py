@@ -177,3 +177,70 @@ def test_impossible_expert_counts_are_refused(cfg):
     bad = replace(cfg, experts_per_token=5)
     with pytest.raises(CrossdiffError, match="experts_per_token <= num_experts"):
         CrossdiffMoE(bad)
+
+
+def _stock_and_ours(cfg, seed=0):
+    torch.manual_seed(seed)
+    stock = MoE(cfg)
+    ours = CrossdiffMoE(cfg)
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
+def _assert_same_outputs_and_grads(stock, ours, x, x_needs_grad=True):
+    xs, xo = x.clone().requires_grad_(x_needs_grad), x.clone().requires_grad_(x_needs_grad)
+    out_s, out_o = stock(xs), ours(xo)
+    torch.testing.assert_close(out_o, out_s, atol=1e-5, rtol=0)
+    out_s.square().mean().backward()
+    out_o.square().mean().backward()
+    if x_needs_grad:
+        torch.testing.assert_close(xo.grad, xs.grad, atol=1e-5, rtol=0)
+    stock_grads = dict(stock.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, stock_grads[name].grad, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+@pytest.mark.parametrize("norm_topk_prob", [False, True])
+def test_fast_path_matches_stock_outputs_and_gradients(x_needs_grad, norm_topk_prob):
+    cfg = moe_config("tiny", **SMALL, norm_topk_prob=norm_topk_prob)
+    stock, ours = _stock_and_ours(cfg)
+    x = torch.randn(3, 12, 32, generator=torch.Generator().manual_seed(6))
+    assert ours._fast_path_ok(x, [p for p in ours.experts.parameters()])
+    _assert_same_outputs_and_grads(stock, ours, x, x_needs_grad)
+
+
+def test_experts_without_tokens_get_zero_gradients_as_in_stock(cfg):
+    stock, ours = _stock_and_ours(cfg)
+    for moe in (stock, ours):  # route every slot to expert 3: experts 0-2 get no tokens
+        moe.hook_expert_indices.add_hook(lambda value, hook: torch.full_like(value, 3))
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(7))
+    _assert_same_outputs_and_grads(stock, ours, x)
+    assert all(p.grad.abs().max() == 0 for p in ours.experts[0].parameters())
+
+
+def test_hooks_inside_experts_take_the_module_path_with_the_same_result(cfg):
+    _, ours = _stock_and_ours(cfg)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(8))
+    fast = ours(x)
+    seen = []
+    ours.experts[1].hook_pre.add_hook(lambda value, hook: seen.append(value.shape))
+    assert not ours._fast_path_ok(x, [p for p in ours.experts.parameters()])
+    torch.testing.assert_close(ours(x), fast, atol=1e-6, rtol=0)
+    assert seen and seen[0][1] == cfg.d_mlp  # [tokens routed to expert 1, d_mlp]
+
+
+def test_other_activations_and_autocast_take_the_module_path(cfg):
+    from dataclasses import replace
+
+    stock, ours = _stock_and_ours(replace(cfg, act_fn="gelu"))
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(9))
+    assert not ours._fast_path_ok(x, [p for p in ours.experts.parameters()])
+    _assert_same_outputs_and_grads(stock, ours, x)
+
+    _, ours = _stock_and_ours(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ours._fast_path_ok(x, [p for p in ours.experts.parameters()])
+        out = ours(x)
+    out.float().sum().backward()
+    assert ours.experts[0].W_in.weight.grad.dtype == torch.float32

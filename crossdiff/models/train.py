@@ -66,7 +66,12 @@ from crossdiff.models.io import (
     read_model_header,
     save_model,
 )
-from crossdiff.models.moe import DEFAULT_LOAD_BALANCE_COEF, DEFAULT_Z_LOSS_COEF, moe_aux_loss
+from crossdiff.models.moe import (
+    DEFAULT_LOAD_BALANCE_COEF,
+    DEFAULT_Z_LOSS_COEF,
+    moe_aux_loss,
+    moe_modules,
+)
 
 CHECKPOINT_FORMAT = "crossdiff.lm-checkpoint/1"
 MODEL_NAMES = ("dense", "moe")
@@ -490,6 +495,8 @@ def _train_model(
     ddp = None
     if info.enabled:
         ddp = _data_parallel(model, device)
+        for moe in moe_modules(model):
+            moe.global_load_balance = True
 
     tokens_per_step = opts.batch_size * train.seq_len
     bar = tqdm(
@@ -524,6 +531,8 @@ def _train_model(
     bar.close()
 
     model.eval()
+    for moe in moe_modules(model):
+        moe.global_load_balance = False
     if info.is_main:
         training = {"settings": settings, "history": history, "loss_curve": curve}
         save_model(model, model_dir, extra={"training": training})

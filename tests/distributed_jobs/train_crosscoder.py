@@ -16,14 +16,13 @@ from safetensors.torch import save_file
 import crossdiff.crosscoder.trainer as trainer_module
 from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
 from crossdiff.crosscoder.synthetic import planted_crosscoder_data
-from crossdiff.distributed import dist_info, finish_distributed, init_distributed
+from crossdiff.distributed import dist_info, distributed_job
 
 
 def main() -> None:
     out, steps = Path(sys.argv[1]), int(sys.argv[2])
     checkpoint_dir = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     torch.set_num_threads(1)
-    info = init_distributed()
     acts, _ = planted_crosscoder_data(4096, 16, 12, 6, 6, seed=0, densities=(0.05, 0.2))
     cfg = CrossCoderConfig(d_model=16, d_sae=64, k=4)
 
@@ -45,7 +44,7 @@ def main() -> None:
             return real_step(self, sae, sae_in)
 
         trainer_module.CrossCoderTrainer._train_step = failing_step
-    try:
+    with distributed_job() as info:
         cc = train_crosscoder(
             acts, cfg, steps=steps, batch_size=128, lr=3e-3, seed=1, log_every=1,
             dead_after_tokens=1024, aux_loss_coefficient=0.25, checkpoint_dir=checkpoint_dir,
@@ -59,8 +58,6 @@ def main() -> None:
         save_file(tensors, str(out / f"rank_{info.rank}.safetensors"))
         summary = {"history": cc.training_summary["history"], "world": dist_info().world_size}
         (out / f"rank_{info.rank}.json").write_text(json.dumps(summary))
-    finally:
-        finish_distributed()
 
 
 if __name__ == "__main__":

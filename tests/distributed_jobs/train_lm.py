@@ -12,7 +12,7 @@ import torch
 
 import crossdiff.models.train as train_module
 from crossdiff.data import TokenSet
-from crossdiff.distributed import finish_distributed, init_distributed
+from crossdiff.distributed import distributed_job
 from crossdiff.models import matched_configs, train_language_models
 
 SMALL = dict(d_model=32, n_heads=2, n_layers=2, d_vocab=48, n_ctx=16, device="cpu")
@@ -34,11 +34,10 @@ def _stop_after(n_steps: int) -> None:
 def main() -> None:
     data_dir, out_dir, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(1)
-    init_distributed()
     dense_cfg, moe_cfg = matched_configs("tiny", **SMALL, d_mlp=64, num_experts=4)
     if "STOP_AFTER_STEPS" in os.environ:  # simulate a crash: every rank fails at the same step
         _stop_after(int(os.environ["STOP_AFTER_STEPS"]))
-    try:
+    with distributed_job():
         train_language_models(
             TokenSet.load(data_dir / "train.safetensors"),
             TokenSet.load(data_dir / "heldout.safetensors"),
@@ -54,8 +53,6 @@ def main() -> None:
             eval_rows=4,
             parallel=False,
         )
-    finally:
-        finish_distributed()
 
 
 if __name__ == "__main__":
