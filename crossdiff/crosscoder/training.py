@@ -140,9 +140,23 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
         k * global_batch largest of all ranks (every rank's candidates are gathered)."""
         scores = (pre.relu() * self.selection_weights()).flatten()
         n_keep = max(int(k * pre.shape[0] * dist_info().world_size), 1)
-        local = scores.topk(min(n_keep, scores.numel()), sorted=False).values
+        # On the CPU, as in select_batch_topk, only scores above half the (synced) threshold are
+        # candidates when all ranks together have enough of them; they are gathered whole. Else
+        # each rank offers its n_keep largest. Ranks pad with -inf to a common length.
+        floor = 0.5 * float(self.threshold) if scores.device.type == "cpu" else 0.0
+        offer = None
+        if floor > 0:
+            candidates = scores[scores > floor]
+            sizes = all_gather_cat(torch.tensor([candidates.numel()], device=scores.device))
+            if int(sizes.sum()) >= n_keep:
+                offer, width = candidates, int(sizes.max())
+        if offer is None:
+            width = min(n_keep, scores.numel())
+            offer = scores.topk(width, sorted=False).values
+        local = scores.new_full((width,), float("-inf"))
+        local[: offer.numel()] = offer
         gathered = all_gather_cat(local)
-        kth = gathered.topk(min(n_keep, gathered.numel()), sorted=False).values.min()
+        kth = gathered.kthvalue(gathered.numel() - min(n_keep, gathered.numel()) + 1).values
         # a zero score selects a zero value: leaving those out changes neither loss nor gradient
         indices = ((scores >= kth) & (scores > 0)).nonzero().squeeze(1)
         return indices, scores[indices]
