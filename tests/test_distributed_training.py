@@ -19,31 +19,27 @@ JOBS = Path(__file__).parent / "distributed_jobs"
 TOLERANCE = {"dense": 1e-4, "moe": 1e-3}
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
 def launch(script: str, *args, nproc: int, env: dict | None = None, check: bool = True):
     """Run a job script in `nproc` processes under torchrun (or plainly for one process)."""
+    job = [str(JOBS / script), *map(str, args)]
     if nproc == 1:
-        command = [sys.executable, str(JOBS / script), *map(str, args)]
-    else:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", str(JOBS / script), *map(str, args),
-        ]  # fmt: skip
-    full_env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"} | (env or {})
-    result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+        return _run([sys.executable, *job], env, check)
+    return _run([*TORCHRUN, f"--nproc_per_node={nproc}", *job], env, check)
 
 
 def launch_module(*args, nproc: int, env: dict | None = None):
     """`python -m crossdiff ARGS` in `nproc` processes under torchrun."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "crossdiff", *map(str, args),
-    ]  # fmt: skip
+    command = [*TORCHRUN, f"--nproc_per_node={nproc}", "-m", "crossdiff", *map(str, args)]
+    return _run(command, env, check=True)
+
+
+def _run(command: list[str], env: dict | None, check: bool) -> subprocess.CompletedProcess:
     full_env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"} | (env or {})
     result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=900)
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         raise AssertionError(f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 

@@ -41,6 +41,7 @@ from crossdiff.distributed import (
     broadcast_module_,
     dist_info,
     rank_device,
+    shard_rows,
 )
 
 _SAMPLE_TOKENS = 65536  # tokens used to estimate scaling factors and the initial decoder bias
@@ -101,7 +102,7 @@ class _TensorSource:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             perm = torch.randperm(self.n_tokens, generator=g)
             for j in range(first, per_epoch):
-                rows = _rank_slice(perm[j * batch_size : (j + 1) * batch_size], part)
+                rows = shard_rows(perm[j * batch_size : (j + 1) * batch_size], part)
                 yield (self.acts[rows].to(torch.float32) * scale).cpu()
             step = (epoch + 1) * per_epoch
 
@@ -160,13 +161,7 @@ class _StoreSource:
                     "truncated or corrupt: re-harvest it"
                 )
             check_finite(batch, f"store batch at training step {start_step + i}")
-            yield _rank_slice(batch, part)
-
-
-def _rank_slice(batch: Tensor, part: DistInfo) -> Tensor:
-    """Rank r's contiguous slice of a global batch (all of it in one process)."""
-    size = len(batch) // part.world_size
-    return batch[part.rank * size : (part.rank + 1) * size]
+            yield shard_rows(batch, part)
 
 
 class CrossCoderTrainer(SAETrainer):
