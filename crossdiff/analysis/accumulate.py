@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from crossdiff.analysis.latent_scaling import ScalingAccumulator, ScalingSums
 from crossdiff.analysis.source import TokenSource
 
 
@@ -36,8 +37,7 @@ class PassStats:
     top_values: np.ndarray  # [d_sae, n_top], descending; 0 where fewer firings
     top_indices: np.ndarray  # [d_sae, n_top], store index; -1 where none
     scaling_latents: np.ndarray  # [n_spec] latent ids with latent-scaling sums
-    scaling_err: np.ndarray | None  # [n_models, n_spec, d]: sum_t f_t (x_t - x_hat_t)
-    scaling_rec: np.ndarray | None  # [n_models, n_spec, d]: sum_t f_t (x_hat_t - b_dec)
+    scaling: ScalingSums | None  # sums over each of those latents' firing tokens
     sparse_decode: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -96,17 +96,13 @@ def run_pass(
     expert_tokens = torch.zeros(0, **f64)
     top_values = torch.zeros(n_top, d_sae, dtype=dtype, device=device)
     top_indices = torch.full((n_top, d_sae), -1, dtype=torch.int64, device=device)
-    spec = torch.as_tensor(scaling_latents, dtype=torch.int64, device=device)
-    scaling_err = torch.zeros(n_models, len(spec), d_model, **f64)
-    scaling_rec = torch.zeros(n_models, len(spec), d_model, **f64)
+    scaling = ScalingAccumulator(scaling_latents, d_sae, n_models, d_model, device)
     w_dec = cc.W_dec.detach()  # a property on some crosscoders: compute it once
     b_dec = getattr(cc, "b_dec", None)
     b_dec = b_dec.detach().to(device=device, dtype=dtype) if isinstance(b_dec, Tensor) else None
     use_sparse: bool | None = None  # decided on the first batch by comparing with cc.decode
 
     total = sum(stop - start for start, stop in ranges)
-    spec_pos = torch.full((d_sae,), -1, dtype=torch.int64, device=device)
-    spec_pos[spec] = torch.arange(len(spec), device=device)
     bar = tqdm(
         total=total, unit="tok", unit_scale=True, desc="diff pass", disable=not show_progress
     )
@@ -181,16 +177,7 @@ def run_pass(
                         ).view(d_sae, width)
                         routed = experts[:, slot]
                         expert_tokens += torch.bincount(routed[routed >= 0], minlength=width)
-                if len(spec):
-                    pos = spec_pos[cols]
-                    sel = pos >= 0
-                    r_sel, p_sel, v_sel = rows[sel], pos[sel], vals[sel, None]
-                    latent_part = x_hat - b_dec if b_dec is not None else x_hat
-                    for m in range(n_models):
-                        scaling_err[m].index_add_(0, p_sel, (v_sel * err[r_sel, m]).double())
-                        scaling_rec[m].index_add_(
-                            0, p_sel, (v_sel * latent_part[r_sel, m]).double()
-                        )
+                scaling.update(rows, cols, vals, x, x_hat)
                 bar.update(stop - start)
     bar.close()
 
@@ -215,7 +202,6 @@ def run_pass(
         top_values=np.maximum(order, 0.0).astype(np.float64),
         top_indices=top_idx,
         scaling_latents=np.asarray(scaling_latents, dtype=np.int64),
-        scaling_err=scaling_err.cpu().numpy() if len(spec) else None,
-        scaling_rec=scaling_rec.cpu().numpy() if len(spec) else None,
+        scaling=scaling.result(),
         sparse_decode=bool(use_sparse),
     )

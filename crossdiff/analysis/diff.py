@@ -24,7 +24,11 @@ from crossdiff.analysis.classes import (
 )
 from crossdiff.analysis.contexts import build_contexts, context_centers
 from crossdiff.analysis.density import ALPHA, density_test, describe, expert_entropy
-from crossdiff.analysis.latent_scaling import latent_scaling
+from crossdiff.analysis.latent_scaling import (
+    MIN_SHARE,
+    free_direction_scaling,
+    own_direction_scaling,
+)
 from crossdiff.analysis.source import TokenSource
 from crossdiff.common import CrossdiffError
 
@@ -98,9 +102,10 @@ def _fmt_reason(same_basis: bool, inferred: str) -> str:
     if same_basis:
         return f"the two models' vectors live in one basis ({inferred}), so cosines are meaningful"
     return (
-        f"the models were trained independently ({inferred}), so their activation bases are "
-        "unrelated and a cosine between their decoder vectors means nothing; it is reported only "
-        "for completeness"
+        f"the models are treated as trained independently ({inferred}), so their activation "
+        "bases are unrelated (tied designated decoders do not change that: they force one vector "
+        "on two unrelated spaces) and a cosine between their decoder vectors means nothing; it is "
+        "reported only for completeness"
     )
 
 
@@ -134,9 +139,10 @@ def diff_features(
     split: 'paper' (0.3/0.7), 'anchors' (0.1/0.9) or (lo, hi) on r = |d_B| / (|d_A| + |d_B|).
     direction: (A, B) model names; default ('dense', 'moe') when those exist, else models 0, 1.
     max_tokens: analyse at most this many tokens, taken as evenly spaced contiguous chunks.
-    same_basis: whether the models' activations share one basis (same-model checkpoints);
-    default: only when the crosscoder ties its shared decoders. Decides whether cosines are
-    meaningful and which direction latent scaling uses.
+    same_basis: whether the models' activations share one basis (two checkpoints of one model);
+    default False in every mode (dense and MoE are trained independently, so their bases are
+    unrelated even when the designated shared decoders are tied). Decides whether cosines are
+    meaningful and which form latent scaling takes.
     """
     split_name, lo, hi = resolve_split(split)
     source = TokenSource(acts_or_store, metadata, model_names, domain_names)
@@ -172,11 +178,17 @@ def diff_features(
     cfg = getattr(cc, "cfg", None)
     n_shared = int(getattr(cfg, "n_shared", 0) or 0)
     shared_decoder = str(getattr(cfg, "shared_decoder", "free") or "free")
+    # tied designated latents keep their own class; free ones are classed by relative norm
+    n_tied = n_shared if shared_decoder == "tied" else 0
     if same_basis is None:
-        same_basis = shared_decoder == "tied"
-        basis_reason = f"shared_decoder={shared_decoder!r}"
+        same_basis = False
+        basis_reason = (
+            "the default, same_basis=False: pass same_basis=True only for two checkpoints of "
+            f"one model (this crosscoder's shared_decoder is {shared_decoder!r})"
+        )
     else:
-        basis_reason = "same_basis set by the caller"
+        same_basis = bool(same_basis)
+        basis_reason = f"same_basis={same_basis} set by the caller"
 
     norms_t = (
         cc.decoder_norms().detach() if hasattr(cc, "decoder_norms") else w_dec.norm(dim=-1)
@@ -186,7 +198,7 @@ def diff_features(
     cosine = decoder_cosine(w_dec, a, b).cpu().numpy().astype(np.float64)
     # model-specific by weights (dead ones are dropped after the pass)
     spec_mask = np.zeros(d_sae, dtype=bool)
-    spec_mask[n_shared:] = (r[n_shared:] < lo) | (r[n_shared:] > hi)
+    spec_mask[n_tied:] = (r[n_tied:] < lo) | (r[n_tied:] > hi)
     scaling_ids = np.nonzero(spec_mask)[0] if latent_scaling else np.zeros(0, dtype=np.int64)
 
     ranges = source.ranges(max_tokens)
@@ -200,7 +212,7 @@ def diff_features(
         show_progress=show_progress,
     )
     fires = stats.fire_count > 0
-    labels = classify(r, fires, n_shared, lo, hi, name_a, name_b)
+    labels = classify(r, fires, n_tied, lo, hi, name_a, name_b)
     n = stats.n_tokens
     density = stats.fire_count / n
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -256,6 +268,7 @@ def diff_features(
         name_b=name_b,
         split=(split_name, lo, hi),
         n_shared=n_shared,
+        shared_decoder=shared_decoder,
         same_basis=same_basis,
         basis_reason=basis_reason,
         domain_shares=domain_shares,
@@ -334,69 +347,102 @@ def _add_latent_scaling(
     same_basis: bool,
     unit_scale: np.ndarray,
 ) -> dict[str, Any]:
+    """Latent-scaling columns for the live model-specific latents (see latent_scaling.py)."""
     d_sae = len(table)
-    cols = {
-        f"beta_err_{name_a}": np.full(d_sae, np.nan),
-        f"beta_err_{name_b}": np.full(d_sae, np.nan),
-        f"beta_rec_{name_a}": np.full(d_sae, np.nan),
-        f"beta_rec_{name_b}": np.full(d_sae, np.nan),
-        "nu_err": np.full(d_sae, np.nan),
-        "nu_rec": np.full(d_sae, np.nan),
-        "scaling_artifact": np.zeros(d_sae, dtype=bool),
-    }
-    tol_a, tol_b = lo / (1 - lo), (1 - hi) / hi
-    live = labels[ids] != DEAD if len(ids) else np.zeros(0, dtype=bool)
-    ids = ids[live]
-    if len(ids) and stats.scaling_err is not None:
-        pos = np.nonzero(live)[0]
-        is_b = labels[ids] == f"{name_b}-only"
-        own = np.where(is_b, b, a)
-        other = np.where(is_b, a, b)
-        res = latent_scaling(
-            w_dec.double().cpu().numpy(),
-            stats.act_sq_sum,
-            ids,
-            own,
-            other,
-            stats.scaling_err[:, pos],
-            stats.scaling_rec[:, pos],
-            np.where(is_b, tol_b, tol_a),
-            same_basis,
-            unit_scale,
+    nan = {
+        key: np.full(d_sae, np.nan)
+        for key in (
+            f"scaling_signal_{name_a}", f"scaling_signal_{name_b}", f"scaling_share_{name_a}",
+            f"scaling_share_{name_b}", "scaling_ratio", "scaling_ratio_rec", "scaling_share_rec",
+            f"beta_err_{name_a}", f"beta_err_{name_b}", f"beta_rec_{name_a}",
+            f"beta_rec_{name_b}", "nu_err", "nu_rec",
         )
-        for target in ("err", "rec"):
-            cols[f"beta_{target}_{name_a}"][ids] = np.where(
-                is_b, res[f"beta_{target}_other"], res[f"beta_{target}_own"]
-            )
-            cols[f"beta_{target}_{name_b}"][ids] = np.where(
-                is_b, res[f"beta_{target}_own"], res[f"beta_{target}_other"]
-            )
-        cols["nu_err"][ids] = res["nu_err"]
-        cols["nu_rec"][ids] = res["nu_rec"]
-        cols["scaling_artifact"][ids] = res["artifact"]
+    }  # fmt: skip
+    cols: dict[str, np.ndarray] = {**nan, "scaling_artifact": np.zeros(d_sae, dtype=bool)}
+    tol_a, tol_b = lo / (1 - lo), (1 - hi) / hi
+    sums = stats.scaling
+    if sums is not None:
+        live = np.isin(labels[sums.latents], [f"{name_a}-only", f"{name_b}-only"])
+        sums = sums.subset(live)
+    if sums is not None and len(sums.latents):
+        ids = sums.latents
+        is_b = labels[ids] == f"{name_b}-only"
+        own, other = np.where(is_b, b, a), np.where(is_b, a, b)
+        tol = np.where(is_b, tol_b, tol_a)
+        w = w_dec.double().cpu().numpy()
+        free = free_direction_scaling(
+            sums, w, stats.fire_count, stats.act_sum, stats.act_sq_sum, own, other, tol,
+            unit_scale,
+        )  # fmt: skip
+
+        for name, mine in ((name_a, ~is_b), (name_b, is_b)):
+            for key in ("signal", "share"):
+                cols[f"scaling_{key}_{name}"][ids] = np.where(
+                    mine, free[f"{key}_own"], free[f"{key}_other"]
+                )
+        cols["scaling_ratio"][ids] = free["ratio_act"]
+        cols["scaling_ratio_rec"][ids] = free["ratio_rec"]
+        cols["scaling_share_rec"][ids] = free["share_rec_other"]
+        flags = free["artifact"]
+        if same_basis:
+            minder = own_direction_scaling(sums, w, stats.act_sq_sum, own, other, tol, unit_scale)
+            for name, mine in ((name_a, ~is_b), (name_b, is_b)):
+                for target in ("err", "rec"):
+                    cols[f"beta_{target}_{name}"][ids] = np.where(
+                        mine, minder[f"beta_{target}_own"], minder[f"beta_{target}_other"]
+                    )
+            cols["nu_err"][ids] = minder["nu_err"]
+            cols["nu_rec"][ids] = minder["nu_rec"]
+            flags = minder["artifact"]
+        cols["scaling_artifact"][ids] = flags
+    n_computed = 0 if sums is None else len(sums.latents)
     for key, value in cols.items():
         table[key] = value
     flagged = {
         cls: int(table.loc[table["class"] == cls, "scaling_artifact"].sum())
         for cls in (f"{name_a}-only", f"{name_b}-only")
     }
+    tolerance = {f"{name_a}-only": tol_a, f"{name_b}-only": tol_b}
+    if same_basis:
+        return {
+            "computed": bool(n_computed),
+            "n_latents": int(n_computed),
+            "n_flagged": flagged,
+            "tolerance": tolerance,
+            "form": "own-direction (Minder, Dumas et al.; same_basis=True)",
+            "columns": ["nu_err", "nu_rec"],
+            "direction": "the specific model's decoder vector in both models (shared basis)",
+            "targets": {
+                "err": "x - x_hat + f d (the error with the latent's own contribution added back)",
+                "rec": "x_hat (the full reconstruction, decoder bias included)",
+            },
+            "rule": (
+                "beta = <d_own, sum f y> / (|d_own|^2 sum f^2); nu = beta_other / beta_own; a "
+                "latent is flagged when nu_err or nu_rec exceeds the norm ratio its class allows "
+                "(lo/(1-lo) or (1-hi)/hi)"
+            ),
+        }
     return {
-        "computed": bool(len(ids)),
-        "n_latents": int(len(ids)),
+        "computed": bool(n_computed),
+        "n_latents": int(n_computed),
         "n_flagged": flagged,
-        "tolerance": {f"{name_a}-only": tol_a, f"{name_b}-only": tol_b},
-        "direction": (
-            "the specific model's decoder vector in both models (shared basis)"
-            if same_basis
-            else "each model's own decoder vector of the latent (unrelated bases)"
-        ),
+        "tolerance": tolerance,
+        "min_share": MIN_SHARE,
+        "form": "free direction (unrelated bases; same_basis=False)",
+        "columns": ["scaling_ratio", "scaling_ratio_rec"],
+        "direction": "fitted freely in each model's space over the tokens where the latent fires",
         "targets": {
-            "err": "x - x_hat + f d (the error with the latent's own contribution added back)",
-            "rec": "x_hat - b_dec (the latents' part of the reconstruction, this latent included)",
+            "act": "each model's activation x (own and other model)",
+            "rec": "the other model's reconstruction without the latent, x_hat - f d "
+            "(decoder bias included)",
         },
         "rule": (
-            "nu = beta_other * |v_other| / (beta_own * |v_own|); a latent is flagged when nu_err "
-            "or nu_rec exceeds the norm ratio its class allows (lo/(1-lo) or (1-hi)/hi)"
+            "fit y ~ a + v f over the latent's firing tokens (intercept; chance part of |v|^2 "
+            "removed); ratio = s_other |v_other| / (s_own |v_own(x)|) in the classes' units; a "
+            "latent is flagged when the ratio on the other model's activation or on its "
+            "reconstruction without the latent exceeds the norm ratio its class allows "
+            f"(lo/(1-lo) or (1-hi)/hi) and that fit explains >= {MIN_SHARE:g} of the other "
+            "model's variance on those tokens"
         ),
     }
 
@@ -414,6 +460,24 @@ def _panel_latents(
     return sorted(out)
 
 
+def _designated_rule(shared_decoder: str) -> str:
+    if shared_decoder == "tied":
+        return "the first n_shared latents (tied decoders): designated-shared; "
+    return "the first n_shared latents (free decoders) are classed by r like any other; "
+
+
+def _designated_breakdown(
+    labels: np.ndarray, classes: tuple[str, ...], shared_decoder: str
+) -> dict[str, Any]:
+    """How the designated shared latents ended up: in free mode a designated latent is only a
+    cheaper one and is classed by its relative norm, so it can be model-specific."""
+    out: dict[str, Any] = {"n": int(len(labels)), "shared_decoder": shared_decoder}
+    for cls in classes:
+        if cls != DESIGNATED or shared_decoder == "tied":
+            out[cls] = int((labels == cls).sum())
+    return out
+
+
 def _summarize(
     table: pd.DataFrame,
     stats: PassStats,
@@ -424,6 +488,7 @@ def _summarize(
     name_b: str,
     split: tuple[str, float, float],
     n_shared: int,
+    shared_decoder: str,
     same_basis: bool,
     basis_reason: str,
     domain_shares: np.ndarray | None,
@@ -515,12 +580,13 @@ def _summarize(
             "lo": lo,
             "hi": hi,
             "rule": f"r < {lo:g}: {class_a}; {lo:g} <= r <= {hi:g}: shared; r > {hi:g}: {class_b}; "
-            "the first n_shared latents: designated-shared; "
-            "never fires on the analysed tokens: dead",
+            + _designated_rule(shared_decoder)
+            + "never fires on the analysed tokens: dead",
         },
         "n_tokens": n,
         "d_sae": d_sae,
         "n_shared": n_shared,
+        "designated": _designated_breakdown(labels[:n_shared], classes, shared_decoder),
         "classes": list(classes),
         "class_counts": counts,
         "density": {cls: describe(density[labels == cls]) for cls in classes if cls != DEAD},

@@ -5,6 +5,9 @@ with its own direction in each space, or the same one when `aligned_bases`), "a_
 "b_only" (a direction in one model only). Each latent fires independently per token with its
 density, at a magnitude in [0.5, 1.5]; model m's activation is the sum of its active latents'
 directions times their magnitudes, plus Gaussian noise, times `scales[m]`.
+
+`planted_artifact_data` adds "artifact" latents: present in both models, but written in model B
+through the directions of co-firing B-only latents, so a crosscoder classes them A-only.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ class PlantedTruth:
     densities: Float[Tensor, " n_latents"]
 
     def present(self) -> list[tuple[int, ...]]:
-        return [{"shared": (0, 1), "a_only": (0,), "b_only": (1,)}[k] for k in self.kinds]
+        where = {"shared": (0, 1), "a_only": (0,), "b_only": (1,), "artifact": (0, 1)}
+        return [where[k] for k in self.kinds]
 
 
 def _unit_directions(n: int, d: int, g: torch.Generator) -> Tensor:
@@ -199,3 +203,92 @@ class InMemoryStore:
                 yield (self.acts[rows].float() * scale).to(device, dtype)
             if not loop:
                 return
+
+
+@dataclass
+class PlantedArtifacts:
+    """Where `planted_artifact_data` hid its artifacts: artifacts[i] is a planted latent that
+    exists in both models; model own[i] has a direction for it, and the other model writes it
+    through the directions of partners[i] (latents exclusive to that other model that fire
+    whenever it fires)."""
+
+    artifacts: list[int]
+    own: list[int]
+    partners: list[list[int]]
+
+
+def planted_artifact_data(
+    n_tokens: int,
+    d_model: int,
+    n_shared: int,
+    n_a_only: int,
+    n_b_only: int,
+    n_artifacts: int,
+    *,
+    n_partners: int = 1,
+    densities: tuple[float, float] = (0.01, 0.05),
+    artifact_density: float = 0.03,
+    partner_density: float = 0.15,
+    seed: int = 0,
+) -> tuple[Float[Tensor, "n_tokens 2 d_model"], PlantedTruth, PlantedArtifacts]:
+    """Planted data whose crosscoder has known true exclusives AND known artifacts.
+
+    Latents in order: n_shared shared, n_a_only A-only, n_b_only B-only (densities log-uniform
+    in `densities`), then n_artifacts artifacts on each side (first A's, then B's), then their
+    partners (n_partners each). An A-side artifact has its own direction in A; in B its direction
+    is a unit combination of its partners' directions, and its partners (B-only latents, firing
+    on their own with `partner_density`) fire whenever it fires. B carries the artifact's
+    magnitude, but a crosscoder can reconstruct B's part with the partner latents (which fire
+    far more often, so their encoders read B alone), so it tends to class the artifact A-only:
+    what latent scaling should flag. B-side artifacts mirror this, so both models carry the same
+    load and the scaling factors stay comparable. The defaults (one partner five times denser
+    than its artifact) are where a small BatchTopK crosscoder reliably takes the artifact
+    exclusive; with two partners of the same density it more often merges an artifact with a
+    partner or learns it shared. Directions are orthonormal within each model
+    (d_model must be at least the latents per model); magnitudes uniform in [0.5, 1.5].
+    """
+    n_art = 2 * n_artifacts
+    n_part = n_art * n_partners
+    per_model = n_shared + max(n_a_only, n_b_only) + n_art + n_part // 2
+    if n_artifacts < 1 or n_partners < 1 or per_model > d_model:
+        raise CrossdiffError(
+            f"need n_artifacts, n_partners >= 1 and d_model >= the latents per model "
+            f"({per_model}); got d_model={d_model}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    first_art = n_shared + n_a_only + n_b_only
+    artifacts = list(range(first_art, first_art + n_art))
+    own = [0] * n_artifacts + [1] * n_artifacts
+    first_part = first_art + n_art
+    partners = [
+        list(range(first_part + i * n_partners, first_part + (i + 1) * n_partners))
+        for i in range(n_art)
+    ]
+    kinds = ("shared",) * n_shared + ("a_only",) * n_a_only + ("b_only",) * n_b_only
+    kinds += ("artifact",) * n_art
+    kinds += tuple("b_only" if own[i] == 0 else "a_only" for i in range(n_art)
+                   for _ in range(n_partners))  # fmt: skip
+    n_latents = len(kinds)
+    directions = torch.zeros(n_latents, 2, d_model)
+    for m, exclusive in ((0, "a_only"), (1, "b_only")):
+        here = [
+            i for i, k in enumerate(kinds)
+            if k in ("shared", exclusive) or (k == "artifact" and own[i - first_art] == m)
+        ]  # fmt: skip
+        directions[here, m] = _unit_directions(d_model, d_model, g)[: len(here)]
+    for art, m, group in zip(artifacts, own, partners, strict=True):
+        weights = 0.5 + torch.rand(len(group), generator=g)
+        combo = (weights[:, None] * directions[group, 1 - m]).sum(0)
+        directions[art, 1 - m] = combo / combo.norm()
+    low, high = (float(v) for v in densities)
+    u = torch.rand(n_latents, generator=g)
+    dens = torch.exp(torch.log(torch.tensor(low)) * (1 - u) + torch.log(torch.tensor(high)) * u)
+    dens[artifacts] = artifact_density
+    dens[first_part:] = partner_density
+    fires = torch.rand(n_tokens, n_latents, generator=g) < dens
+    for art, group in zip(artifacts, partners, strict=True):
+        fires[:, group] |= fires[:, [art]]
+    codes = fires * (0.5 + torch.rand(n_tokens, n_latents, generator=g))
+    acts = torch.einsum("nl,lmd->nmd", codes, directions)
+    truth = PlantedTruth(kinds=kinds, directions=directions, densities=fires.float().mean(0))
+    return acts, truth, PlantedArtifacts(artifacts=artifacts, own=own, partners=partners)
