@@ -74,6 +74,9 @@ def classify(
 ) -> np.ndarray:
     """One class per latent. Dead (never fired) wins, then designated-shared, then the r split.
 
+    n_shared: how many leading latents get the class designated-shared; diff_features passes the
+    crosscoder's n_shared only for tied decoders and 0 for free ones (a free designated latent is
+    only a cheaper latent, so its relative norm classes it like any other).
     A latent with both decoder norms zero (r is NaN) that fires is called shared.
     """
     labels = np.full(r.shape, SHARED, dtype=object)

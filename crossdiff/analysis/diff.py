@@ -98,14 +98,19 @@ def _resolve_direction(
     return model_names.index(a), model_names.index(b)
 
 
-def _fmt_reason(same_basis: bool, inferred: str) -> str:
+def _fmt_reason(same_basis: bool, inferred: str, shared_decoder: str) -> str:
     if same_basis:
         return f"the two models' vectors live in one basis ({inferred}), so cosines are meaningful"
+    tied = (
+        " (this crosscoder's tied designated decoders do not change that: they force one vector "
+        "on two unrelated spaces)"
+        if shared_decoder == "tied"
+        else ""
+    )
     return (
         f"the models are treated as trained independently ({inferred}), so their activation "
-        "bases are unrelated (tied designated decoders do not change that: they force one vector "
-        "on two unrelated spaces) and a cosine between their decoder vectors means nothing; it is "
-        "reported only for completeness"
+        f"bases are unrelated{tied} and a cosine between their decoder vectors means nothing; it "
+        "is reported only for completeness"
     )
 
 
@@ -183,8 +188,8 @@ def diff_features(
     if same_basis is None:
         same_basis = False
         basis_reason = (
-            "the default, same_basis=False: pass same_basis=True only for two checkpoints of "
-            f"one model (this crosscoder's shared_decoder is {shared_decoder!r})"
+            "same_basis=False, the default; pass same_basis=True only for two checkpoints of "
+            "one model"
         )
     else:
         same_basis = bool(same_basis)
@@ -603,7 +608,7 @@ def _summarize(
         "latent_scaling": scaling_summary,
         "decoder_cosine": {
             "meaningful": bool(same_basis),
-            "reason": _fmt_reason(same_basis, basis_reason),
+            "reason": _fmt_reason(same_basis, basis_reason, shared_decoder),
             "shared_median": _finite(np.nanmedian(shared_cos))
             if np.isfinite(shared_cos).any()
             else None,

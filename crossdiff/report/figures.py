@@ -185,18 +185,25 @@ def latent_scaling_scatter(table, summary: dict[str, Any], path: Path) -> Path |
     ls = summary["latent_scaling"]
     if not ls.get("computed"):
         return None
+    x_col, y_col = ls.get("columns", ["nu_err", "nu_rec"])
+    labels = {
+        "scaling_ratio": "other/own fitted signal on the activations",
+        "scaling_ratio_rec": "other's reconstruction without the latent / own signal",
+        "nu_err": "nu_err: other/own beta on the error",
+        "nu_rec": "nu_rec: other/own beta on the reconstruction",
+    }
     colors = class_colors(summary["classes"])
     fig, ax = plt.subplots(figsize=(6.5, 5))
     for cls, tol in ls["tolerance"].items():
-        rows = table[(table["class"] == cls) & table["nu_err"].notna() & table["nu_rec"].notna()]
+        rows = table[(table["class"] == cls) & table[x_col].notna() & table[y_col].notna()]
         if rows.empty:
             continue
-        ax.scatter(rows["nu_err"], rows["nu_rec"], s=10, color=colors[cls], alpha=0.7,
+        ax.scatter(rows[x_col], rows[y_col], s=10, color=colors[cls], alpha=0.7,
                    label=f"{cls} ({int(rows['scaling_artifact'].sum())} flagged)")  # fmt: skip
         ax.axvline(tol, color=colors[cls], linestyle="--", linewidth=1)
         ax.axhline(tol, color=colors[cls], linestyle="--", linewidth=1)
-    ax.set_xlabel("nu_err: other/own effective norm on the error")
-    ax.set_ylabel("nu_rec: other/own effective norm on the reconstruction")
+    ax.set_xlabel(labels.get(x_col, x_col))
+    ax.set_ylabel(labels.get(y_col, y_col))
     ax.set_title("Latent scaling of model-specific latents\n(beyond a dashed line: artifact)")
     ax.legend(frameon=False, fontsize=9)
     return _save(fig, path)

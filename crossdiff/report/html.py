@@ -24,6 +24,8 @@ _BASE_COLUMNS = [
     ("expert_entropy", "expert entropy", "num"),
     ("top_expert", "top expert", "num"),
     ("top_expert_share", "top expert share", "num"),
+    ("scaling_ratio", "scaling ratio", "num"),
+    ("scaling_ratio_rec", "scaling ratio rec", "num"),
     ("nu_err", "nu err", "num"),
     ("nu_rec", "nu rec", "num"),
     ("scaling_artifact", "artifact?", "str"),
@@ -87,9 +89,13 @@ def _panel(latent: int, row: dict[str, Any], detail: dict[str, Any], a: str, b: 
         ("density", fmt(row["density"], 3)),
         ("mean activation", fmt(row["mean_activation"], 3)),
     ]
+    if row.get("scaling_ratio") is not None:
+        stats += [("scaling ratio", fmt(row["scaling_ratio"], 3)),
+                  ("scaling ratio rec", fmt(row.get("scaling_ratio_rec"), 3))]  # fmt: skip
     if row.get("nu_err") is not None:
-        stats += [("nu err", fmt(row["nu_err"], 3)), ("nu rec", fmt(row["nu_rec"], 3)),
-                  ("scaling artifact", fmt(row["scaling_artifact"]))]  # fmt: skip
+        stats += [("nu err", fmt(row["nu_err"], 3)), ("nu rec", fmt(row["nu_rec"], 3))]
+    if row.get("scaling_ratio") is not None or row.get("nu_err") is not None:
+        stats += [("scaling artifact", fmt(row["scaling_artifact"]))]
     dl = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in stats)
     side = ""
     if detail.get("domain_shares"):
@@ -151,6 +157,15 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
     notes = [s["split"]["rule"], "Decoder cosines: " + s["decoder_cosine"]["reason"] + "."]
     if s["latent_scaling"]["computed"]:
         notes.append("Latent scaling: " + s["latent_scaling"]["rule"] + ".")
+    designated = s.get("designated")
+    if designated and designated["n"]:
+        counts = ", ".join(
+            f"{k}: {v}" for k, v in designated.items() if k not in ("n", "shared_decoder")
+        )
+        notes.append(
+            f"Designated shared latents ({designated['n']}, {designated['shared_decoder']} "
+            f"decoders) by class: {counts}."
+        )
     figs = "".join(
         _figure(name, info["title"], figures[name]) for name, info in data["figures"].items()
     )

@@ -92,16 +92,28 @@ def render_markdown(data: dict[str, Any]) -> str:
     ls = s["latent_scaling"]
     out += ["## Latent scaling", ""]
     if ls["computed"]:
+        targets = "; ".join(f"{k} = {v}" for k, v in ls["targets"].items())
         out += [
-            f"Computed for {fmt(ls['n_latents'])} model-specific latents; direction: "
-            f"{ls['direction']}. Targets: error = {ls['targets']['err']}; reconstruction = "
-            f"{ls['targets']['rec']}. Rule: {ls['rule']}.",
+            f"Computed for {fmt(ls['n_latents'])} model-specific latents; form: "
+            f"{ls.get('form', 'n/a')}; direction: {ls['direction']}. Targets: {targets}. "
+            f"Rule: {ls['rule']}.",
             "",
         ]
         rows = [[c, ls["n_flagged"][c], ls["tolerance"][c]] for c in ls["n_flagged"]]
         out += _table(["class", "flagged as artifact", "tolerance"], rows)
     else:
         out += ["Not computed (no live model-specific latents, or latent_scaling=False).", ""]
+    designated = s.get("designated")
+    if designated and designated["n"]:
+        counts = {k: v for k, v in designated.items() if k not in ("n", "shared_decoder")}
+        out += [
+            "## Designated shared latents",
+            "",
+            f"{fmt(designated['n'])} designated latents, {designated['shared_decoder']} "
+            "decoders; where they ended up:",
+            "",
+        ]
+        out += _table(["class", "designated latents"], [[c, v] for c, v in counts.items()])
     cos = s["decoder_cosine"]
     out += [
         "## Decoder cosines",
