@@ -40,7 +40,7 @@ def one_thread():
 def planted():
     """8 planted latents (4 shared, 2 per model-only kind), a crosscoder trained on them, and
     top-1 routing at two layers: uniform, except that where X fires layer 2 picks expert 1 with
-    probability 0.9, and where Y fires layer 4 does. Pooled into one id space, X and Y look alike."""
+    probability 0.9, and where Y fires layer 4 does. Pooled into one id space, they look alike."""
     densities = {"shared": 0.08, "a_only": 0.08, "b_only": 0.08}
     acts, truth = planted_crosscoder_data(8000, 16, 4, 2, 2, densities=densities, seed=0)
     cc = train_crosscoder(
