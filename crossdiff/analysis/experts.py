@@ -309,6 +309,22 @@ def _mean(values: np.ndarray) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
+def _class_lift(ec: ExpertCounts, members: np.ndarray, min_firings: int) -> list[list[Any]]:
+    """Per layer and expert: the routing share where the class's latents fire (pooled over those
+    with at least `min_firings` firings in that layer) over the layer's base rate; None if none."""
+    out: list[list[Any]] = []
+    for g in range(len(ec.layers)):
+        rows = members & (ec.fires[:, g] >= min_firings)
+        pooled = ec.counts[g][rows].sum(0)
+        base = ec.tokens[g] / max(ec.tokens[g].sum(), 1.0)
+        if pooled.sum() <= 0:
+            out.append([None] * len(base))
+            continue
+        share = pooled / pooled.sum()
+        out.append([float(s / q) if q > 0 else None for s, q in zip(share, base, strict=True)])
+    return out
+
+
 def expert_summary(
     ec: ExpertCounts, att: Attribution, labels: np.ndarray, classes: list[str], min_firings: int
 ) -> dict[str, Any]:
@@ -348,6 +364,7 @@ def expert_summary(
             c: [_mean(att.entropy_per_layer[labels == c, g]) for g in range(len(ec.layers))]
             for c in per_class
         },
+        "class_lift": {c: _class_lift(ec, labels == c, min_firings) for c in per_class},
         "method": (
             "per latent and MoE layer, the routed experts of the tokens where it fires (each top-k "
             "slot once) against that layer's routing over all analysed tokens; top pair: the layer "

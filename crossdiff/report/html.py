@@ -22,8 +22,11 @@ _BASE_COLUMNS = [
     ("density", "density", "num"),
     ("mean_activation", "mean act.", "num"),
     ("expert_entropy", "expert entropy", "num"),
+    ("expert_kl", "expert KL", "num"),
+    ("top_expert_layer", "top expert layer", "num"),
     ("top_expert", "top expert", "num"),
     ("top_expert_share", "top expert share", "num"),
+    ("top_expert_lift", "top expert lift", "num"),
     ("nu_err", "nu err", "num"),
     ("nu_rec", "nu rec", "num"),
     ("scaling_artifact", "artifact?", "str"),
@@ -87,6 +90,10 @@ def _panel(latent: int, row: dict[str, Any], detail: dict[str, Any], a: str, b: 
         ("density", fmt(row["density"], 3)),
         ("mean activation", fmt(row["mean_activation"], 3)),
     ]
+    top_layer = row.get("top_expert_layer")
+    if top_layer is not None and top_layer >= 0:
+        stats += [("top (layer, expert)", f"L{row['top_expert_layer']}E{row['top_expert']}, "
+                   f"lift {fmt(row.get('top_expert_lift'), 3)}")]  # fmt: skip
     if row.get("nu_err") is not None:
         stats += [("nu err", fmt(row["nu_err"], 3)), ("nu rec", fmt(row["nu_rec"], 3)),
                   ("scaling artifact", fmt(row["scaling_artifact"]))]  # fmt: skip
@@ -94,7 +101,12 @@ def _panel(latent: int, row: dict[str, Any], detail: dict[str, Any], a: str, b: 
     side = ""
     if detail.get("domain_shares"):
         side += _bars(detail["domain_shares"], "activation mass per domain")
-    if detail.get("expert_counts"):
+    if detail.get("expert_layers"):
+        for lay in detail["expert_layers"]:
+            side += _bars({f"L{lay['layer']}E{i}": v for i, v in enumerate(lay["share"])},
+                          f"layer {lay['layer']}: routed experts where it fires "
+                          f"({lay['firings']} firings)")  # fmt: skip
+    elif detail.get("expert_counts"):
         counts = detail["expert_counts"]
         total = max(sum(counts), 1)
         side += _bars({f"expert {i}": c / total for i, c in enumerate(counts)},
