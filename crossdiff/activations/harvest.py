@@ -203,11 +203,18 @@ def _expert_layout(runner: _PairRunner, models: tuple[HookedTransformer, ...]) -
     return expert_column_map(runner.expert_hooks, runner.expert_top_k, n_experts)
 
 
-def _same_experts(stored: Any, header: Any) -> bool:
-    """A store written before `experts.layout` existed continues with the same hooks and width."""
-    if isinstance(stored, dict) and isinstance(header, dict) and "layout" not in stored:
-        header = {k: v for k, v in header.items() if k != "layout"}
-    return stored == header
+def _incompatible_keys(manifest: dict[str, Any], header: dict[str, Any]) -> list[str]:
+    """The _COMPATIBLE_KEYS where a store and a new harvest differ. A store written before
+    `experts.layout` existed continues when its expert hooks and width are the same."""
+    differ = []
+    for key in _COMPATIBLE_KEYS:
+        stored, new = manifest.get(key), header.get(key)
+        old_experts = key == "experts" and isinstance(stored, dict) and "layout" not in stored
+        if old_experts and isinstance(new, dict):
+            new = {k: v for k, v in new.items() if k != "layout"}
+        if stored != new:
+            differ.append(key)
+    return differ
 
 
 class _PairRunner:
@@ -392,15 +399,7 @@ def _open_store(
             )
         return StoreWriter.create(out_dir, dict(header, segments=[dict(segment, n_tokens=0)]))
     writer = StoreWriter.reopen(out_dir)
-    differ = [
-        k
-        for k in _COMPATIBLE_KEYS
-        if not (
-            _same_experts(writer.manifest.get(k), header.get(k))
-            if k == "experts"
-            else writer.manifest.get(k) == header.get(k)
-        )
-    ]
+    differ = _incompatible_keys(writer.manifest, header)
     if differ:
         raise CrossdiffError(
             f"{out_dir} already holds a store harvested with different {differ}; harvest into a "
