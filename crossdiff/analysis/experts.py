@@ -149,16 +149,14 @@ class ExpertAccumulator:
                 self.counts[g] = torch.nn.functional.pad(self.counts[g], (0, top - width))
                 self.tokens[g] = torch.nn.functional.pad(self.tokens[g], (0, top - width))
                 width = top
-            for slot in range(part.shape[1]):
-                chosen = part[rows, slot]
-                ok = chosen >= 0
-                self.counts[g] += torch.bincount(
-                    cols[ok] * width + chosen[ok], minlength=self.d_sae * width
-                ).view(self.d_sae, width)
-                routed = part[:, slot]
-                self.tokens[g] += torch.bincount(routed[routed >= 0], minlength=width)
-            recorded = (part[rows] >= 0).any(-1)
-            self.fires[g] += torch.bincount(cols[recorded], minlength=self.d_sae)
+            chosen = part[rows]  # [nnz, top_k]: every slot of every firing counts once
+            ok = chosen >= 0
+            flat = (cols[:, None] * width + chosen)[ok]
+            self.counts[g] += torch.bincount(flat, minlength=self.d_sae * width).view(
+                self.d_sae, width
+            )
+            self.tokens[g] += torch.bincount(part[part >= 0], minlength=width)
+            self.fires[g] += torch.bincount(cols[ok.any(-1)], minlength=self.d_sae)
 
     def result(self) -> ExpertCounts | None:
         if not self.layers or all(c.shape[1] == 0 for c in self.counts):
