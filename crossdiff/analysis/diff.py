@@ -178,6 +178,10 @@ def diff_features(
             "n_top_contexts and batch_size must be >= 1 and context_window >= 0; got "
             f"{n_top_contexts}, {batch_size}, {context_window}"
         )
+    if min_expert_firings < 1:
+        raise CrossdiffError(
+            f"min_expert_firings must be >= 1, got {min_expert_firings}; 20 is the default"
+        )
     a, b = _resolve_direction(
         tuple(direction) if direction is not None else None, source.model_names
     )
