@@ -45,11 +45,18 @@ def main() -> None:
     print(
         f"  fires on {row['density']:.2%} of tokens, mean activation {row['mean_activation']:.3f}"
     )
+    top_layer = row.get("top_expert_layer")
+    if top_layer is not None and top_layer >= 0:
+        print(
+            f"  top (layer, expert): L{top_layer}E{row['top_expert']}, lift "
+            f"{row['top_expert_lift']:.2f}, KL to the layer's routing {row['expert_kl']:.3f} bits"
+        )
 
     panel = report["details"].get(str(latent))
     if panel is not None:
         print("  domain shares:", {k: round(v, 3) for k, v in panel["domain_shares"].items()})
-        print("  expert counts:", panel["expert_counts"])
+        for layer in panel.get("expert_layers") or []:
+            print(f"  layer {layer['layer']} expert counts:", layer["counts"])
         contexts = panel["contexts"][: args.contexts]
     else:
         cc = crossdiff.CrossCoder.load(args.run / "crosscoder")

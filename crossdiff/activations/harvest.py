@@ -27,6 +27,7 @@ from crossdiff.activations.store import (
     MANIFEST,
     ActivationStore,
     StoreWriter,
+    expert_column_map,
 )
 from crossdiff.common import (
     CrossdiffError,
@@ -194,6 +195,28 @@ def _expert_slot(pairing: Pairing, models: tuple[HookedTransformer, ...]) -> int
     return 1 if has[1] else (0 if has[0] else None)
 
 
+def _expert_layout(runner: _PairRunner, models: tuple[HookedTransformer, ...]) -> list[dict]:
+    """Which columns of the experts row each expert hook wrote (after the width probe)."""
+    if runner.expert_slot is None:
+        return []
+    n_experts = getattr(models[runner.expert_slot].cfg, "num_experts", None)
+    return expert_column_map(runner.expert_hooks, runner.expert_top_k, n_experts)
+
+
+def _incompatible_keys(manifest: dict[str, Any], header: dict[str, Any]) -> list[str]:
+    """The _COMPATIBLE_KEYS where a store and a new harvest differ. A store written before
+    `experts.layout` existed continues when its expert hooks and width are the same."""
+    differ = []
+    for key in _COMPATIBLE_KEYS:
+        stored, new = manifest.get(key), header.get(key)
+        old_experts = key == "experts" and isinstance(stored, dict) and "layout" not in stored
+        if old_experts and isinstance(new, dict):
+            new = {k: v for k, v in new.items() if k != "layout"}
+        if stored != new:
+            differ.append(key)
+    return differ
+
+
 class _PairRunner:
     """Runs both models on a batch and returns their activations and the recorded experts."""
 
@@ -208,6 +231,7 @@ class _PairRunner:
         self.hooks = (pairing.hooks_a, pairing.hooks_b)
         self.expert_hooks = pairing.expert_indices if expert_slot is not None else ()
         self.expert_slot = expert_slot
+        self.expert_top_k: list[int] = []  # columns per expert hook, set by run()
         self.captured: list[dict[str, Tensor]] = [{}, {}]
         self.stops = []
         for slot, model in enumerate(models):
@@ -243,9 +267,9 @@ class _PairRunner:
                 parts.append(self._checked(slot, hook, batch, pos, first_row))
             acts.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
             if slot == self.expert_slot:
-                experts = torch.cat(
-                    [self._experts(slot, hook, batch, pos) for hook in self.expert_hooks], dim=-1
-                )
+                per_hook = [self._experts(slot, hook, batch, pos) for hook in self.expert_hooks]
+                self.expert_top_k = [x.shape[-1] for x in per_hook]
+                experts = torch.cat(per_hook, dim=-1)
         return acts, experts
 
     def _checked(self, slot: int, hook: str, batch: int, pos: int, first_row: int) -> Tensor:
@@ -375,7 +399,7 @@ def _open_store(
             )
         return StoreWriter.create(out_dir, dict(header, segments=[dict(segment, n_tokens=0)]))
     writer = StoreWriter.reopen(out_dir)
-    differ = [k for k in _COMPATIBLE_KEYS if writer.manifest.get(k) != header.get(k)]
+    differ = _incompatible_keys(writer.manifest, header)
     if differ:
         raise CrossdiffError(
             f"{out_dir} already holds a store harvested with different {differ}; harvest into a "
@@ -608,6 +632,7 @@ def _prepare(
             "model": None if expert_slot is None else names[expert_slot],
             "hooks": list(runner.expert_hooks),
             "width": max(expert_width, 1),
+            "layout": _expert_layout(runner, models),
         },
         "tokenizer": _tokenizer_info(tokenizer, models, tokenizer_fingerprints),
         "domain_names": list(rows.domain_names),

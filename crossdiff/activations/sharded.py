@@ -22,6 +22,7 @@ from crossdiff.activations.harvest import (
     _check_empty,
     _clear_store,
     _fill,
+    _incompatible_keys,
     _is_store_entry,
     _Job,
     _open_store,
@@ -125,7 +126,7 @@ def _check_folder(
         return 0
     if (out_dir / MANIFEST).exists():
         manifest = ActivationStore(out_dir).manifest
-        differ = [k for k in _COMPATIBLE_KEYS if manifest.get(k) != job.header.get(k)]
+        differ = _incompatible_keys(manifest, job.header)
         if differ:
             raise CrossdiffError(
                 f"{out_dir} already holds a store harvested with different {differ}; harvest "

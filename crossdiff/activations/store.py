@@ -32,6 +32,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from crossdiff.activations.normalization import RunningStats
+from crossdiff.activations.pairing import hook_layer
 from crossdiff.common import (
     CrossdiffError,
     atomic_path,
@@ -54,6 +55,29 @@ def shard_name(index: int) -> str:
 
 def stats_name(n_shards: int) -> str:
     return f"stats_{n_shards:05d}.safetensors"
+
+
+def expert_column_map(
+    hooks: list[str] | tuple[str, ...], top_k: list[int], n_experts: int | None
+) -> list[dict[str, Any]]:
+    """The manifest's `experts.layout`: per expert hook (in the order its columns were written),
+    its block index, how many experts it routes among and its columns [start, stop) of the
+    per-token `experts` row."""
+    if len(hooks) != len(top_k):
+        raise CrossdiffError(f"{len(hooks)} expert hooks but {len(top_k)} column counts")
+    layout, start = [], 0
+    for hook, k in zip(hooks, top_k, strict=True):
+        layer = hook_layer(hook)
+        layout.append(
+            {
+                "hook": hook,
+                "layer": layer,
+                "n_experts": None if n_experts is None else int(n_experts),
+                "columns": [start, start + int(k)],
+            }
+        )
+        start += int(k)
+    return layout
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from crossdiff.analysis.experts import ExpertAccumulator, ExpertCounts
 from crossdiff.analysis.latent_scaling import ScalingAccumulator, ScalingSums
 from crossdiff.analysis.source import TokenSource
 
@@ -32,8 +33,9 @@ class PassStats:
     sst: np.ndarray  # [n_models]
     domain_mass: np.ndarray | None  # [d_sae, n_domains]
     domain_tokens: np.ndarray | None  # [n_domains]
-    expert_counts: np.ndarray | None  # [d_sae, n_experts]
-    expert_tokens: np.ndarray | None  # [n_experts]
+    expert_counts: np.ndarray | None  # [d_sae, n_pairs]: (layer, expert) pairs, layer-major
+    expert_tokens: np.ndarray | None  # [n_pairs]
+    experts: ExpertCounts | None  # the same counts per layer, with the layout
     top_values: np.ndarray  # [d_sae, n_top], descending; 0 where fewer firings
     top_indices: np.ndarray  # [d_sae, n_top], store index; -1 where none
     scaling_latents: np.ndarray  # [n_spec] latent ids with latent-scaling sums
@@ -74,6 +76,7 @@ def run_pass(
     n_top: int,
     scaling_latents: np.ndarray,
     show_progress: bool = True,
+    expert_layout: list[Any] | None = None,
 ) -> PassStats:
     device, dtype = _module_device_dtype(cc)
     d_sae = int(cc.W_dec.shape[0])
@@ -92,8 +95,7 @@ def run_pass(
     x_sq_sum = torch.zeros(n_models, **f64)
     domain_mass = torch.zeros(d_sae, n_domains, **f64)
     domain_tokens = torch.zeros(n_domains, **f64)
-    expert_counts = torch.zeros(d_sae, 0, **f64)
-    expert_tokens = torch.zeros(0, **f64)
+    expert_acc = ExpertAccumulator(expert_layout, source.manifest, d_sae, device)
     top_values = torch.zeros(n_top, d_sae, dtype=dtype, device=device)
     top_indices = torch.full((n_top, d_sae), -1, dtype=torch.int64, device=device)
     scaling = ScalingAccumulator(scaling_latents, d_sae, n_models, d_model, device)
@@ -163,20 +165,7 @@ def run_pass(
                     experts = meta["experts"].to(device=device, dtype=torch.int64)
                     if experts.ndim == 1:
                         experts = experts[:, None]
-                    n_exp = int(experts.max()) + 1 if experts.numel() else 0
-                    if n_exp > expert_counts.shape[1]:
-                        grow = n_exp - expert_counts.shape[1]
-                        expert_counts = torch.nn.functional.pad(expert_counts, (0, grow))
-                        expert_tokens = torch.nn.functional.pad(expert_tokens, (0, grow))
-                    width = expert_counts.shape[1]
-                    for slot in range(experts.shape[1]):  # each of the top_k routed experts
-                        chosen = experts[rows, slot]
-                        ok = chosen >= 0
-                        expert_counts += torch.bincount(
-                            cols[ok] * width + chosen[ok], minlength=d_sae * width
-                        ).view(d_sae, width)
-                        routed = experts[:, slot]
-                        expert_tokens += torch.bincount(routed[routed >= 0], minlength=width)
+                    expert_acc.update(experts, rows, cols)
                 scaling.update(rows, cols, vals, x, x_hat)
                 bar.update(stop - start)
     bar.close()
@@ -186,7 +175,7 @@ def run_pass(
     order = top_values.T.cpu().numpy()
     top_idx = top_indices.T.cpu().numpy()
     top_idx[order <= 0] = -1
-    has_experts = has_experts and expert_counts.shape[1] > 0
+    experts = expert_acc.result() if has_experts else None
     return PassStats(
         n_tokens=total,
         fire_count=fire_count.cpu().numpy(),
@@ -197,8 +186,9 @@ def run_pass(
         sst=sst.cpu().numpy(),
         domain_mass=domain_mass.cpu().numpy() if has_domains else None,
         domain_tokens=domain_tokens.cpu().numpy() if has_domains else None,
-        expert_counts=expert_counts.cpu().numpy() if has_experts else None,
-        expert_tokens=expert_tokens.cpu().numpy() if has_experts else None,
+        expert_counts=experts.flat_counts if experts is not None else None,
+        expert_tokens=experts.flat_tokens if experts is not None else None,
+        experts=experts,
         top_values=np.maximum(order, 0.0).astype(np.float64),
         top_indices=top_idx,
         scaling_latents=np.asarray(scaling_latents, dtype=np.int64),

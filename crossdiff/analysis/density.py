@@ -66,17 +66,3 @@ def density_test(
         f"median density {result['median_group']:.3g} vs {result['median_reference']:.3g})."
     )
     return result
-
-
-def expert_entropy(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row of routed-expert counts: entropy (bits), top expert, its share (NaN/-1 if none)."""
-    total = counts.sum(-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.where(total > 0, counts / np.where(total > 0, total, 1), 0.0)
-        logp = np.where(p > 0, np.log2(np.where(p > 0, p, 1)), 0.0)
-    entropy = -(p * logp).sum(-1)
-    empty = total[..., 0] <= 0
-    entropy = np.where(empty, np.nan, entropy)
-    top = np.where(empty, -1, p.argmax(-1))
-    share = np.where(empty, np.nan, p.max(-1))
-    return entropy, top, share

@@ -23,7 +23,14 @@ from crossdiff.analysis.classes import (
     resolve_split,
 )
 from crossdiff.analysis.contexts import build_contexts, context_centers
-from crossdiff.analysis.density import ALPHA, density_test, describe, expert_entropy
+from crossdiff.analysis.density import ALPHA, density_test, describe
+from crossdiff.analysis.experts import (
+    DEFAULT_MIN_FIRINGS,
+    add_expert_columns,
+    attribute,
+    expert_detail,
+    expert_summary,
+)
 from crossdiff.analysis.latent_scaling import (
     MIN_SHARE,
     free_direction_scaling,
@@ -48,7 +55,7 @@ class FeatureDiff:
     details: dict[int, dict[str, Any]]
     top_indices: np.ndarray  # [d_sae, n_top] store index of each latent's top tokens, -1 for none
     top_values: np.ndarray  # [d_sae, n_top]
-    expert_counts: np.ndarray | None  # [d_sae, n_experts] routed-expert counts where each fires
+    expert_counts: np.ndarray | None  # [d_sae, n_pairs] routed (layer, expert) counts, layer-major
     crosscoder: Any = field(default=None, repr=False)
     source: TokenSource | None = field(default=None, repr=False)
     tokenizer: Any = field(default=None, repr=False)
@@ -132,6 +139,8 @@ def diff_features(
     model_names: tuple[str, ...] | list[str] | None = None,
     domain_names: tuple[str, ...] | list[str] | None = None,
     show_progress: bool = True,
+    min_expert_firings: int = DEFAULT_MIN_FIRINGS,
+    expert_layout: list[dict[str, Any]] | None = None,
 ) -> FeatureDiff:
     """Classify every latent of `cc` (designated-shared, shared, A-only, B-only, dead) and measure
 
@@ -148,6 +157,10 @@ def diff_features(
     default False in every mode (dense and MoE are trained independently, so their bases are
     unrelated even when the designated shared decoders are tied). Decides whether cosines are
     meaningful and which form latent scaling takes.
+    min_expert_firings: below this many firings (per MoE layer) no expert attribution is made.
+    expert_layout: which columns of metadata['experts'] belong to which MoE layer, as a store
+    manifest's experts.layout: [{'layer': 0, 'n_experts': 8, 'columns': [0, 2]}, ...]; default:
+    the store's map, else the whole row is one layer.
     """
     split_name, lo, hi = resolve_split(split)
     source = TokenSource(acts_or_store, metadata, model_names, domain_names)
@@ -175,6 +188,10 @@ def diff_features(
         raise CrossdiffError(
             "n_top_contexts and batch_size must be >= 1 and context_window >= 0; got "
             f"{n_top_contexts}, {batch_size}, {context_window}"
+        )
+    if min_expert_firings < 1:
+        raise CrossdiffError(
+            f"min_expert_firings must be >= 1, got {min_expert_firings}; 20 is the default"
         )
     a, b = _resolve_direction(
         tuple(direction) if direction is not None else None, source.model_names
@@ -215,6 +232,7 @@ def diff_features(
         n_top=n_top_contexts,
         scaling_latents=scaling_ids,
         show_progress=show_progress,
+        expert_layout=expert_layout,
     )
     fires = stats.fire_count > 0
     labels = classify(r, fires, n_tied, lo, hi, name_a, name_b)
@@ -249,11 +267,10 @@ def diff_features(
         for i, dname in enumerate(source.domain_names):
             table[f"share_{dname}"] = domain_shares[:, i]
 
-    if stats.expert_counts is not None:
-        entropy, top, top_share = expert_entropy(stats.expert_counts)
-        table["expert_entropy"] = entropy
-        table["top_expert"] = top.astype(np.int64)
-        table["top_expert_share"] = top_share
+    attribution = None
+    if stats.experts is not None:
+        attribution = attribute(stats.experts, min_expert_firings)
+        add_expert_columns(table, attribution)
 
     # decoder_norms() may be in training units; bring latent scaling's norms to the same units
     raw = w_dec.float().norm(dim=-1)
@@ -279,6 +296,12 @@ def diff_features(
         domain_shares=domain_shares,
         scaling_summary=scaling_summary,
     )
+    if attribution is not None:
+        summary["experts"] = expert_summary(
+            stats.experts, attribution, labels,
+            [c for c in class_names(name_a, name_b) if c != DEAD],
+            min_expert_firings,
+        )  # fmt: skip
 
     panel_ids = _panel_latents(table, class_names(name_a, name_b), panels_per_class, stats)
     centers = {j: context_centers(stats.top_indices, j, n_top_contexts) for j in panel_ids}
@@ -291,6 +314,9 @@ def diff_features(
                 stats.expert_counts[j].astype(int).tolist()
                 if stats.expert_counts is not None
                 else None
+            ),
+            "expert_layers": (
+                expert_detail(stats.experts, j) if stats.experts is not None else None
             ),
             "domain_shares": (
                 {d: _finite(domain_shares[j, i]) for i, d in enumerate(source.domain_names)}
@@ -311,6 +337,7 @@ def diff_features(
         "n_top_contexts": n_top_contexts,
         "context_window": context_window,
         "latent_scaling": latent_scaling,
+        "min_expert_firings": min_expert_firings,
         "panels_per_class": panels_per_class,
         "same_basis": same_basis,
         "sparse_decode": stats.sparse_decode,
@@ -535,23 +562,7 @@ def _summarize(
         "formula": "FVE = 1 - SSE / sum of squared deviations from the mean, over all analysed "
         "tokens, per model; L0 = mean number of latents above the inference threshold per token",
     }
-    experts: dict[str, Any] = {"recorded": stats.expert_counts is not None}
-    if stats.expert_counts is not None:
-        n_exp = stats.expert_counts.shape[1]
-        base_entropy, _, _ = expert_entropy(stats.expert_tokens[None])
-        experts.update(
-            n_experts=int(n_exp),
-            max_entropy=float(np.log2(n_exp)) if n_exp > 0 else None,
-            routing_entropy=_finite(base_entropy[0]),
-            routing_share=(stats.expert_tokens / max(stats.expert_tokens.sum(), 1)).tolist(),
-            mean_entropy_per_class={
-                cls: _finite(np.nanmean(table.loc[labels == cls, "expert_entropy"]))
-                if counts[cls]
-                else None
-                for cls in classes
-                if cls != DEAD
-            },
-        )
+    experts: dict[str, Any] = {"recorded": False}  # filled by experts.expert_summary
     domains: dict[str, Any] = {"recorded": domain_shares is not None}
     if domain_shares is not None and stats.domain_tokens is not None:
         domains.update(

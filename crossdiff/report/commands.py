@@ -47,6 +47,12 @@ def register(subparsers: Any) -> None:
         metavar=("A", "B"),
         help="model names: r = |d_B| / (|d_A| + |d_B|) (default: dense moe)",
     )
+    parser.add_argument(
+        "--min-expert-firings",
+        type=int,
+        default=20,
+        help="no expert attribution for a latent in a MoE layer where it fired fewer times",
+    )
     add_runtime_arguments(parser)
     parser.set_defaults(func=run_report)
 
@@ -84,6 +90,7 @@ def run_report(args: argparse.Namespace) -> int:
         direction=tuple(args.direction) if args.direction else None,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
+        min_expert_firings=args.min_expert_firings,
     )
     paths = write_report(diff, args.out)
     print(format_summary(diff.summary))

@@ -137,6 +137,8 @@ def domain_shares(table, summary: dict[str, Any], path: Path) -> Path | None:
 
 
 def expert_entropy(table, summary: dict[str, Any], path: Path) -> Path | None:
+    """Left: bias-corrected expert entropy per class (in each latent's top layer). Right, when
+    the summary has it: each class's routing lift per (layer, expert) pair, on a log2 scale."""
     ex = summary["experts"]
     if not ex.get("recorded") or "expert_entropy" not in table:
         return None
@@ -146,7 +148,9 @@ def expert_entropy(table, summary: dict[str, Any], path: Path) -> Path | None:
     if not keep:
         return None
     colors = class_colors(summary["classes"])
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    lift = ex.get("class_lift") or {}
+    fig, axes = plt.subplots(1, 2 if lift else 1, figsize=(13 if lift else 8, 4.2), squeeze=False)
+    ax = axes[0, 0]
     box = ax.boxplot([d for _, d in keep], patch_artist=True, showfliers=False)
     for patch, (c, _) in zip(box["boxes"], keep, strict=True):
         patch.set_facecolor(colors[c])
@@ -157,10 +161,36 @@ def expert_entropy(table, summary: dict[str, Any], path: Path) -> Path | None:
     if ex.get("max_entropy") is not None:
         ax.axhline(ex["max_entropy"], color=GREY, linestyle=":", linewidth=1,
                    label="uniform over experts")  # fmt: skip
-    ax.set_ylabel("entropy of routed experts where the latent fires (bits)")
-    ax.set_title("Expert entropy per class (low: tied to few experts)")
+    ax.set_ylabel("routed-expert entropy where it fires (bits)")
+    ax.set_title("Expert entropy per class (bias-corrected; low: tied to few experts)")
     ax.legend(frameon=False, fontsize=9)
+    if lift:
+        _lift_heatmap(axes[0, 1], lift, ex)
     return _save(fig, path)
+
+
+def _lift_heatmap(ax: Any, lift: dict[str, list[list[Any]]], ex: dict[str, Any]) -> None:
+    names = list(lift)
+    grid = np.array(
+        [[np.nan if v is None else v for layer in lift[c] for v in layer] for c in names],
+        dtype=float,
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.log2(grid)
+    bound = max(float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0, 0.1)
+    image = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-bound, vmax=bound,
+                      interpolation="nearest")  # fmt: skip
+    ax.set_yticks(np.arange(len(names)), names)
+    edges = np.cumsum([0, *ex["n_experts_per_layer"]])
+    for edge in edges[1:-1]:
+        ax.axvline(edge - 0.5, color="black", linewidth=1)
+    ax.set_xticks((edges[:-1] + edges[1:]) / 2 - 0.5, [f"layer {x}" for x in ex["layers"]])
+    experts = [str(e) for n in ex["n_experts_per_layer"] for e in range(n)]
+    ax.set_xticks(np.arange(len(experts)), experts, minor=True, fontsize=7)
+    ax.tick_params(axis="x", which="major", pad=12, length=0)
+    ax.set_xlabel("expert within each layer (layer-major)")
+    ax.set_title("Routing lift per (layer, expert) where each class fires")
+    ax.figure.colorbar(image, ax=ax, label="log2 lift over the layer's base rate")
 
 
 def fve_per_model(table, summary: dict[str, Any], path: Path) -> Path | None:

@@ -22,8 +22,11 @@ _BASE_COLUMNS = [
     ("density", "density", "num"),
     ("mean_activation", "mean act.", "num"),
     ("expert_entropy", "expert entropy", "num"),
+    ("expert_kl", "expert KL", "num"),
+    ("top_expert_layer", "top expert layer", "num"),
     ("top_expert", "top expert", "num"),
     ("top_expert_share", "top expert share", "num"),
+    ("top_expert_lift", "top expert lift", "num"),
     ("scaling_ratio", "scaling ratio", "num"),
     ("scaling_ratio_rec", "scaling ratio rec", "num"),
     ("nu_err", "nu err", "num"),
@@ -89,6 +92,10 @@ def _panel(latent: int, row: dict[str, Any], detail: dict[str, Any], a: str, b: 
         ("density", fmt(row["density"], 3)),
         ("mean activation", fmt(row["mean_activation"], 3)),
     ]
+    top_layer = row.get("top_expert_layer")
+    if top_layer is not None and top_layer >= 0:
+        stats += [("top (layer, expert)", f"L{row['top_expert_layer']}E{row['top_expert']}, "
+                   f"lift {fmt(row.get('top_expert_lift'), 3)}")]  # fmt: skip
     if row.get("scaling_ratio") is not None:
         stats += [("scaling ratio", fmt(row["scaling_ratio"], 3)),
                   ("scaling ratio rec", fmt(row.get("scaling_ratio_rec"), 3))]  # fmt: skip
@@ -100,7 +107,12 @@ def _panel(latent: int, row: dict[str, Any], detail: dict[str, Any], a: str, b: 
     side = ""
     if detail.get("domain_shares"):
         side += _bars(detail["domain_shares"], "activation mass per domain")
-    if detail.get("expert_counts"):
+    if detail.get("expert_layers"):
+        for lay in detail["expert_layers"]:
+            side += _bars({f"L{lay['layer']}E{i}": v for i, v in enumerate(lay["share"])},
+                          f"layer {lay['layer']}: routed experts where it fires "
+                          f"({lay['firings']} firings)")  # fmt: skip
+    elif detail.get("expert_counts"):
         counts = detail["expert_counts"]
         total = max(sum(counts), 1)
         side += _bars({f"expert {i}": c / total for i, c in enumerate(counts)},

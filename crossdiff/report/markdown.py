@@ -24,6 +24,34 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + [""]
 
 
+def _experts_section(ex: dict[str, Any]) -> list[str]:
+    """Routing per (layer, expert): the layers, the method, per-class means (and per layer)."""
+    layers = ", ".join(fmt(x) for x in ex["layers"])
+    out = [
+        f"The MoE routes among {fmt(ex['n_experts'])} experts in each of {fmt(ex['n_layers'])} "
+        f"recorded layer(s) (layers {layers}; {fmt(ex['n_pairs'])} (layer, expert) pairs; "
+        f"column map: {ex['layout_source']}). The entropy of routing over all analysed tokens "
+        f"is {fmt(ex['routing_entropy'])} bits, averaged over layers (uniform: "
+        f"{fmt(ex['max_entropy'])} bits).",
+        "",
+        f"Method: {ex['method']}. {fmt(ex['n_below_min_firings'])} firing latents are below "
+        f"the minimum of {fmt(ex['min_firings'])} firings and get no attribution.",
+        "",
+    ]
+    rows = [
+        [c, ex["mean_entropy_per_class"][c], ex["mean_kl_per_class"][c],
+         ex["mean_lift_per_class"][c], ex["below_min_firings_per_class"][c]]
+        for c in ex["mean_entropy_per_class"]
+    ]  # fmt: skip
+    out += _table(["class", "mean expert entropy (bits)", "mean KL to base rate (bits)",
+                   "mean top-pair lift", "below minimum"], rows)  # fmt: skip
+    if ex["n_layers"] > 1:
+        out += ["Mean KL to the layer's base rate (bits), per layer:", ""]
+        header = ["class"] + [f"layer {fmt(x)}" for x in ex["layers"]]
+        out += _table(header, [[c, *v] for c, v in ex["mean_kl_per_class_per_layer"].items()])
+    return out
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     s, cfg = data["summary"], data["config"]
     a, b = s["direction"]["A"], s["direction"]["B"]
@@ -67,14 +95,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     ex = s["experts"]
     out += ["## Experts", ""]
     if ex["recorded"]:
-        out += [
-            f"The MoE routes among {fmt(ex['n_experts'])} experts; the entropy of routing over all "
-            f"analysed tokens is {fmt(ex['routing_entropy'])} bits (uniform: "
-            f"{fmt(ex['max_entropy'])} bits). Mean expert entropy where each class fires:",
-            "",
-        ]
-        out += _table(["class", "mean expert entropy (bits)"],
-                      [[c, v] for c, v in ex["mean_entropy_per_class"].items()])  # fmt: skip
+        out += _experts_section(ex)
     else:
         out += ["No routed experts were recorded in the store, so there is no expert analysis.", ""]
     dom = s["domains"]
