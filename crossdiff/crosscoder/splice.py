@@ -43,6 +43,7 @@ from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
 
 KINDS = ("clean", "spliced", "zero", "mean")
+SPLICE_SEQUENCES = 64  # held-out rows `crossdiff run` and `crossdiff report` splice by default
 # Below this many nats between ablated and clean CE, loss recovered divides noise by noise.
 MIN_ABLATION_GAP = 0.05
 ENCODE_CHUNK = 4096  # tokens per crosscoder call
@@ -143,19 +144,23 @@ class _Splicer:
     def device(self, m: int) -> torch.device:
         return next(self.models[m].parameters()).device
 
-    def capture(self, m: int, tokens: Tensor) -> list[Tensor]:
-        """Model m's clean activation at each of its sites, [batch, pos, d_site] each."""
+    def capture(self, m: int, tokens: Tensor, loss: list[float] | None = None) -> list[Tensor]:
+        """Model m's clean activation at each of its sites, [batch, pos, d_site] each; with
+        `loss`, the full forward's summed next-token CE is appended to it."""
         model, captured = self.models[m], {}
 
         def save(value: Tensor, hook: Any) -> None:
             captured[hook.name] = value.detach()
 
-        model.run_with_hooks(
+        out = model.run_with_hooks(
             tokens.to(self.device(m)),
-            return_type=None,
-            stop_at_layer=self.stops[m],
+            return_type=None if loss is None else "loss",
+            loss_per_token=True,
+            stop_at_layer=self.stops[m] if loss is None else None,
             fwd_hooks=[(h, save) for h in dict.fromkeys(self.hooks[m])],
         )
+        if loss is not None:
+            loss.append(float(out.to(torch.float64).sum()))
         out = []
         for hook in self.hooks[m]:
             x = captured.get(hook)
@@ -209,14 +214,12 @@ class _Splicer:
             out.append(list(flat.split(self.site_widths[m], dim=-1)))
         return out
 
-    def loss_sum(
-        self, m: int, tokens: Tensor, keep: Tensor, patches: dict[str, Tensor] | None
-    ) -> float:
+    def loss_sum(self, m: int, tokens: Tensor, keep: Tensor, patches: dict[str, Tensor]) -> float:
         """Sum of next-token CE over the batch, with `patches` (hook -> value) at kept positions."""
         device = self.device(m)
         keep = keep.to(device)[..., None]
         fwd_hooks = []
-        for hook, value in (patches or {}).items():
+        for hook, value in patches.items():
 
             def patch(act: Tensor, hook: Any, value: Tensor = value) -> Tensor:
                 return torch.where(keep, value.to(act.device, act.dtype).expand_as(act), act)
@@ -235,7 +238,8 @@ class _Splicer:
             sums[key] = sums.get(key, 0.0) + value
 
         for tokens, keep in self.batches("splice: losses"):
-            clean = [self.capture(m, tokens) for m in range(len(self.models))]
+            clean_loss: list[float] = []
+            clean = [self.capture(m, tokens, clean_loss) for m in range(len(self.models))]
             recon = self.reconstruct(clean)
             for m in range(len(self.models)):
                 hooks = self.hooks[m]
@@ -244,7 +248,7 @@ class _Splicer:
                     "zero": [torch.zeros(()) for _ in hooks],
                     "mean": means[m],
                 }
-                add((m, "all", "clean"), self.loss_sum(m, tokens, keep, None))
+                add((m, "all", "clean"), clean_loss[m])
                 scopes: list[Any] = ["all"]
                 if per_site and len(hooks) > 1:
                     scopes += list(range(len(hooks)))
