@@ -4,6 +4,9 @@ crosscoder through evaluate_crosscoder."""
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer
@@ -221,3 +224,45 @@ def test_a_trained_crosscoder_recovers_most_of_the_loss(models, heldout, tmp_pat
         assert early["loss_recovered_zero"] < r["loss_recovered_zero"] - 0.3
     lines = summary_lines(trained)
     assert len(lines) == 2 and lines[0].startswith("spliced loss dense: CE clean")
+
+
+@pytest.mark.slow
+def test_micro_run_and_report_command_show_the_spliced_loss(tmp_path, capsys):
+    """`crossdiff run` (micro, shortened) puts the spliced loss per model into report.json/md/html
+    and its printed summary; `crossdiff report` finds the run's models and held-out rows."""
+    from crossdiff.pipeline import _summary_lines, run_pipeline
+    from crossdiff.report import commands
+
+    out = tmp_path / "run"
+    overrides = {
+        "models": {"steps": 10, "checkpoint_every": 10},
+        "store": {"n_tokens": 4_000},
+        "crosscoder": {"steps": 30},
+        "report": {"max_tokens": 4_000, "splice_sequences": 4},
+    }
+    summary = run_pipeline(out, "micro", overrides=overrides, device="cpu")
+    report = json.loads((out / "report" / "report.json").read_text())
+    spliced = report["summary"]["spliced_loss"]
+    assert spliced["n_sequences"] == 4 and set(spliced["models"]) == {"dense", "moe"}
+    for r in spliced["models"].values():
+        for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated"):
+            assert 0 < r[key] < 20, (key, r[key])
+        assert r["sites"] == ["blocks.2.hook_resid_post"]
+        assert r["ce_zero_ablated"] > r["ce_clean"]
+        assert -1 < r["loss_recovered_zero"] <= 1.2
+    assert "## Spliced-in language-model loss" in (out / "report" / "report.md").read_text()
+    assert "loss recovered dense (vs zero / mean)" in (out / "report" / "report.html").read_text()
+    lines = _summary_lines(summary.metrics["diff"])
+    assert sum(line.startswith("spliced loss ") for line in lines) == 2
+
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["report", "--crosscoder", str(out / "crosscoder"), "--store", str(out / "store"),
+         "--out", str(tmp_path / "again"), "--device", "cpu", "--splice-sequences", "4"]
+    )  # fmt: skip
+    capsys.readouterr()
+    assert args.func(args) == 0
+    assert "spliced loss moe: CE clean" in capsys.readouterr().out
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["summary"]["spliced_loss"]["models"] == spliced["models"]
