@@ -266,3 +266,34 @@ def test_micro_run_and_report_command_show_the_spliced_loss(tmp_path, capsys):
     assert "spliced loss moe: CE clean" in capsys.readouterr().out
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["summary"]["spliced_loss"]["models"] == spliced["models"]
+
+
+@pytest.mark.slow  # about 15 s, mostly the figures
+def test_report_files_show_the_spliced_loss_with_numbers_from_report_json(
+    models, heldout, tmp_path
+):
+    from test_analysis_planted import planted
+    from test_report_files import unmatched_numbers
+
+    from crossdiff.analysis import diff_features
+    from crossdiff.report import write_report
+
+    spliced = spliced_loss(
+        exact_crosscoder(80, keep_dims=[16, 16]), models, heldout, "mlp-all-layers"
+    )
+    assert spliced["notes"]  # late layers' ablations barely hurt: the report must say so
+    p = planted(n_tokens=3000)
+    diff = diff_features(p.cc, p.acts, metadata=p.metadata, show_progress=False, batch_size=1000)
+    diff.summary["spliced_loss"] = spliced
+    paths = write_report(diff, tmp_path / "spliced", quiet=True)
+    md, data = paths["md"].read_text(), json.loads(paths["json"].read_text())
+    assert data["summary"]["spliced_loss"]["models"]["moe"]["per_site"][4]["hook"] == (
+        "blocks.4.hook_mlp_out"
+    )
+    assert unmatched_numbers(md, data) == []
+    r = spliced["models"]["dense"]
+    row = f"| dense | all | {r['ce_clean']:.4g} | {r['ce_spliced']:.4g} |"
+    assert row in md and "| moe | blocks.3.hook_mlp_out |" in md
+    assert all(f"- {note}" in md for note in spliced["notes"])
+    page = paths["html"].read_text()
+    assert f"{r['loss_recovered_zero']:.3g} / {r['loss_recovered_mean']:.3g}" in page
