@@ -268,7 +268,7 @@ def test_micro_run_and_report_command_show_the_spliced_loss(tmp_path, capsys):
     assert again["summary"]["spliced_loss"]["models"] == spliced["models"]
 
 
-@pytest.mark.slow  # about 15 s, mostly the figures
+@pytest.mark.slow  # 7-15 s on the shared machine, mostly the figures
 def test_report_files_show_the_spliced_loss_with_numbers_from_report_json(
     models, heldout, tmp_path
 ):
