@@ -280,6 +280,9 @@ def run_pipeline(
         split=options["report"]["split"],
         max_tokens=options["report"]["max_tokens"],
     )
+    spliced = _spliced_loss(crosscoder, store, models_dir, data.heldout, options, torch_device)
+    if spliced is not None:
+        diff.summary["spliced_loss"] = spliced
     summary.report_paths = write_report(diff, report_dir)
     summary.stage_seconds["report"] = time.perf_counter() - t0
     summary.metrics["diff"] = diff.summary
@@ -292,6 +295,24 @@ def run_pipeline(
         },
     )
     return summary
+
+
+def _spliced_loss(
+    crosscoder: Any,
+    store: Any,
+    models_dir: Path,
+    heldout: Any,
+    options: dict[str, dict[str, Any]],
+    device: Any,
+) -> dict[str, Any] | None:
+    """Each model's LM loss with its paired activations spliced from the crosscoder, on held-out
+    rows the crosscoder never saw (`report.splice_sequences` of them; 0 turns it off)."""
+    from crossdiff.crosscoder.splice import SPLICE_SEQUENCES, spliced_loss_for_run
+
+    n_rows = int(options["report"].get("splice_sequences", SPLICE_SEQUENCES))
+    return spliced_loss_for_run(
+        crosscoder, store, models_dir, heldout, max_sequences=n_rows, device=device
+    )
 
 
 def _print_summary(summary: RunSummary) -> None:
@@ -317,6 +338,9 @@ def _summary_lines(diff: dict[str, Any]) -> list[str]:
     if diff.get("class_counts"):
         lines.append("classes: " + ", ".join(f"{k}={v}" for k, v in diff["class_counts"].items()))
     lines.extend(f"density: {sentence}" for sentence in diff.get("sentences", []))
+    from crossdiff.crosscoder.splice import summary_lines as spliced_loss_lines
+
+    lines.extend(spliced_loss_lines(diff.get("spliced_loss")))
     return lines
 
 
@@ -346,6 +370,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--k", type=int, default=None, help="crosscoder BatchTopK k")
     parser.add_argument("--expansion", type=float, default=None, help="d_sae / d_model")
     parser.add_argument("--pairing", default=None, help="pairing preset name or TOML path")
+    parser.add_argument(
+        "--splice-sequences",
+        type=int,
+        default=None,
+        help="held-out rows for the spliced-in LM loss in the report (default 64; 0: off)",
+    )
     add_runtime_arguments(parser)
     for action in parser._actions:
         if action.dest == "dtype":
@@ -357,6 +387,7 @@ def _main(args: argparse.Namespace) -> int:
     overrides = {
         "models": {"steps": args.lm_steps},
         "store": {"n_tokens": args.harvest_tokens, "pairing": args.pairing},
+        "report": {"splice_sequences": args.splice_sequences},
         "crosscoder": {
             "steps": args.crosscoder_steps,
             "k": args.k,

@@ -6,7 +6,7 @@ pools both sums over models. Not averaged per token, not variance about zero.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from crossdiff.common import CrossdiffError
+from crossdiff.crosscoder.splice import spliced_loss_on
 
 
 class ReconstructionMeter:
@@ -101,6 +102,11 @@ def evaluate_crosscoder(
     *,
     batch_size: int = 4096,
     max_tokens: int | None = None,
+    models: Sequence[Any] | None = None,
+    tokens: Any = None,
+    pairing: Any = None,
+    model_names: Sequence[str] | None = None,
+    splice_sequences: int | None = 64,
 ) -> dict[str, Any]:
     """Evaluate a crosscoder on raw activations (a tensor [N, n_models, d] or a store).
 
@@ -108,6 +114,11 @@ def evaluate_crosscoder(
     fve_topk, fve_topk_per_model and l0_topk with BatchTopK on each evaluation batch (L0 = k);
     n_tokens. A store is read raw (not normalized), shuffled, up to `max_tokens`; a tensor is
     read in order, its first `max_tokens` rows.
+
+    Given `models` (in harvest order) and `tokens` (held-out rows), also "spliced_loss": each
+    model's LM loss with its paired activations replaced by the reconstruction, on the first
+    `splice_sequences` rows (crossdiff.crosscoder.splice; `pairing` and `model_names` default to
+    the store's).
     """
     cfg = cc.cfg
     was_training = cc.training
@@ -135,7 +146,7 @@ def evaluate_crosscoder(
     n = threshold_meter.n_tokens
     if n == 0:
         raise CrossdiffError("no activations to evaluate on (empty tensor or store)")
-    return {
+    result = {
         "fve": threshold_meter.fve(),
         "fve_per_model": threshold_meter.fve_per_model(),
         "mse_per_model": threshold_meter.mse_per_model(),
@@ -146,3 +157,9 @@ def evaluate_crosscoder(
         "l0_topk": topk_active_total / n,
         "n_tokens": n,
     }
+    if models is not None:
+        result["spliced_loss"] = spliced_loss_on(
+            cc, acts_or_store, models, tokens, pairing=pairing, model_names=model_names,
+            max_sequences=splice_sequences,
+        )  # fmt: skip
+    return result

@@ -53,6 +53,26 @@ def register(subparsers: Any) -> None:
         default=20,
         help="no expert attribution for a latent in a MoE layer where it fired fewer times",
     )
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=None,
+        help="folder with the store's models (MODELS/dense, MODELS/moe) for the spliced-in LM "
+        "loss (default: STORE/../models)",
+    )
+    parser.add_argument(
+        "--heldout",
+        type=Path,
+        default=None,
+        help="held-out token rows for the spliced-in loss (default: "
+        "STORE/../data/tokens_heldout.safetensors)",
+    )
+    parser.add_argument(
+        "--splice-sequences",
+        type=int,
+        default=None,
+        help="held-out rows to splice (default 64; 0: no spliced-in loss)",
+    )
     add_runtime_arguments(parser)
     parser.set_defaults(func=run_report)
 
@@ -92,13 +112,43 @@ def run_report(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         min_expert_firings=args.min_expert_firings,
     )
+    spliced = _spliced_loss(args, cc, store, device)
+    if spliced is not None:
+        diff.summary["spliced_loss"] = spliced
     paths = write_report(diff, args.out)
     print(format_summary(diff.summary))
     print(f"open the report: {paths['html']}")
     return 0
 
 
+def _spliced_loss(args: argparse.Namespace, cc: Any, store: Any, device: Any) -> Any:
+    """The spliced-in LM loss when the store's models and held-out rows can be found."""
+    from crossdiff.crosscoder.splice import SPLICE_SEQUENCES, spliced_loss_for_run
+    from crossdiff.data.tokens import TokenSet
+
+    n_rows = SPLICE_SEQUENCES if args.splice_sequences is None else args.splice_sequences
+    run_dir = args.store.resolve().parent
+    models_dir = args.models or run_dir / "models"
+    heldout = args.heldout or run_dir / "data" / "tokens_heldout.safetensors"
+    for given in (args.models, args.heldout):
+        if given is not None and not given.exists():
+            raise CrossdiffError(f"{given} does not exist")
+    if n_rows <= 0:
+        return None
+    if not heldout.exists() or not models_dir.is_dir():
+        print(
+            f"no spliced-in LM loss: no models in {models_dir} or no held-out rows at {heldout} "
+            "(pass --models and --heldout)"
+        )
+        return None
+    return spliced_loss_for_run(
+        cc, store, models_dir, TokenSet.load(heldout), max_sequences=n_rows, device=device
+    )
+
+
 def format_summary(summary: dict[str, Any]) -> str:
+    from crossdiff.crosscoder.splice import summary_lines as spliced_loss_lines
+
     split = summary["split"]
     rec = summary["reconstruction"]
     lines = [
@@ -109,5 +159,6 @@ def format_summary(summary: dict[str, Any]) -> str:
         + ", ".join(f"{m} {v:.4f}" for m, v in rec["fve_per_model"].items() if v is not None)
         + f"; L0 {rec['l0']:.2f}; dead fraction {rec['dead_fraction']:.4f}",
         *[f"- {t['sentence']}" for t in summary["density_tests"].values()],
+        *spliced_loss_lines(summary.get("spliced_loss")),
     ]
     return "\n".join(lines)

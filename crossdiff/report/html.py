@@ -135,6 +135,20 @@ def _figure(name: str, title: str, path: Path) -> str:
     )
 
 
+def _spliced_loss_facts(sp: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """CE clean / spliced / ablated and loss recovered per model (all sites spliced at once)."""
+    facts: list[tuple[str, str]] = []
+    for name, r in (sp or {}).get("models", {}).items():
+        facts += [
+            (f"CE {name} clean / spliced", f"{fmt(r['ce_clean'])} / {fmt(r['ce_spliced'])}"),
+            (f"CE {name} zero / mean-ablated",
+             f"{fmt(r['ce_zero_ablated'])} / {fmt(r['ce_mean_ablated'])}"),
+            (f"loss recovered {name} (vs zero / mean)",
+             f"{fmt(r['loss_recovered_zero'], 3)} / {fmt(r['loss_recovered_mean'], 3)}"),
+        ]  # fmt: skip
+    return facts
+
+
 def _json_script(obj: Any) -> str:
     # "</" inside a <script> would end it early
     return json.dumps(obj, separators=(",", ":")).replace("</", "<\\/")
@@ -164,6 +178,7 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
         ("L0 (threshold)", fmt(rec["l0"])),
         ("dead fraction", fmt(rec["dead_fraction"])),
     ]
+    facts += _spliced_loss_facts(s.get("spliced_loss"))
     facts_html = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in facts)
     sentences = "".join(f"<li>{_esc(t['sentence'])}</li>" for t in s["density_tests"].values())
     notes = [s["split"]["rule"], "Decoder cosines: " + s["decoder_cosine"]["reason"] + "."]
@@ -178,6 +193,7 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
             f"Designated shared latents ({designated['n']}, {designated['shared_decoder']} "
             f"decoders) by class: {counts}."
         )
+    notes += [f"Spliced-in loss: {n}." for n in (s.get("spliced_loss") or {}).get("notes", [])]
     figs = "".join(
         _figure(name, info["title"], figures[name]) for name, info in data["figures"].items()
     )

@@ -92,6 +92,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"_{rec['formula']}._",
         "",
     ]
+    out += _spliced_loss_section(s.get("spliced_loss"))
     ex = s["experts"]
     out += ["## Experts", ""]
     if ex["recorded"]:
@@ -165,3 +166,30 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _spliced_loss_section(sp: dict[str, Any] | None) -> list[str]:
+    """Each model's LM loss with its paired activations replaced by the reconstruction."""
+    if not sp:
+        return []
+    out = [
+        "## Spliced-in language-model loss",
+        "",
+        f"Mean next-token cross-entropy (nats) on {fmt(sp['n_sequences'])} held-out rows "
+        f"({fmt(sp['n_targets'])} targets) with each model's paired activations replaced by the "
+        "crosscoder's reconstruction (spliced), by zeros, or by their mean "
+        f"({sp['mean_ablation']}); {sp['formula']}.",
+        "",
+    ]
+    header = ["model", "sites", "CE clean", "CE spliced", "CE zero-ablated", "CE mean-ablated",
+              "recovered (vs zero)", "recovered (vs mean)"]  # fmt: skip
+    keys = ["ce_clean", "ce_spliced", "ce_zero_ablated", "ce_mean_ablated",
+            "loss_recovered_zero", "loss_recovered_mean"]  # fmt: skip
+    rows = []
+    for name, r in sp["models"].items():
+        rows.append([name, "all", *[r[k] for k in keys]])
+        if len(r.get("per_site", [])) > 1:
+            rows += [[name, site["hook"], *[site[k] for k in keys]] for site in r["per_site"]]
+    out += _table(header, rows)
+    out += [f"- {note}" for note in sp.get("notes", [])]
+    return out + ([""] if sp.get("notes") else [])
