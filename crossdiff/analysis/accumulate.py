@@ -40,6 +40,9 @@ class PassStats:
     scaling_rec: np.ndarray | None  # [n_models, n_spec, d]: sum_t f_t (x_hat_t - b_dec)
     sparse_decode: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # BatchTopK at the training k on each batch (None when cc has no encode_topk)
+    l0_topk_sum: float | None = None
+    sse_topk: np.ndarray | None = None  # [n_models]
 
 
 def _module_device_dtype(cc: Any) -> tuple[torch.device, torch.dtype]:
@@ -103,6 +106,9 @@ def run_pass(
     b_dec = getattr(cc, "b_dec", None)
     b_dec = b_dec.detach().to(device=device, dtype=dtype) if isinstance(b_dec, Tensor) else None
     use_sparse: bool | None = None  # decided on the first batch by comparing with cc.decode
+    has_topk = callable(getattr(cc, "encode_topk", None))
+    l0_topk_sum = 0.0
+    sse_topk = torch.zeros(n_models, **f64)
 
     total = sum(stop - start for start, stop in ranges)
     spec_pos = torch.full((d_sae,), -1, dtype=torch.int64, device=device)
@@ -191,6 +197,17 @@ def run_pass(
                         scaling_rec[m].index_add_(
                             0, p_sel, (v_sel * latent_part[r_sel, m]).double()
                         )
+                if has_topk:  # the training rule, to compare its L0 and FVE with the threshold's
+                    f_topk = cc.encode_topk(x)
+                    r_k, c_k = torch.nonzero(f_topk, as_tuple=True)
+                    v_k = f_topk[r_k, c_k]
+                    x_topk = (
+                        sparse_decode(w_dec, b_dec, r_k, c_k, v_k, len(f_topk))
+                        if use_sparse
+                        else cc.decode(f_topk)
+                    )
+                    l0_topk_sum += float(len(v_k))
+                    sse_topk += ((x - x_topk).double() ** 2).sum(dim=(0, 2))
                 bar.update(stop - start)
     bar.close()
 
@@ -218,4 +235,6 @@ def run_pass(
         scaling_err=scaling_err.cpu().numpy() if len(spec) else None,
         scaling_rec=scaling_rec.cpu().numpy() if len(spec) else None,
         sparse_decode=bool(use_sparse),
+        l0_topk_sum=l0_topk_sum if has_topk else None,
+        sse_topk=sse_topk.cpu().numpy() if has_topk else None,
     )
