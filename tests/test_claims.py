@@ -185,6 +185,7 @@ def test_l0_warning_only_when_the_threshold_l0_is_far_from_k(trained):
     finally:
         with torch.no_grad():
             cc.threshold.copy_(saved)
+    assert not cc.hook_sae_acts_pre._forward_hooks  # the pass removed its hook
     rec_low = low.summary["reconstruction"]
     assert rec_low["l0"] > 4 * rec_low["k"]
     assert rec_low["l0_topk"] == pytest.approx(2.0)  # BatchTopK does not use the threshold
@@ -208,6 +209,8 @@ def test_domain_lift_is_one_without_preference_and_above_one_for_a_domain_latent
         assert uniform[f"lift_{d}"].mean() == pytest.approx(1.0, abs=0.05)
         assert uniform[f"lift_{d}"].between(0.7, 1.3).all()
         np.testing.assert_allclose(t[f"lift_{d}"] * token_share[d], t[f"share_{d}"])
+    # the planted stand-in has no encode_topk and no k: no top-k numbers, no L0 warning
+    assert diff.summary["reconstruction"]["l0_topk"] is None and diff.summary["warnings"] == []
     per_class = diff.summary["domains"]["mean_lift_per_class"]
     shared_lift = t.loc[t["class"] == "shared", "lift_code"].mean()
     assert per_class["shared"]["code"] == pytest.approx(shared_lift)

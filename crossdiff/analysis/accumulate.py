@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from crossdiff.analysis.source import TokenSource
+from crossdiff.analysis.topk_meter import TopKMeter
 
 
 @dataclass
@@ -106,9 +107,14 @@ def run_pass(
     b_dec = getattr(cc, "b_dec", None)
     b_dec = b_dec.detach().to(device=device, dtype=dtype) if isinstance(b_dec, Tensor) else None
     use_sparse: bool | None = None  # decided on the first batch by comparing with cc.decode
-    has_topk = callable(getattr(cc, "encode_topk", None))
-    l0_topk_sum = 0.0
-    sse_topk = torch.zeros(n_models, **f64)
+    topk = TopKMeter(cc, n_models, device)
+
+    def decode_entries(rows: Tensor, cols: Tensor, vals: Tensor, batch: int) -> Tensor:
+        if use_sparse:
+            return sparse_decode(w_dec, b_dec, rows, cols, vals, batch)
+        dense = torch.zeros(batch, d_sae, dtype=vals.dtype, device=device)
+        dense[rows, cols] = vals
+        return cc.decode(dense)
 
     total = sum(stop - start for start, stop in ranges)
     spec_pos = torch.full((d_sae,), -1, dtype=torch.int64, device=device)
@@ -116,7 +122,7 @@ def run_pass(
     bar = tqdm(
         total=total, unit="tok", unit_scale=True, desc="diff pass", disable=not show_progress
     )
-    with torch.no_grad():
+    with torch.no_grad(), topk:
         for range_start, range_stop in ranges:
             for start in range(range_start, range_stop, batch_size):
                 stop = min(start + batch_size, range_stop)
@@ -197,17 +203,7 @@ def run_pass(
                         scaling_rec[m].index_add_(
                             0, p_sel, (v_sel * latent_part[r_sel, m]).double()
                         )
-                if has_topk:  # the training rule, to compare its L0 and FVE with the threshold's
-                    f_topk = cc.encode_topk(x)
-                    r_k, c_k = torch.nonzero(f_topk, as_tuple=True)
-                    v_k = f_topk[r_k, c_k]
-                    x_topk = (
-                        sparse_decode(w_dec, b_dec, r_k, c_k, v_k, len(f_topk))
-                        if use_sparse
-                        else cc.decode(f_topk)
-                    )
-                    l0_topk_sum += float(len(v_k))
-                    sse_topk += ((x - x_topk).double() ** 2).sum(dim=(0, 2))
+                topk.update(x, decode_entries)  # BatchTopK at k, beside the threshold
                 bar.update(stop - start)
     bar.close()
 
@@ -217,6 +213,7 @@ def run_pass(
     top_idx = top_indices.T.cpu().numpy()
     top_idx[order <= 0] = -1
     has_experts = has_experts and expert_counts.shape[1] > 0
+    l0_topk_sum, sse_topk = topk.results()
     return PassStats(
         n_tokens=total,
         fire_count=fire_count.cpu().numpy(),
@@ -235,6 +232,6 @@ def run_pass(
         scaling_err=scaling_err.cpu().numpy() if len(spec) else None,
         scaling_rec=scaling_rec.cpu().numpy() if len(spec) else None,
         sparse_decode=bool(use_sparse),
-        l0_topk_sum=l0_topk_sum if has_topk else None,
-        sse_topk=sse_topk.cpu().numpy() if has_topk else None,
+        l0_topk_sum=l0_topk_sum,
+        sse_topk=sse_topk,
     )
