@@ -99,10 +99,10 @@ def _sentence(res: dict[str, Any], spec: dict[str, Any], min_n: int, prefix: str
             if spec["kind"] == "count"
             else f"at least {min_n} per class are needed"
         )
-        return (
-            f"{prefix}{spec['claim']}: {TOO_FEW} ({n_text}; {need}); "
-            f"{effect} on these few latents is not a finding."
-        )
+        head = f"{prefix}{spec['claim']}: {TOO_FEW} ({n_text}; {need})"
+        if res["effect"] is None:
+            return head + "."
+        return f"{head}; {effect} on these few latents is not a finding."
     lo, hi = res["ci"]
     return (
         f"{prefix}{spec['claim']}: {res['verdict']} ({n_text}; {effect}, "
