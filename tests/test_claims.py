@@ -3,6 +3,7 @@ minimum n), domain lift, and the L0 warning, on hand examples and on trained cro
 
 from __future__ import annotations
 
+import html
 import math
 
 import numpy as np
@@ -16,6 +17,11 @@ from crossdiff.analysis.claims import DOES_NOT_HOLD, HOLDS, TOO_FEW, evaluate_cl
 from crossdiff.analysis.stats import bootstrap_cliffs_delta, cliffs_delta, holm
 from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
 from crossdiff.crosscoder.synthetic import planted_crosscoder_data
+from crossdiff.pipeline import _summary_lines
+from crossdiff.report.commands import format_summary
+from crossdiff.report.html import render_html
+from crossdiff.report.markdown import render_markdown
+from crossdiff.report.writer import report_data
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -192,6 +198,16 @@ def test_l0_warning_only_when_the_threshold_l0_is_far_from_k(trained):
     (warning,) = low.summary["warnings"]
     assert f"L0 = {rec_low['l0']:.3g}" in warning and "k = 2" in warning
     assert "denser code" in warning
+    # the warning and both FVEs reach every place a reader looks
+    data = report_data(low)
+    md, page = render_markdown(data), render_html(data, {})
+    assert f"**Warning:** {warning}" in md
+    assert f"{rec_low['fve_topk']:.4g} with BatchTopK at k = 2" in md
+    assert html.escape(warning) in page and "FVE top-k (all)" in page
+    assert f"WARNING: {warning}" in _summary_lines(low.summary)
+    assert f"warning: {warning}" in format_summary(low.summary)
+    assert "WARNING" not in "".join(_summary_lines(diff.summary))
+    assert "**Warning:**" not in render_markdown(report_data(diff))
 
 
 def test_domain_lift_is_one_without_preference_and_above_one_for_a_domain_latent():
