@@ -98,6 +98,9 @@ def _panel(latent: int, row: dict[str, Any], detail: dict[str, Any], a: str, b: 
     side = ""
     if detail.get("domain_shares"):
         side += _bars(detail["domain_shares"], "activation mass per domain")
+    lift = {k.removeprefix("lift_"): v for k, v in row.items() if k.startswith("lift_")}
+    if lift:
+        side += _bars(lift, "domain lift: mass share / token share (1 = no preference)")
     if detail.get("expert_counts"):
         counts = detail["expert_counts"]
         total = max(sum(counts), 1)
