@@ -333,11 +333,21 @@ def _summary_lines(diff: dict[str, Any]) -> list[str]:
     if recon.get("fve_per_model"):
         per_model = ", ".join(f"{n}={v:.3f}" for n, v in recon["fve_per_model"].items())
         lines.append(f"FVE per model: {per_model} (overall {recon['fve']:.3f})")
+    if recon.get("fve_topk_per_model"):
+        per_model = ", ".join(f"{n}={v:.3f}" for n, v in recon["fve_topk_per_model"].items())
+        lines.append(
+            f"FVE with BatchTopK at k={recon['k']:g}: {per_model} (overall {recon['fve_topk']:.3f})"
+        )
     if "l0" in recon:
-        lines.append(f"L0: {recon['l0']:.1f}; dead fraction: {recon['dead_fraction']:.3f}")
+        topk = f" (top-k: {recon['l0_topk']:.1f})" if recon.get("l0_topk") is not None else ""
+        lines.append(f"L0: {recon['l0']:.1f}{topk}; dead fraction: {recon['dead_fraction']:.3f}")
     if diff.get("class_counts"):
         lines.append("classes: " + ", ".join(f"{k}={v}" for k, v in diff["class_counts"].items()))
-    lines.extend(f"density: {sentence}" for sentence in diff.get("sentences", []))
+    for claim in diff.get("claims", []):
+        lines.append(f"claim: {claim['sentence']}")
+        if claim.get("excluding_artifacts"):
+            lines.append(f"  {claim['excluding_artifacts']['sentence']}")
+    lines.extend(f"WARNING: {warning}" for warning in diff.get("warnings", []))
     from crossdiff.crosscoder.splice import summary_lines as spliced_loss_lines
 
     lines.extend(spliced_loss_lines(diff.get("spliced_loss")))

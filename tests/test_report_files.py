@@ -142,8 +142,10 @@ def test_markdown_tables_equal_json_values(report):
     for model, fve in s["reconstruction"]["fve_per_model"].items():
         assert re.search(rf"^\| {model} \| {fve:.4g} \|", md, re.M), model
     assert f"lo = {s['split']['lo']:.4g}, hi = {s['split']['hi']:.4g}" in md
-    for test in s["density_tests"].values():
-        assert test["sentence"] in md
+    for claim in s["claims"]:
+        assert claim["sentence"] in md
+        assert f"| {claim['verdict']} |" in md
+        assert claim["excluding_artifacts"]["sentence"] in md
 
 
 def test_html_is_self_contained(report):

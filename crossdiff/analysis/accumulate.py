@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from crossdiff.analysis.experts import ExpertAccumulator, ExpertCounts
 from crossdiff.analysis.latent_scaling import ScalingAccumulator, ScalingSums
 from crossdiff.analysis.source import TokenSource
+from crossdiff.analysis.topk_meter import TopKMeter
 
 
 @dataclass
@@ -42,6 +43,9 @@ class PassStats:
     scaling: ScalingSums | None  # sums over each of those latents' firing tokens
     sparse_decode: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # BatchTopK at the training k on each batch (None when cc has no encode_topk)
+    l0_topk_sum: float | None = None
+    sse_topk: np.ndarray | None = None  # [n_models]
 
 
 def _module_device_dtype(cc: Any) -> tuple[torch.device, torch.dtype]:
@@ -103,12 +107,20 @@ def run_pass(
     b_dec = getattr(cc, "b_dec", None)
     b_dec = b_dec.detach().to(device=device, dtype=dtype) if isinstance(b_dec, Tensor) else None
     use_sparse: bool | None = None  # decided on the first batch by comparing with cc.decode
+    topk = TopKMeter(cc, n_models, device)
+
+    def decode_entries(rows: Tensor, cols: Tensor, vals: Tensor, batch: int) -> Tensor:
+        if use_sparse:
+            return sparse_decode(w_dec, b_dec, rows, cols, vals, batch)
+        dense = torch.zeros(batch, d_sae, dtype=vals.dtype, device=device)
+        dense[rows, cols] = vals
+        return cc.decode(dense)
 
     total = sum(stop - start for start, stop in ranges)
     bar = tqdm(
         total=total, unit="tok", unit_scale=True, desc="diff pass", disable=not show_progress
     )
-    with torch.no_grad():
+    with torch.no_grad(), topk:
         for range_start, range_stop in ranges:
             for start in range(range_start, range_stop, batch_size):
                 stop = min(start + batch_size, range_stop)
@@ -167,6 +179,7 @@ def run_pass(
                         experts = experts[:, None]
                     expert_acc.update(experts, rows, cols)
                 scaling.update(rows, cols, vals, x, x_hat)
+                topk.update(x, decode_entries)  # BatchTopK at k, beside the threshold
                 bar.update(stop - start)
     bar.close()
 
@@ -176,6 +189,7 @@ def run_pass(
     top_idx = top_indices.T.cpu().numpy()
     top_idx[order <= 0] = -1
     experts = expert_acc.result() if has_experts else None
+    l0_topk_sum, sse_topk = topk.results()
     return PassStats(
         n_tokens=total,
         fire_count=fire_count.cpu().numpy(),
@@ -194,4 +208,6 @@ def run_pass(
         scaling_latents=np.asarray(scaling_latents, dtype=np.int64),
         scaling=scaling.result(),
         sparse_decode=bool(use_sparse),
+        l0_topk_sum=l0_topk_sum,
+        sse_topk=sse_topk,
     )

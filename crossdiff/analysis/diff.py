@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +13,6 @@ import torch
 from crossdiff.analysis.accumulate import PassStats, run_pass
 from crossdiff.analysis.classes import (
     DEAD,
-    DESIGNATED,
-    SHARED,
     class_names,
     classify,
     decoder_cosine,
@@ -23,7 +20,6 @@ from crossdiff.analysis.classes import (
     resolve_split,
 )
 from crossdiff.analysis.contexts import build_contexts, context_centers
-from crossdiff.analysis.density import ALPHA, density_test, describe
 from crossdiff.analysis.experts import (
     DEFAULT_MIN_FIRINGS,
     add_expert_columns,
@@ -37,6 +33,8 @@ from crossdiff.analysis.latent_scaling import (
     own_direction_scaling,
 )
 from crossdiff.analysis.source import TokenSource
+from crossdiff.analysis.summary import domain_lift, summarize
+from crossdiff.analysis.summary import finite as _finite
 from crossdiff.common import CrossdiffError
 
 
@@ -266,6 +264,9 @@ def diff_features(
             domain_shares = np.where(mass_total > 0, stats.domain_mass / mass_total, np.nan)
         for i, dname in enumerate(source.domain_names):
             table[f"share_{dname}"] = domain_shares[:, i]
+        lift = domain_lift(domain_shares, stats.domain_tokens)
+        for i, dname in enumerate(source.domain_names):
+            table[f"lift_{dname}"] = lift[:, i]
 
     attribution = None
     if stats.experts is not None:
@@ -281,7 +282,7 @@ def diff_features(
         table, stats, w_dec, labels, scaling_ids, a, b, name_a, name_b, lo, hi, same_basis,
         unit_scale,
     )  # fmt: skip
-    summary = _summarize(
+    summary = summarize(
         table,
         stats,
         source,
@@ -292,9 +293,10 @@ def diff_features(
         n_shared=n_shared,
         shared_decoder=shared_decoder,
         same_basis=same_basis,
-        basis_reason=basis_reason,
+        cosine_reason=_fmt_reason(same_basis, basis_reason, shared_decoder),
         domain_shares=domain_shares,
         scaling_summary=scaling_summary,
+        k=getattr(cfg, "k", None),
     )
     if attribution is not None:
         summary["experts"] = expert_summary(
@@ -357,11 +359,6 @@ def diff_features(
         source=source,
         tokenizer=tokenizer,
     )
-
-
-def _finite(x: float) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def _add_latent_scaling(
@@ -490,140 +487,3 @@ def _panel_latents(
         ids = table.index[table["class"] == cls].to_numpy()
         out += [int(i) for i in ids[np.argsort(-mass[ids], kind="stable")][:per_class]]
     return sorted(out)
-
-
-def _designated_rule(shared_decoder: str) -> str:
-    if shared_decoder == "tied":
-        return "the first n_shared latents (tied decoders): designated-shared; "
-    return "the first n_shared latents (free decoders) are classed by r like any other; "
-
-
-def _designated_breakdown(
-    labels: np.ndarray, classes: tuple[str, ...], shared_decoder: str
-) -> dict[str, Any]:
-    """How the designated shared latents ended up: in free mode a designated latent is only a
-    cheaper one and is classed by its relative norm, so it can be model-specific."""
-    out: dict[str, Any] = {"n": int(len(labels)), "shared_decoder": shared_decoder}
-    for cls in classes:
-        if cls != DESIGNATED or shared_decoder == "tied":
-            out[cls] = int((labels == cls).sum())
-    return out
-
-
-def _summarize(
-    table: pd.DataFrame,
-    stats: PassStats,
-    source: TokenSource,
-    *,
-    labels: np.ndarray,
-    name_a: str,
-    name_b: str,
-    split: tuple[str, float, float],
-    n_shared: int,
-    shared_decoder: str,
-    same_basis: bool,
-    basis_reason: str,
-    domain_shares: np.ndarray | None,
-    scaling_summary: dict[str, Any],
-) -> dict[str, Any]:
-    classes = class_names(name_a, name_b)
-    class_a, class_b = f"{name_a}-only", f"{name_b}-only"
-    density = table["density"].to_numpy()
-    counts = {cls: int((labels == cls).sum()) for cls in classes}
-    live = {cls: density[labels == cls] for cls in classes if cls != DEAD}
-    reference = np.concatenate([live[SHARED], live[DESIGNATED]])
-    ref_name = "shared" if counts[DESIGNATED] == 0 else "shared (incl. designated-shared)"
-    tests = {
-        "b_denser_than_shared": density_test(
-            live[class_b], reference, group_name=class_b, reference_name=ref_name,
-            alternative="greater",
-        ),
-        "a_sparser_than_shared": density_test(
-            live[class_a], reference, group_name=class_a, reference_name=ref_name,
-            alternative="less",
-        ),
-    }  # fmt: skip
-    n = stats.n_tokens
-    fve_per_model = 1.0 - stats.sse / np.where(stats.sst > 0, stats.sst, np.nan)
-    fve = 1.0 - stats.sse.sum() / stats.sst.sum() if stats.sst.sum() > 0 else float("nan")
-    d_model = int(source.read_acts(0, 1).shape[-1])
-    d_sae = len(table)
-    reconstruction = {
-        "fve": _finite(fve),
-        "fve_per_model": {
-            name: _finite(v) for name, v in zip(source.model_names, fve_per_model, strict=True)
-        },
-        "mse_per_model": {
-            name: float(v / (n * d_model))
-            for name, v in zip(source.model_names, stats.sse, strict=True)
-        },
-        "l0": stats.l0_sum / n,
-        "dead_fraction": counts[DEAD] / d_sae,
-        "formula": "FVE = 1 - SSE / sum of squared deviations from the mean, over all analysed "
-        "tokens, per model; L0 = mean number of latents above the inference threshold per token",
-    }
-    experts: dict[str, Any] = {"recorded": False}  # filled by experts.expert_summary
-    domains: dict[str, Any] = {"recorded": domain_shares is not None}
-    if domain_shares is not None and stats.domain_tokens is not None:
-        domains.update(
-            names=list(source.domain_names),
-            token_share={
-                d: float(stats.domain_tokens[i] / max(stats.domain_tokens.sum(), 1))
-                for i, d in enumerate(source.domain_names)
-            },
-            mean_share_per_class={
-                cls: {
-                    d: _finite(np.nanmean(domain_shares[labels == cls, i]))
-                    for i, d in enumerate(source.domain_names)
-                }
-                if counts[cls]
-                else None
-                for cls in classes
-                if cls != DEAD
-            },
-        )
-    shared_cos = table.loc[np.isin(labels, [SHARED, DESIGNATED]), "decoder_cosine"].to_numpy()
-    split_name, lo, hi = split
-    return {
-        "model_names": list(source.model_names),
-        "direction": {
-            "A": name_a,
-            "B": name_b,
-            "relative_norm": f"r = |d_{name_b}| / (|d_{name_a}| + |d_{name_b}|)",
-        },
-        "split": {
-            "name": split_name,
-            "lo": lo,
-            "hi": hi,
-            "rule": f"r < {lo:g}: {class_a}; {lo:g} <= r <= {hi:g}: shared; r > {hi:g}: {class_b}; "
-            + _designated_rule(shared_decoder)
-            + "never fires on the analysed tokens: dead",
-        },
-        "n_tokens": n,
-        "d_sae": d_sae,
-        "n_shared": n_shared,
-        "designated": _designated_breakdown(labels[:n_shared], classes, shared_decoder),
-        "classes": list(classes),
-        "class_counts": counts,
-        "density": {cls: describe(density[labels == cls]) for cls in classes if cls != DEAD},
-        "mean_activation": {
-            cls: describe(table.loc[labels == cls, "mean_activation"].to_numpy())
-            for cls in classes
-            if cls != DEAD
-        },
-        "density_tests": tests,
-        "alpha": ALPHA,
-        "reconstruction": reconstruction,
-        "experts": experts,
-        "domains": domains,
-        "latent_scaling": scaling_summary,
-        "decoder_cosine": {
-            "meaningful": bool(same_basis),
-            "reason": _fmt_reason(same_basis, basis_reason, shared_decoder),
-            "shared_median": _finite(np.nanmedian(shared_cos))
-            if np.isfinite(shared_cos).any()
-            else None,
-        },
-        "sentences": [tests["b_denser_than_shared"]["sentence"],
-                      tests["a_sparser_than_shared"]["sentence"]],
-    }  # fmt: skip

@@ -158,7 +158,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         "FVE: "
         + ", ".join(f"{m} {v:.4f}" for m, v in rec["fve_per_model"].items() if v is not None)
         + f"; L0 {rec['l0']:.2f}; dead fraction {rec['dead_fraction']:.4f}",
-        *[f"- {t['sentence']}" for t in summary["density_tests"].values()],
+        *_topk_line(rec),
+        *[f"- {c['sentence']}" for c in summary["claims"]],
+        *[f"warning: {w}" for w in summary["warnings"]],
         *spliced_loss_lines(summary.get("spliced_loss")),
     ]
     return "\n".join(lines)
+
+
+def _topk_line(rec: dict[str, Any]) -> list[str]:
+    if rec.get("fve_topk") is None:
+        return []
+    per_model = ", ".join(f"{m} {v:.4f}" for m, v in rec["fve_topk_per_model"].items())
+    return [f"FVE with BatchTopK at k = {rec['k']:g}: {per_model}; L0 {rec['l0_topk']:.2f}"]

@@ -101,11 +101,13 @@ def density_by_class(table, summary: dict[str, Any], path: Path) -> Path | None:
     right.set_ylabel("fraction of the class's latents (normalised)")
     right.set_title("Density distributions")
     right.legend(frameon=False, fontsize=9)
-    tests = summary["density_tests"]
-    pieces = [
-        f"{t['claim']}: " + (f"p = {t['p_value']:.2g}" if t["p_value"] is not None else "n/a")
-        for t in tests.values()
-    ]
+    pieces = []
+    for c in summary["claims"]:
+        if c["effect_name"] != "Cliff's delta":
+            continue
+        tested = c["p_holm"] is not None
+        detail = f" (Cliff's delta {c['effect']:.2f}, Holm p = {c['p_holm']:.2g})" if tested else ""
+        pieces.append(f"{c['claim']}: {c['verdict']}{detail}")
     fig.suptitle("\n".join(pieces), fontsize=9)
     return _save(fig, path)
 
@@ -115,23 +117,23 @@ def domain_shares(table, summary: dict[str, Any], path: Path) -> Path | None:
     if not dom.get("recorded"):
         return None
     names = dom["names"]
-    classes = [c for c in summary["classes"] if c != DEAD and dom["mean_share_per_class"].get(c)]
+    classes = [c for c in summary["classes"] if c != DEAD and dom["mean_lift_per_class"].get(c)]
     if not classes:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.8 / len(names)
     palette = [OKABE_ITO[0], OKABE_ITO[4], OKABE_ITO[5], OKABE_ITO[2], OKABE_ITO[1]]
     for i, name in enumerate(names):
-        vals = [dom["mean_share_per_class"][c][name] or 0.0 for c in classes]
+        vals = [dom["mean_lift_per_class"][c][name] or 0.0 for c in classes]
         xs = np.arange(len(classes)) + (i - (len(names) - 1) / 2) * width
         color = palette[i % len(palette)]
         label = f"{name} (tokens: {dom['token_share'][name]:.0%})"
         ax.bar(xs, vals, width, color=color, label=label)
-        ax.axhline(dom["token_share"][name], color=color, linestyle=":", linewidth=1)
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
     ax.set_xticks(np.arange(len(classes)), classes)
-    ax.set_ylabel("mean share of activation mass")
-    ax.set_ylim(0, 1.25 * max(1e-9, *(b.get_height() for b in ax.patches)))
-    ax.set_title("Where each class fires: activation mass per domain (dotted: token share)")
+    ax.set_ylabel("mean lift: mass share / token share")
+    ax.set_ylim(0, 1.25 * max(1.0, *(b.get_height() for b in ax.patches)))
+    ax.set_title("Where each class fires: domain lift (dotted: 1 = no preference)")
     ax.legend(frameon=False, fontsize=9, loc="upper center", ncol=len(names))
     return _save(fig, path)
 

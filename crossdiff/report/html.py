@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.report.figures import class_colors
-from crossdiff.report.markdown import fmt
+from crossdiff.report.markdown import CLAIM_HEADER, claim_rows, fmt, fve_line
 
 _TEMPLATE = Path(__file__).with_name("template.html")
 
@@ -42,6 +42,10 @@ def _columns(data: dict[str, Any]) -> list[tuple[str, str, str]]:
     cols[2:2] = [(f"norm_{a}", f"|d {a}|", "num"), (f"norm_{b}", f"|d {b}|", "num")]
     shares = [
         (k, k.removeprefix("share_"), "num") for k in data["columns"] if k.startswith("share_")
+    ] + [
+        (k, "lift " + k.removeprefix("lift_"), "num")
+        for k in data["columns"]
+        if k.startswith("lift_")
     ]
     at = next(i for i, c in enumerate(cols) if c[0] == "mean_activation") + 1
     cols[at:at] = shares
@@ -107,6 +111,9 @@ def _panel(latent: int, row: dict[str, Any], detail: dict[str, Any], a: str, b: 
     side = ""
     if detail.get("domain_shares"):
         side += _bars(detail["domain_shares"], "activation mass per domain")
+    lift = {k.removeprefix("lift_"): v for k, v in row.items() if k.startswith("lift_")}
+    if lift:
+        side += _bars(lift, "domain lift: mass share / token share (1 = no preference)")
     if detail.get("expert_layers"):
         for lay in detail["expert_layers"]:
             side += _bars({f"L{lay['layer']}E{i}": v for i, v in enumerate(lay["share"])},
@@ -176,11 +183,31 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
         ("FVE (all)", fmt(rec["fve"])),
         *[(f"FVE {m}", fmt(v)) for m, v in rec["fve_per_model"].items()],
         ("L0 (threshold)", fmt(rec["l0"])),
-        ("dead fraction", fmt(rec["dead_fraction"])),
     ]
+    if rec.get("fve_topk") is not None:
+        facts += [
+            ("FVE top-k (all)", fmt(rec["fve_topk"])),
+            *[(f"FVE top-k {m}", fmt(v)) for m, v in rec["fve_topk_per_model"].items()],
+            (f"L0 (top-k, k = {fmt(rec['k'])})", fmt(rec["l0_topk"])),
+        ]
+    facts.append(("dead fraction", fmt(rec["dead_fraction"])))
     facts += _spliced_loss_facts(s.get("spliced_loss"))
     facts_html = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in facts)
-    sentences = "".join(f"<li>{_esc(t['sentence'])}</li>" for t in s["density_tests"].values())
+    warnings = "".join(
+        f'<p class="warning"><strong>Warning:</strong> {_esc(w)}</p>' for w in s["warnings"]
+    )
+    sentences = "".join(f"<li>{_esc(c['sentence'])}</li>" for c in s["claims"])
+    claims_table = (
+        '<table class="claims"><thead><tr>'
+        + "".join(f"<th>{_esc(h)}</th>" for h in CLAIM_HEADER)
+        + "</tr></thead><tbody>"
+        + "".join(
+            "<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>" for row in claim_rows(s)
+        )
+        + "</tbody></table>"
+        + f'<p class="notes">{_esc(s["claims_method"]["caveat"])} Rule: '
+        + f"{_esc(s['claims_method']['rule'])}.</p>"
+    )
     notes = [s["split"]["rule"], "Decoder cosines: " + s["decoder_cosine"]["reason"] + "."]
     if s["latent_scaling"]["computed"]:
         notes.append("Latent scaling: " + s["latent_scaling"]["rule"] + ".")
@@ -209,6 +236,8 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
         "{{CARDS}}": cards,
         "{{FACTS}}": facts_html,
         "{{SENTENCES}}": sentences,
+        "{{CLAIMS}}": claims_table,
+        "{{WARNINGS}}": warnings + f'<p class="notes">{_esc(fve_line(rec))}</p>',
         "{{NOTES}}": "".join(f"<li>{_esc(n)}</li>" for n in notes),
         "{{FIGURES}}": figs,
         "{{HEADER}}": header,

@@ -52,6 +52,45 @@ def _experts_section(ex: dict[str, Any]) -> list[str]:
     return out
 
 
+CLAIM_HEADER = ["claim", "test", "n per class", "effect [CI]", "p", "Holm p", "verdict",
+                "verdict without artifacts"]  # fmt: skip
+
+
+def _effect_ci(name: str, c: dict[str, Any]) -> str:
+    if c["ci"] is None:
+        return f"{name} {fmt(c['effect'])}"
+    return f"{name} {fmt(c['effect'])} [{fmt(c['ci'][0])}, {fmt(c['ci'][1])}]"
+
+
+def claim_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """One row per claim, cells as text (shared by report.md and report.html)."""
+    rows = []
+    for c in summary["claims"]:
+        ex = c["excluding_artifacts"]
+        rows.append([
+            c["claim"], c["test"], ", ".join(f"{fmt(v)} {k}" for k, v in c["n"].items()),
+            _effect_ci(c["effect_name"], c), fmt(c["p_value"]), fmt(c["p_holm"]), c["verdict"],
+            "latent scaling not computed" if ex is None else
+            ex["verdict"] if ex["p_holm"] is None else
+            f"{ex['verdict']} ({_effect_ci(c['effect_name'], ex)}; Holm p {fmt(ex['p_holm'])})",
+        ])  # fmt: skip
+    return rows
+
+
+def fve_line(rec: dict[str, Any]) -> str:
+    """Both FVEs and both L0s in one sentence (threshold, and BatchTopK at k when measured)."""
+    text = (
+        f"FVE over all models: {fmt(rec['fve'])} with the inference threshold (L0 "
+        f"{fmt(rec['l0'])} latents per token)"
+    )
+    if rec.get("fve_topk") is not None:
+        text += (
+            f", {fmt(rec['fve_topk'])} with BatchTopK at k = {fmt(rec['k'])} (L0 "
+            f"{fmt(rec['l0_topk'])})"
+        )
+    return text + f"; dead fraction: {fmt(rec['dead_fraction'])}."
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     s, cfg = data["summary"], data["config"]
     a, b = s["direction"]["A"], s["direction"]["B"]
@@ -76,22 +115,24 @@ def render_markdown(data: dict[str, Any]) -> str:
     out += _table(
         ["class", "latents", "density median", "density Q1", "density Q3", "mean activation"], rows
     )
-    out += ["## Density claims", ""]
-    for test in s["density_tests"].values():
-        out.append(f"- {test['sentence']}")
+    method = s["claims_method"]
+    out += ["## The paper's claims", "", f"_{method['caveat']} Rule: {method['rule']}._", ""]
+    out += _table(CLAIM_HEADER, claim_rows(s))
+    for c in s["claims"]:
+        out.append(f"- {c['sentence']}")
+        if c["excluding_artifacts"] is not None:
+            out.append(f"  - {c['excluding_artifacts']['sentence']}")
     out.append("")
     rec = s["reconstruction"]
     out += ["## Reconstruction", ""]
-    rows = [[name, rec["fve_per_model"][name], rec["mse_per_model"][name]]
+    topk = rec.get("fve_topk_per_model") or {}
+    rows = [[name, rec["fve_per_model"][name], topk.get(name), rec["mse_per_model"][name]]
             for name in rec["fve_per_model"]]  # fmt: skip
-    out += _table(["model", "FVE", "MSE"], rows)
-    out += [
-        f"FVE over all models: {fmt(rec['fve'])}; mean active latents per token (threshold): "
-        f"{fmt(rec['l0'])}; dead fraction: {fmt(rec['dead_fraction'])}.",
-        "",
-        f"_{rec['formula']}._",
-        "",
-    ]
+    out += _table(["model", "FVE (threshold)", "FVE (top-k)", "MSE (threshold)"], rows)
+    out += [fve_line(rec), ""]
+    for warning in s.get("warnings", []):
+        out += [f"**Warning:** {warning}", ""]
+    out += [f"_{rec['formula']}._", ""]
     out += _spliced_loss_section(s.get("spliced_loss"))
     ex = s["experts"]
     out += ["## Experts", ""]
@@ -103,12 +144,13 @@ def render_markdown(data: dict[str, Any]) -> str:
     out += ["## Domains", ""]
     if dom["recorded"]:
         names = dom["names"]
-        out += ["Share of each class's activation mass per domain (mean over its latents); the "
-                "first row is the share of analysed tokens.", ""]  # fmt: skip
-        rows = [["(tokens)", *[dom["token_share"][n] for n in names]]]
+        out += ["Domain lift per class: a latent's share of activation mass in a domain over "
+                "that domain's share of tokens (1 = no preference), mean over the class's "
+                "latents; the first row is the share of analysed tokens.", ""]  # fmt: skip
+        rows = [["(token share)", *[dom["token_share"][n] for n in names]]]
         rows += [[c, *[(v or {}).get(n) for n in names]]
-                 for c, v in dom["mean_share_per_class"].items()]  # fmt: skip
-        out += _table(["class", *names], rows)
+                 for c, v in dom["mean_lift_per_class"].items()]  # fmt: skip
+        out += _table(["class", *[f"lift {n}" for n in names]], rows)
     else:
         out += ["No domain labels were recorded.", ""]
     ls = s["latent_scaling"]
