@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from crossdiff.common import CrossdiffError, atomic_path, read_json
+from crossdiff.common import CrossdiffError, atomic_path, read_json, tensors_nbytes
+from crossdiff.integrity import remove_checksum, sha256_of_file, verify_checksum, write_checksum
 
 FORMAT = "crossdiff-crosscoder-checkpoint"
 _SHAPE_KEYS = ("n_models", "d_model", "d_sae", "n_shared", "shared_decoder")
@@ -34,8 +35,11 @@ def write_checkpoint(trainer: Any, directory: Path, extra: dict[str, Any]) -> Pa
     steps_done = trainer.n_training_steps
     name = f"state_{steps_done:09d}.safetensors"
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / name) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(directory / name, needed_bytes=tensors_nbytes(tensors)) as tmp:
+        save_file(tensors, tmp)
+        digest = sha256_of_file(tmp)
+    write_checksum(directory / name, digest)
     state = {
         "format": FORMAT,
         "version": 1,
@@ -57,6 +61,7 @@ def write_checkpoint(trainer: Any, directory: Path, extra: dict[str, Any]) -> Pa
     for old in directory.glob("state_*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
+            remove_checksum(old)
     return directory / "state.json"
 
 
@@ -71,7 +76,12 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Te
     tensor_path = directory / state["tensors"]
     if not tensor_path.exists():
         raise CrossdiffError(f"{path} names {tensor_path}, which is missing; delete {directory}")
-    return state, load_file(tensor_path)
+    advice = f"delete {directory} to train from the start (or restore the file from a copy)"
+    verify_checksum(tensor_path, "crosscoder checkpoint", advice)
+    try:
+        return state, load_file(tensor_path)
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise CrossdiffError(f"cannot read the checkpoint {tensor_path} ({err}); {advice}") from err
 
 
 def restore_checkpoint(

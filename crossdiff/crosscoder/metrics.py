@@ -14,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from crossdiff.common import CrossdiffError
+from crossdiff.integrity import check_finite_module
 
 
 class ReconstructionMeter:
@@ -110,6 +111,7 @@ def evaluate_crosscoder(
     read in order, its first `max_tokens` rows.
     """
     cfg = cc.cfg
+    check_finite_module(cc, "the crosscoder", "load or train an undamaged one")
     was_training = cc.training
     cc.eval()
     threshold_meter = ReconstructionMeter(cfg.n_models, cfg.d_model)

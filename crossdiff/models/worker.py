@@ -2,20 +2,43 @@
 
 Started by `train_language_models` when it trains the dense and the MoE model at the same time;
 SPEC.json says which model, where the token sets are, and the options. A user-facing error is
-written to the spec's error file so the parent can repeat it."""
+written to the spec's error file so the parent can repeat it.
+
+The worker dies with its parent (Linux: the kernel sends it SIGTERM when the parent exits, even
+by kill -9), so an interrupted run never leaves a worker writing into its checkpoint folder."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import sys
 from pathlib import Path
 
 from crossdiff.common import CrossdiffError, read_json
+
+PARENT_PID_ENV = "CROSSDIFF_WORKER_PARENT"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the parent process ends; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl: the parent still reaps us on SIGTERM
+            pass
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent and os.getppid() != int(parent):  # the parent died before prctl took effect
+        raise SystemExit(143)
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m crossdiff.models.worker SPEC.json", file=sys.stderr)
         return 2
+    die_with_parent()
     from crossdiff.models.train import run_worker
 
     try:
