@@ -161,20 +161,21 @@ class _StoreSource:
                     f"{start_step + i}; expected {(batch_size, *self.d)}. The store may be "
                     "truncated or corrupt: re-harvest it"
                 )
-            try:
-                check_finite(batch, f"store batch at training step {start_step + i}")
-            except CrossdiffError as err:
-                where = (
-                    locate_nonfinite_in_store(self.store)
-                    if hasattr(self.store, "manifest")
-                    else "an unknown position"
-                )
-                raise CrossdiffError(
-                    f"the store batch of training step {start_step + i} has a non-finite "
-                    f"activation; the first one in store {self.store.path} is at {where}. "
-                    "Harvest the store again (or remove those tokens) before training"
-                ) from err
+            self.check_finite(batch, f"the store batch of training step {start_step + i}")
             yield shard_rows(batch, part)
+
+    def check_finite(self, batch: Tensor, what: str) -> None:
+        """Refuse NaN/inf activations, saying where in the store the first one is."""
+        try:
+            check_finite(batch, what)
+        except CrossdiffError as err:
+            if not hasattr(self.store, "manifest"):
+                raise
+            raise CrossdiffError(
+                f"{what} has a non-finite activation; the first one in store "
+                f"{getattr(self.store, 'path', '')} is at {locate_nonfinite_in_store(self.store)}. "
+                "Harvest the store again (or remove those tokens) before training"
+            ) from err
 
 
 class CrossCoderTrainer(SAETrainer):
@@ -463,6 +464,8 @@ def train_crosscoder(
         source.raw_scaling_factors(seed) if (normalize or is_store) else torch.ones(tcfg.n_models)
     )
     sample = source.sample(_SAMPLE_TOKENS, seed + 1) * scale[:, None]
+    if is_store:  # the sample sets the decoder bias: one NaN in it would spoil every step
+        source.check_finite(sample, "the sample of activations that sets the decoder bias")
     with torch.no_grad():
         sae.b_dec.copy_(sample.mean(0).to(dev))
     broadcast_module_(sae)  # every rank starts from rank 0's weights, whatever its RNG did

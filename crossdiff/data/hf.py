@@ -17,6 +17,7 @@ SHUFFLE_BUFFER = 1000
 ENCODING_ERRORS = ("strict", "replace")
 _TEXT_BUILDERS = ("json", "text")
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
+_TEXT_SUFFIXES = (".json", ".jsonl", ".txt", ".text")
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def _open(source: DomainSource, seed: int, shuffle_buffer: int) -> Iterator[dict
     except ImportError as err:  # pragma: no cover - datasets is a dependency
         raise CrossdiffError("the Hugging Face corpus needs `pip install datasets`") from err
     encoding: dict[str, str] = {}
-    if source.path in _TEXT_BUILDERS:
+    if source.path in _TEXT_BUILDERS or _text_folder_files(source.path):
         if source.encoding_errors == "strict":
             _check_utf8(source)
         else:
@@ -173,8 +174,20 @@ def first_invalid_utf8(path: Path, chunk: int = 1 << 20) -> int | None:
                 return None
 
 
+def _text_folder_files(path: str) -> list[Path]:
+    """The JSON/text files of a local folder given as a dataset path (empty if it has others)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return []
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    if not files or any(p.suffix not in _TEXT_SUFFIXES for p in files):
+        return []
+    return files
+
+
 def _check_utf8(source: DomainSource) -> None:
-    for path in _local_files(source.data_files):
+    files = _local_files(source.data_files) + _text_folder_files(source.path)
+    for path in files:
         if path.suffix in _COMPRESSED:
             continue  # checked while streaming (see _interleave)
         offset = first_invalid_utf8(path)
