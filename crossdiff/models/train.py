@@ -82,6 +82,7 @@ from crossdiff.models.moe import (
     moe_aux_loss,
     moe_modules,
 )
+from crossdiff.models.worker import PARENT_PID_ENV, parent_death_signal
 
 CHECKPOINT_FORMAT = "crossdiff.lm-checkpoint/1"
 MODEL_NAMES = ("dense", "moe")
@@ -419,7 +420,8 @@ def _train_in_processes(
     print(f"training both models at once in two processes, {threads} thread(s) each")
     processes: dict[str, subprocess.Popen] = {}
     error_files = {name: work_dir / f"{name}.error.txt" for name in cfgs}
-    env = {**os.environ, "CROSSDIFF_WORKER_PARENT": str(os.getpid())}
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+    die_with_parent = parent_death_signal()  # set in the child between fork and exec
     previous_handler = _exit_on_sigterm()
     try:
         for position, (name, cfg) in enumerate(cfgs.items()):
@@ -438,7 +440,7 @@ def _train_in_processes(
             }
             spec_path = write_json_atomic(work_dir / f"{name}.worker.json", spec)
             command = [sys.executable, "-m", "crossdiff.models.worker", str(spec_path)]
-            processes[name] = subprocess.Popen(command, env=env)
+            processes[name] = subprocess.Popen(command, env=env, preexec_fn=die_with_parent)
         codes = {name: process.wait() for name, process in processes.items()}
     finally:
         for process in processes.values():  # on an error, Ctrl-C or SIGTERM: reap the workers
