@@ -61,11 +61,15 @@ def read_checksum(path: str | Path) -> str | None:
     return fields[0].lower()
 
 
-def verify_checksum(path: str | Path, what: str, advice: str) -> bool:
-    """Check `path` against its `.sha256` file. True if verified; False (said once) if it has
-    none; a CrossdiffError naming the file and `advice` if it does not match."""
+def verify_checksum(
+    path: str | Path, what: str, advice: str, *, expected: str | None = None, recorded_in: str = ""
+) -> bool:
+    """Check `path` against its `.sha256` file (or the `expected` digest, recorded in the file
+    named by `recorded_in`). True if verified; False (said once) if there is no checksum; a
+    CrossdiffError naming the file and `advice` if it does not match."""
     path = Path(path)
-    expected = read_checksum(path)
+    if expected is None:
+        expected, recorded_in = read_checksum(path), checksum_path(path).name
     if expected is None:
         if str(path) not in _warned_unverified:
             _warned_unverified.add(str(path))
@@ -79,7 +83,7 @@ def verify_checksum(path: str | Path, what: str, advice: str) -> bool:
     if actual != expected:
         raise CrossdiffError(
             f"{what} {path} is damaged: its sha256 ({actual[:16]}...) does not match the one "
-            f"recorded when it was written ({expected[:16]}..., in {checksum_path(path).name}); "
+            f"recorded when it was written ({expected[:16]}..., in {recorded_in}); "
             f"{advice}"
         )
     return True

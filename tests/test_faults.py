@@ -120,13 +120,15 @@ def test_nan_in_a_crosscoder_checkpoint_is_refused_not_resumed(tmp_path):
     store = write_store(tmp_path / "store", planted())
     ckpt = tmp_path / "ckpt"
     train_crosscoder(store, CFG, **TRAIN, checkpoint_dir=ckpt, checkpoint_every=10)
-    state_file = ckpt / json.loads((ckpt / "state.json").read_text())["tensors"]
-    assert checksum_path(state_file).exists()
+    state = json.loads((ckpt / "state.json").read_text())
+    state_file = ckpt / state["tensors"]
+    assert len(state["tensors_sha256"]) == 64
     nan_into_safetensors(state_file, "model.W_enc")
     with pytest.raises(CrossdiffError, match=f"{state_file.name} is damaged.*delete"):
         train_crosscoder(store, CFG, **TRAIN, checkpoint_dir=ckpt, checkpoint_every=10)
     # a checkpoint of an older crossdiff (no checksum) with NaN weights: the finite check
-    checksum_path(state_file).unlink()
+    del state["tensors_sha256"]
+    (ckpt / "state.json").write_text(json.dumps(state))
     with pytest.raises(CrossdiffError, match=r"non-finite weight: W_enc\[0, 0, 3\] = nan"):
         train_crosscoder(store, CFG, **TRAIN, checkpoint_dir=ckpt, checkpoint_every=10)
 
@@ -139,7 +141,11 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
     )
     state_file = next(ckpt.glob("state_*.safetensors"))
     state_file.write_bytes(state_file.read_bytes()[:100])
-    checksum_path(state_file).unlink()  # without the checksum, reading it fails: still clean
+    with pytest.raises(CrossdiffError, match=f"{state_file.name} is damaged"):
+        train_crosscoder(store, CFG, **TRAIN, checkpoint_dir=ckpt, checkpoint_every=10)
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["tensors_sha256"]  # as an older checkpoint: reading it fails, still cleanly
+    (ckpt / "state.json").write_text(json.dumps(state))
     with pytest.raises(CrossdiffError, match=f"cannot read the checkpoint .*{state_file.name}"):
         train_crosscoder(store, CFG, **TRAIN, checkpoint_dir=ckpt, checkpoint_every=10)
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crossdiff.common import CrossdiffError, atomic_path, read_json, tensors_nbytes
-from crossdiff.integrity import remove_checksum, sha256_of_file, verify_checksum, write_checksum
+from crossdiff.integrity import sha256_of_file, verify_checksum
 
 FORMAT = "crossdiff-crosscoder-checkpoint"
 _SHAPE_KEYS = ("n_models", "d_model", "d_sae", "n_shared", "shared_decoder")
@@ -39,11 +39,11 @@ def write_checkpoint(trainer: Any, directory: Path, extra: dict[str, Any]) -> Pa
     with atomic_path(directory / name, needed_bytes=tensors_nbytes(tensors)) as tmp:
         save_file(tensors, tmp)
         digest = sha256_of_file(tmp)
-    write_checksum(directory / name, digest)
     state = {
         "format": FORMAT,
         "version": 1,
         "tensors": name,
+        "tensors_sha256": digest,  # checked on resume (absent in checkpoints of older versions)
         "steps_done": steps_done,
         "n_training_samples": trainer.n_training_samples,
         "n_frac_active_samples": trainer.n_frac_active_samples,
@@ -61,7 +61,6 @@ def write_checkpoint(trainer: Any, directory: Path, extra: dict[str, Any]) -> Pa
     for old in directory.glob("state_*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
-            remove_checksum(old)
     return directory / "state.json"
 
 
@@ -77,7 +76,13 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Te
     if not tensor_path.exists():
         raise CrossdiffError(f"{path} names {tensor_path}, which is missing; delete {directory}")
     advice = f"delete {directory} to train from the start (or restore the file from a copy)"
-    verify_checksum(tensor_path, "crosscoder checkpoint", advice)
+    verify_checksum(
+        tensor_path,
+        "crosscoder checkpoint",
+        advice,
+        expected=state.get("tensors_sha256"),
+        recorded_in="state.json",
+    )
     try:
         return state, load_file(tensor_path)
     except Exception as err:  # safetensors raises its own error types for a damaged file
