@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import crossdiff.crosscoder.checkpoint as checkpoint_module
@@ -101,11 +102,13 @@ def copy_folder(src: Path, dst: Path) -> Path:
 
 def nan_into_safetensors(path: Path, key: str | None = None) -> None:
     """Rewrite `path` with NaN in one tensor, as valid safetensors (the checksum file stays)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
     tensors = load_file(path)
     key = key or next(k for k, v in tensors.items() if v.is_floating_point() and v.numel() > 1)
     tensors[key] = tensors[key].clone()
     tensors[key].view(-1)[3] = float("nan")
-    save_file(tensors, path)
+    save_file(tensors, path, metadata=metadata)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -213,6 +216,86 @@ def test_in_memory_crosscoder_with_nan_weights_is_refused(trained):
         evaluate_crosscoder(cc, store)
     with pytest.raises(CrossdiffError, match=r"W_dec_untied\[5, 1, 2\] = inf"):
         diff_features(cc, store, show_progress=False)
+
+
+def lm_run(out: Path, **options):
+    """Both language models, tiny, on random tokens, in this process (2 checkpoints each)."""
+    from crossdiff.models import matched_configs, train_language_models
+
+    g = torch.Generator().manual_seed(0)
+    sets = []
+    for n in (24, 6):
+        tokens = torch.randint(1, 40, (n, 12), generator=g)
+        sets.append(
+            TokenSet(
+                tokens=tokens,
+                doc_ids=torch.arange(n)[:, None].expand(n, 12).clone(),
+                doc_positions=torch.arange(-1, 11)[None].expand(n, 12).clone(),
+                domains=torch.arange(n) % 3,
+            )
+        )
+    small = dict(d_model=16, n_heads=2, n_layers=1, d_vocab=40, n_ctx=12, d_mlp=32, device="cpu")
+    dense, moe = matched_configs("tiny", **small, num_experts=4)
+    kwargs = dict(steps=6, batch_size=4, lr=1e-2, warmup=2, eval_every=100, checkpoint_every=2)
+    return train_language_models(
+        *sets, out, dense_cfg=dense, moe_cfg=moe, parallel=False, **(kwargs | options)
+    )
+
+
+def test_language_model_training_stops_on_a_non_finite_loss(tmp_path, monkeypatch):
+    import crossdiff.models.train as train_module
+
+    real_step, calls = train_module.train_step, []
+
+    def nan_at_the_fourth_step(*args, **kwargs):
+        calls.append(1)
+        ce, aux = real_step(*args, **kwargs)
+        return (float("nan"), aux) if len(calls) == 4 else (ce, aux)
+
+    monkeypatch.setattr(train_module, "train_step", nan_at_the_fourth_step)
+    with pytest.raises(
+        CrossdiffError, match=r"dense: the loss became non-finite at step 3 .*rows \["
+    ):
+        lm_run(tmp_path)
+    assert not (tmp_path / "dense" / "config.json").exists()
+
+
+def test_damaged_language_model_checkpoint_is_refused(tmp_path, monkeypatch):
+    import crossdiff.models.train as train_module
+
+    real_step, calls = train_module.train_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # after the dense model's step-2 checkpoint
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lm_run(tmp_path)
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    ckpt = tmp_path / "checkpoints" / "dense" / "checkpoint.safetensors"
+    nan_into_safetensors(ckpt, "model.embed.W_E")
+    with pytest.raises(CrossdiffError, match="checkpoint.safetensors is damaged.*delete"):
+        lm_run(tmp_path)
+    checksum_path(ckpt).unlink()  # as a checkpoint of an older version: the finite check
+    with pytest.raises(CrossdiffError, match=r"non-finite weight: embed.W_E\[0, 3\] = nan"):
+        lm_run(tmp_path)
+
+
+def test_damaged_language_model_weights_are_refused(tmp_path):
+    from crossdiff.models import build_model, dense_config, load_model, save_model
+
+    folder = save_model(
+        build_model(dense_config("tiny", d_model=16, n_layers=1, d_vocab=50)), tmp_path / "m"
+    )
+    nan_into_safetensors(folder / "model.safetensors", "embed.W_E")
+    with pytest.raises(CrossdiffError, match="model.safetensors is damaged"):
+        load_model(folder)
+    checksum_path(folder / "model.safetensors").unlink()
+    with pytest.raises(CrossdiffError, match=r"non-finite weight: embed.W_E\[0, 3\]"):
+        load_model(folder)
 
 
 # --- activations: NaN in a store -----------------------------------------------------------------
