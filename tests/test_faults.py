@@ -399,6 +399,11 @@ def test_unusable_out_and_unknown_device_are_one_line_errors(tmp_path, capsys, m
         ["run", "--preset", "micro", "--out", str(fresh), "--device", "bogus"], capsys
     )
     assert code == 2 and "unknown device 'bogus'" in err and not fresh.exists()
+    from crossdiff.pipeline import run_pipeline
+
+    with pytest.raises(CrossdiffError, match="unknown device 'bogus'"):
+        run_pipeline(fresh, "micro", device="bogus")
+    assert not fresh.exists()
     # a read-only filesystem (simulated: tests may run as root, who may write anywhere)
     real_access = os.access
     monkeypatch.setattr(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -37,6 +38,7 @@ from crossdiff.crosscoder.prefetch import prefetch_to_device
 from crossdiff.crosscoder.training import TrainingCrossCoder
 from crossdiff.distributed import (
     DistInfo,
+    all_reduce_max_,
     all_reduce_sum_,
     broadcast_module_,
     dist_info,
@@ -171,6 +173,10 @@ class _StoreSource:
         except CrossdiffError as err:
             if not hasattr(self.store, "manifest"):
                 raise
+            print(
+                "crossdiff: locating the first non-finite activation in the store (one read)",
+                file=sys.stderr,
+            )
             raise CrossdiffError(
                 f"{what} has a non-finite activation; the first one in store "
                 f"{getattr(self.store, 'path', '')} is at {locate_nonfinite_in_store(self.store)}. "
@@ -202,7 +208,11 @@ class CrossCoderTrainer(SAETrainer):
 
     def check_finite(self) -> None:
         """Stop with the step at fault if a loss or a weight has become NaN or infinite."""
-        bad_step = -1 if self._nonfinite_step is None else int(self._nonfinite_step)
+        local = self._nonfinite_step
+        if local is None:
+            local = torch.full((), -1, dtype=torch.long, device=self.sae.W_enc.device)
+        # every rank calls this at the same steps; all stop together, so none waits on the others
+        bad_step = int(all_reduce_max_(local.clone()))
         advice = (
             "training diverged: lower the learning rate (lr), check the activations for huge "
             "values, or resume from an earlier checkpoint"
