@@ -79,6 +79,7 @@ def run_pass(
     device, dtype = _module_device_dtype(cc)
     if isinstance(cc, torch.nn.Module):
         check_finite_module(cc, "the crosscoder", "load or train an undamaged one")
+    store = source.store if hasattr(source.store, "manifest") else None  # to name shard and row
     d_sae = int(cc.W_dec.shape[0])
     n_models, d_model = int(cc.W_dec.shape[1]), int(cc.W_dec.shape[2])
     n_domains = len(source.domain_names)
@@ -118,7 +119,6 @@ def run_pass(
             for start in range(range_start, range_stop, batch_size):
                 stop = min(start + batch_size, range_stop)
                 x = source.read_acts(start, stop).to(device=device, dtype=dtype)
-                store = source.store if hasattr(source.store, "manifest") else None
                 check_finite_acts(x, "the diff pass", store=store, first_token=start)
                 f = cc.encode(x)
                 # everything below works on the active entries only (about L0 per token)

@@ -111,7 +111,8 @@ def evaluate_crosscoder(
     read in order, its first `max_tokens` rows.
     """
     cfg = cc.cfg
-    check_finite_module(cc, "the crosscoder", "load or train an undamaged one")
+    if isinstance(cc, torch.nn.Module):
+        check_finite_module(cc, "the crosscoder", "load or train an undamaged one")
     was_training = cc.training
     cc.eval()
     threshold_meter = ReconstructionMeter(cfg.n_models, cfg.d_model)
