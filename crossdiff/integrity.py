@@ -1,8 +1,9 @@
 """Checks that keep damaged inputs from turning into silent wrong results.
 
 - Checksums: every weight file crossdiff writes gets a `<file>.sha256` beside it (the format of
-  `sha256sum`, so `sha256sum -c model.safetensors.sha256` checks it too). Loading verifies it and
-  names the file and what to do when it does not match. A file written by an older crossdiff has
+  `sha256sum`, so `sha256sum -c model.safetensors.sha256` checks it too); a crosscoder training
+  checkpoint records it in its state.json instead. Loading verifies it and names the file and
+  what to do when it does not match. A file written by an older crossdiff has
   no checksum: it loads unverified, and crossdiff says so once per file.
 - Finite checks: weights and activations with NaN or infinity are refused, with where they are
   (tensor and index; for a store the shard file and row).
@@ -111,10 +112,10 @@ def check_finite_tensors(
     for name, tensor in items:
         index = first_nonfinite(tensor.detach())
         if index is not None:
-            value = tensor.detach()[index].item() if index else tensor.item()
+            at = f"[{', '.join(map(str, index))}]" if index else ""
+            value = tensor.detach()[index].item()
             raise CrossdiffError(
-                f"{source} has a non-finite weight: {name}[{', '.join(map(str, index))}] = "
-                f"{value}; {advice}"
+                f"{source} has a non-finite weight: {name}{at} = {value}; {advice}"
             )
 
 
