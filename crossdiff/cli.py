@@ -7,13 +7,14 @@ function); this module only assembles them and applies an optional TOML config f
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import tomllib
 import traceback
 from pathlib import Path
 
-from crossdiff.common import CrossdiffError
+from crossdiff.common import CrossdiffError, check_output_dir, resolve_device
 
 # (module, in the order a newcomer meets the stages)
 _COMMAND_MODULES = (
@@ -89,6 +90,31 @@ def _apply_config_file(
     return parser.parse_args(argv)
 
 
+def _check_environment(args: argparse.Namespace) -> None:
+    """Refuse an unknown --device and an unusable output folder before anything is written."""
+    device = getattr(args, "device", None)
+    if device is not None:
+        resolve_device(device)
+    for dest, option in (("out", "--out"), ("out_dir", "OUT_DIR")):
+        if getattr(args, dest, None) is not None:
+            check_output_dir(args.out if dest == "out" else args.out_dir, option)
+
+
+def _environment_message(err: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of crossdiff, or None."""
+    if isinstance(err, OSError):
+        where = f" {err.filename}" if err.filename else ""
+        hint = {
+            errno.ENOSPC: "free some space or choose another --out, then run it again",
+            errno.EROFS: "the filesystem is read-only; choose another --out",
+            errno.EACCES: "you may not write there; choose another --out",
+        }.get(err.errno or 0, "check the path and the disk, then run it again")
+        return f"cannot access{where}: {err.strerror or err}; {hint}"
+    if isinstance(err, MemoryError):
+        return "out of memory; use smaller sizes (batch, d_sae, tokens) or a larger machine"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -105,10 +131,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = _apply_config_file(parser, argv, args)
+        _check_environment(args)
         init_distributed()  # under torchrun: join the process group; otherwise nothing
         code = int(args.func(args) or 0)
     except CrossdiffError as err:
         print(f"crossdiff {args.command}: error: {err}", file=sys.stderr)
+        code = 2
+    except (OSError, MemoryError) as err:
+        if dist_info().enabled:
+            traceback.print_exc()
+            abort_distributed(1)
+        print(f"crossdiff {args.command}: error: {_environment_message(err)}", file=sys.stderr)
         code = 2
     except BaseException:
         if dist_info().enabled:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +20,39 @@ import torch
 
 class CrossdiffError(ValueError):
     """An error in what the user asked for. The message says what was wrong and what to do."""
+
+
+class DiskFullError(CrossdiffError):
+    """A write failed because the disk (or the quota) is full; `errno` and `path` say which."""
+
+    def __init__(self, message: str, path: Path, err_no: int):
+        super().__init__(message)
+        self.path = path
+        self.errno = err_no
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def disk_full_error(path: Path, err: OSError, needed_bytes: int | None = None) -> DiskFullError:
+    """The error for a write of `path` that hit a full disk: which file, how much space it needs
+    (when known) and how much is free."""
+    try:
+        free = _megabytes(shutil.disk_usage(path.parent).free)
+    except OSError:
+        free = "unknown"
+    need = f"about {_megabytes(needed_bytes)}" if needed_bytes else "more space than is free"
+    return DiskFullError(
+        f"the disk is full: could not write {path} (it needs {need}; {free} free on that disk). "
+        "Nothing partial was left behind. Free some space (or choose another --out) and run "
+        "the same command again",
+        path,
+        err.errno or errno.ENOSPC,
+    )
 
 
 DTYPES: dict[str, torch.dtype] = {
@@ -48,7 +83,12 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise CrossdiffError(
+            f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CrossdiffError(
             f"device {name!r} was asked for but torch sees no CUDA GPU; use --device cpu"
@@ -83,25 +123,88 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+FILE_MODE = 0o666 & ~_UMASK  # the mode of every file crossdiff writes (the umask's)
+
+
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path` in one step.
 
-    A crash or an exception leaves `path` as it was (absent or the previous version).
+    A crash or an exception leaves `path` as it was (absent or the previous version). A full
+    disk is a DiskFullError naming `path` and the space it needs (`needed_bytes` if known).
+    The file gets the umask's mode (mkstemp and some writers, e.g. safetensors, create 0600).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        if err.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(path, err, needed_bytes) from err
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)  # after writing: a writer may have re-created the file
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as err:
+        if err.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(path, err, needed_bytes) from err
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """The size of a safetensors file of `tensors`, near enough for a disk-space message."""
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + 1024 * (len(tensors) + 1)
+
+
+def check_output_dir(path: str | Path, option: str = "--out") -> Path:
+    """Check that `path` can be (or is) a folder crossdiff may write into, without creating it:
+    not a file, not under a file, on a writable filesystem."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CrossdiffError(
+            f"{option} {path} is a file, not a folder; give a folder path (it is created if "
+            "missing)"
+        )
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise CrossdiffError(
+            f"{option} {path} lies under {existing}, which is a file, so the folder cannot be "
+            "created; choose a path under a folder"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CrossdiffError(
+            f"{option} {path} cannot be written: {existing} is not writable (read-only "
+            "filesystem or no permission); choose a folder you can write to"
+        )
+    return path
+
+
+@contextmanager
+def allocation_guard(what: str, nbytes: int) -> Iterator[None]:
+    """Turn an out-of-memory failure while allocating `what` into an error that says the size."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as err:
+        text = str(err).lower()
+        if not isinstance(err, MemoryError) and not (
+            "out of memory" in text or "not enough memory" in text or "can't allocate" in text
+        ):
+            raise
+        raise CrossdiffError(
+            f"not enough memory for {what}: it needs about {nbytes / 2**30:.2f} GiB ({err}). "
+            "Choose a smaller size (e.g. a lower --expansion / d_sae) or a device with more memory"
+        ) from err
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

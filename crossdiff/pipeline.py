@@ -19,6 +19,7 @@ from typing import Any
 from crossdiff.common import (
     CrossdiffError,
     add_runtime_arguments,
+    check_output_dir,
     read_json,
     resolve_device,
     write_json_atomic,
@@ -150,9 +151,10 @@ def run_pipeline(
         raise CrossdiffError(f"--stop-after must be one of {STAGES}, got {stop_after!r}")
     options = resolve_options(preset, overrides)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     info = dist_info()
     torch_device = rank_device(device) if info.enabled else resolve_device(device)
+    check_output_dir(out)  # both before the folder is made: a bad --device leaves nothing
+    out.mkdir(parents=True, exist_ok=True)
     summary = RunSummary(out_dir=out)
     if info.is_main:
         write_json_atomic(out / "run.json", {"preset": preset, "seed": seed, "options": options})

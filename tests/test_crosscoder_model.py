@@ -148,6 +148,7 @@ def test_save_and_load_reconstruct_identically(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cc").iterdir()) == [
         "cfg.json",
         "sae_weights.safetensors",
+        "sae_weights.safetensors.sha256",
     ]
     assert json.loads((tmp_path / "cc" / "cfg.json").read_text())["architecture"] == "crosscoder"
     x = torch.randn(32, 2, 8) * 2

@@ -58,6 +58,7 @@ def _train(model: HookedTransformer, steps: int = 40) -> HookedTransformer:
 @pytest.fixture(scope="module")
 def models() -> tuple[HookedTransformer, HookedTransformer]:
     """A trained tiny dense model and crossdiff MoE (5 layers, d_model 16)."""
+    torch.manual_seed(0)  # the models' init must not depend on which tests ran before
     shape = dict(d_model=16, n_heads=2, d_head=8, d_vocab=V, n_ctx=SEQ, device="cpu")
     dense = crossdiff.build_model(crossdiff.dense_config("tiny", d_mlp=32, **shape))
     moe = crossdiff.build_model(

@@ -144,6 +144,7 @@ def _check_tokenizers(
     names: tuple[str, str],
     fingerprints: tuple[str | None, str | None] | None,
     tokens: Tensor,
+    token_fingerprint: str | None = None,
 ) -> None:
     vocab = [m.cfg.d_vocab for m in models]
     if vocab[0] != vocab[1]:
@@ -159,6 +160,14 @@ def _check_tokenizers(
             f"the models' tokenizers differ: {names[0]} has fingerprint {prints[0]}, {names[1]} "
             f"has {prints[1]}. The same token ids would mean different text to them; use two "
             "models trained with the same tokenizer"
+        )
+    model_print = prints[0] or prints[1]
+    if token_fingerprint and model_print and token_fingerprint != model_print:
+        raise CrossdiffError(
+            f"the token set was made with another tokenizer (fingerprint {token_fingerprint}) "
+            f"than the models' (fingerprint {model_print}): its ids would mean other text to "
+            "them. Use the token set prepared with the models' tokenizer (the data folder the "
+            "models were trained from), or prepare-data again with --tokenizer set to it"
         )
     if int(tokens.max()) >= vocab[0]:
         raise CrossdiffError(
@@ -584,7 +593,13 @@ def _prepare(
         raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
     store_dtype = resolve_dtype(dtype)
     rows = _as_tokens(token_set, pairing.drop_bos)
-    _check_tokenizers(models, names, tokenizer_fingerprints, rows.tokens)
+    _check_tokenizers(
+        models,
+        names,
+        tokenizer_fingerprints,
+        rows.tokens,
+        getattr(token_set, "tokenizer_fingerprint", None),
+    )
     for model, name, hooks in zip(models, names, (pairing.hooks_a, pairing.hooks_b), strict=True):
         _check_hooks(model, name, hooks)
         if device is not None and next(model.parameters()).device != resolve_device(device):

@@ -35,6 +35,7 @@ from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.pairing import hook_layer
 from crossdiff.common import (
     CrossdiffError,
+    DiskFullError,
     atomic_path,
     read_json,
     resolve_dtype,
@@ -96,7 +97,9 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _disk_error(err: OSError, what: Path, store: Path, n_tokens: int) -> CrossdiffError:
+def _disk_error(
+    err: OSError | DiskFullError, what: Path, store: Path, n_tokens: int
+) -> CrossdiffError:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         reason = "the disk is full"
     else:
@@ -114,7 +117,7 @@ def write_store_file(path: Path, tensors: dict[str, Tensor], store: Path, n_toke
     try:
         with atomic_path(path) as tmp:
             _write_bytes(tmp, data)
-    except OSError as err:
+    except (OSError, DiskFullError) as err:
         raise _disk_error(err, path, store, n_tokens) from err
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -198,11 +201,41 @@ class StoreWriter:
         previous_stats = self.manifest.get("statistics")
         try:
             write_json_atomic(self.path / MANIFEST, manifest)
-        except OSError as err:
+        except (OSError, DiskFullError) as err:
             raise _disk_error(err, self.path / MANIFEST, self.path, self.n_tokens) from err
         self.manifest, self.stats = manifest, stats
         if previous_stats:
             (self.path / previous_stats["file"]).unlink(missing_ok=True)
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """The counts and widths in a manifest agree with each other (an edited manifest does not)."""
+    advice = "the manifest was edited or damaged: restore it or harvest the store again"
+    try:
+        shards = manifest["shards"]
+        n_tokens = int(manifest["n_tokens"])
+        d_models = [int(d) for d in manifest["d_models"]]
+        d_model = int(manifest["d_model"])
+        n_models = len(manifest["model_names"])
+        counts = [int(s["n_tokens"]) for s in shards]
+        starts = [int(s["start"]) for s in shards]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CrossdiffError(f"{path} lacks or mangles a field ({err!r}); {advice}") from err
+    if sum(counts) != n_tokens:
+        raise CrossdiffError(
+            f"{path} says n_tokens={n_tokens} but its shards hold {sum(counts)} tokens; {advice}"
+        )
+    expected_starts = [sum(counts[:i]) for i in range(len(counts))]
+    if starts != expected_starts:
+        raise CrossdiffError(
+            f"{path} gives shard starts {starts} but the shard sizes make them "
+            f"{expected_starts}; {advice}"
+        )
+    if len(d_models) != n_models or (d_models and d_model != max(d_models)):
+        raise CrossdiffError(
+            f"{path} says d_model={d_model} with d_models={d_models} for {n_models} models; "
+            f"d_model must be the largest of d_models, one per model; {advice}"
+        )
 
 
 class ActivationStore:
@@ -223,6 +256,7 @@ class ActivationStore:
                 f"store {self.path} has format version {manifest.get('format_version')}, this "
                 f"crossdiff reads version {FORMAT_VERSION}; re-harvest it with this version"
             )
+        _check_manifest(self.path / MANIFEST, manifest)
         self.manifest: dict[str, Any] = manifest
         self._handles: OrderedDict[int, Any] = OrderedDict()
         self._verified: set[int] = set()
@@ -351,10 +385,28 @@ class ActivationStore:
             raise CrossdiffError(
                 f"cannot open shard {path}: {err}; harvest the store again"
             ) from err
+        self._check_shard_shape(index, handle)
         self._handles[index] = handle
         if len(self._handles) > _MAX_OPEN_SHARDS:
             self._handles.popitem(last=False)
         return handle
+
+    def _check_shard_shape(self, index: int, handle: Any) -> None:
+        info = self.manifest["shards"][index]
+        expected = [info["n_tokens"], self.n_models, self.d_model]
+        try:
+            shape = list(handle.get_slice("acts").get_shape())
+        except Exception as err:  # no "acts" tensor
+            raise CrossdiffError(
+                f"shard {info['file']} of store {self.path} has no activations ({err}); "
+                "harvest the store again"
+            ) from err
+        if shape != expected:
+            raise CrossdiffError(
+                f"shard {info['file']} of store {self.path} holds activations of shape {shape} but "
+                f"{MANIFEST} says {expected} (n_tokens, n_models, d_model); the manifest was "
+                "edited or belongs to another store: restore it or harvest the store again"
+            )
 
     def _read(self, key: str, start: int, stop: int) -> Tensor:
         if not 0 <= start <= stop <= self.n_tokens:

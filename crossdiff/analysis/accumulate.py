@@ -19,6 +19,7 @@ from crossdiff.analysis.experts import ExpertAccumulator, ExpertCounts
 from crossdiff.analysis.latent_scaling import ScalingAccumulator, ScalingSums
 from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.topk_meter import TopKMeter
+from crossdiff.integrity import check_finite_acts, check_finite_module
 
 
 @dataclass
@@ -83,6 +84,9 @@ def run_pass(
     expert_layout: list[Any] | None = None,
 ) -> PassStats:
     device, dtype = _module_device_dtype(cc)
+    if isinstance(cc, torch.nn.Module):
+        check_finite_module(cc, "the crosscoder", "load or train an undamaged one")
+    store = source.store if hasattr(source.store, "manifest") else None  # to name shard and row
     d_sae = int(cc.W_dec.shape[0])
     n_models, d_model = int(cc.W_dec.shape[1]), int(cc.W_dec.shape[2])
     n_domains = len(source.domain_names)
@@ -125,6 +129,7 @@ def run_pass(
             for start in range(range_start, range_stop, batch_size):
                 stop = min(start + batch_size, range_stop)
                 x = source.read_acts(start, stop).to(device=device, dtype=dtype)
+                check_finite_acts(x, "the diff pass", store=store, first_token=start)
                 f = cc.encode(x)
                 # everything below works on the active entries only (about L0 per token)
                 rows, cols = torch.nonzero(f, as_tuple=True)

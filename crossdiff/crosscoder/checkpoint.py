@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from crossdiff.common import CrossdiffError, atomic_path, read_json
+from crossdiff.common import CrossdiffError, atomic_path, read_json, tensors_nbytes
+from crossdiff.integrity import sha256_of_file, verify_checksum
 
 FORMAT = "crossdiff-crosscoder-checkpoint"
 _SHAPE_KEYS = ("n_models", "d_model", "d_sae", "n_shared", "shared_decoder")
@@ -34,12 +35,15 @@ def write_checkpoint(trainer: Any, directory: Path, extra: dict[str, Any]) -> Pa
     steps_done = trainer.n_training_steps
     name = f"state_{steps_done:09d}.safetensors"
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / name) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(directory / name, needed_bytes=tensors_nbytes(tensors)) as tmp:
+        save_file(tensors, tmp)
+        digest = sha256_of_file(tmp)
     state = {
         "format": FORMAT,
         "version": 1,
         "tensors": name,
+        "tensors_sha256": digest,  # checked on resume (absent in checkpoints of older versions)
         "steps_done": steps_done,
         "n_training_samples": trainer.n_training_samples,
         "n_frac_active_samples": trainer.n_frac_active_samples,
@@ -71,7 +75,18 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Te
     tensor_path = directory / state["tensors"]
     if not tensor_path.exists():
         raise CrossdiffError(f"{path} names {tensor_path}, which is missing; delete {directory}")
-    return state, load_file(tensor_path)
+    advice = f"delete {directory} to train from the start (or restore the file from a copy)"
+    verify_checksum(
+        tensor_path,
+        "crosscoder checkpoint",
+        advice,
+        expected=state.get("tensors_sha256"),
+        recorded_in="state.json",
+    )
+    try:
+        return state, load_file(tensor_path)
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise CrossdiffError(f"cannot read the checkpoint {tensor_path} ({err}); {advice}") from err
 
 
 def restore_checkpoint(

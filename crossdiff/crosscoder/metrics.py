@@ -15,6 +15,7 @@ from torch import Tensor
 
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.splice import spliced_loss_on
+from crossdiff.integrity import check_finite_module
 
 
 class ReconstructionMeter:
@@ -121,6 +122,8 @@ def evaluate_crosscoder(
     the store's).
     """
     cfg = cc.cfg
+    if isinstance(cc, torch.nn.Module):
+        check_finite_module(cc, "the crosscoder", "load or train an undamaged one")
     was_training = cc.training
     cc.eval()
     threshold_meter = ReconstructionMeter(cfg.n_models, cfg.d_model)

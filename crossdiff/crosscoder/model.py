@@ -30,8 +30,23 @@ from jaxtyping import Float, Int
 from sae_lens.saes.sae import SAE
 from torch import Tensor, nn
 
-from crossdiff.common import CrossdiffError
+from crossdiff.common import (
+    DISK_FULL_ERRNOS,
+    FILE_MODE,
+    CrossdiffError,
+    allocation_guard,
+    disk_full_error,
+    read_json,
+)
 from crossdiff.crosscoder.config import CrossCoderConfig
+from crossdiff.integrity import (
+    check_finite_module,
+    sha256_of_file,
+    verify_checksum,
+    write_checksum,
+)
+
+WEIGHTS_FILE = "sae_weights.safetensors"
 
 
 class CrossCoderWeights:
@@ -285,13 +300,26 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
         return self.decode_dense(feature_acts)
 
     def save(self, path: str | Path) -> Path:
-        """Write `path/cfg.json` and `path/sae_weights.safetensors` (SAELens names), atomically."""
+        """Write `path/cfg.json` and `path/sae_weights.safetensors` (SAELens names) and the
+        weights' checksum `sae_weights.safetensors.sha256`, each file replaced atomically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".crosscoder.", dir=path))
         try:
-            for written in self.save_model(tmp):
-                os.replace(written, path / written.name)
+            try:
+                written = list(self.save_model(tmp))
+                weights = tmp / WEIGHTS_FILE
+                written.append(write_checksum(weights, sha256_of_file(weights)))
+                for file in written:
+                    os.chmod(file, FILE_MODE)  # safetensors creates 0600
+            except OSError as err:
+                if err.errno in DISK_FULL_ERRNOS:
+                    needed = sum(p.numel() * p.element_size() for p in self.state_dict().values())
+                    raise disk_full_error(path / WEIGHTS_FILE, err, needed) from err
+                raise
+            # the checksum goes last: an interrupted save never pairs new weights with an old sum
+            for file in sorted(written, key=lambda p: p.name.endswith(".sha256")):
+                os.replace(file, path / file.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
@@ -299,12 +327,36 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> CrossCoder:
         path = Path(path)
-        if not (path / "cfg.json").exists() or not (path / "sae_weights.safetensors").exists():
+        if not (path / "cfg.json").exists() or not (path / WEIGHTS_FILE).exists():
             raise CrossdiffError(
                 f"{path} is not a saved crosscoder (expected cfg.json and "
-                "sae_weights.safetensors); train one with `crossdiff train-crosscoder`"
+                f"{WEIGHTS_FILE}); train one with `crossdiff train-crosscoder`"
             )
-        sae = SAE.load_from_disk(path, device=device, dtype=dtype)
+        advice = (
+            f"the folder {path} was damaged or edited after it was saved; save or train the "
+            "crosscoder again (or restore the folder from a copy)"
+        )
+        weights = path / WEIGHTS_FILE
+        verify_checksum(weights, "crosscoder weights", advice)
+        cfg = read_json(path / "cfg.json", "crosscoder config")
+        if not isinstance(cfg, dict):
+            raise CrossdiffError(f"{path / 'cfg.json'} is not a JSON object; {advice}")
+        try:
+            n_weights = 2 * int(cfg.get("d_sae", 0)) * int(cfg.get("d_in", 0))
+        except (TypeError, ValueError):
+            n_weights = 0
+        try:
+            with allocation_guard(f"the crosscoder in {path}", 4 * n_weights):
+                sae = SAE.load_from_disk(path, device=device, dtype=dtype)
+        except CrossdiffError:
+            raise
+        except Exception as err:  # SAELens/safetensors/torch errors for a config that misfits
+            raise CrossdiffError(
+                f"cannot load the crosscoder in {path}: {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}. cfg.json and {WEIGHTS_FILE} "
+                f"do not fit each other; {advice}"
+            ) from err
         if not isinstance(sae, CrossCoder):
             raise CrossdiffError(f"{path} holds a {type(sae).__name__}, not a crosscoder")
+        check_finite_module(sae, f"the crosscoder in {path}", advice)
         return sae

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from sae_lens.saes.sae import SAEMetadata, TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
-from crossdiff.common import CrossdiffError, resolve_device, seed_everything
+from crossdiff.common import CrossdiffError, allocation_guard, resolve_device, seed_everything
 from crossdiff.crosscoder.checkpoint import read_checkpoint, restore_checkpoint, write_checkpoint
 from crossdiff.crosscoder.config import CrossCoderConfig, TrainingCrossCoderConfig, default_lr
 from crossdiff.crosscoder.metrics import check_finite, evaluate_crosscoder
@@ -37,12 +38,14 @@ from crossdiff.crosscoder.prefetch import prefetch_to_device
 from crossdiff.crosscoder.training import TrainingCrossCoder
 from crossdiff.distributed import (
     DistInfo,
+    all_reduce_max_,
     all_reduce_sum_,
     broadcast_module_,
     dist_info,
     rank_device,
     shard_rows,
 )
+from crossdiff.integrity import check_finite_module, locate_nonfinite_in_store
 
 _SAMPLE_TOKENS = 65536  # tokens used to estimate scaling factors and the initial decoder bias
 DEFAULT_STEPS = 3000
@@ -160,8 +163,25 @@ class _StoreSource:
                     f"{start_step + i}; expected {(batch_size, *self.d)}. The store may be "
                     "truncated or corrupt: re-harvest it"
                 )
-            check_finite(batch, f"store batch at training step {start_step + i}")
+            self.check_finite(batch, f"the store batch of training step {start_step + i}")
             yield shard_rows(batch, part)
+
+    def check_finite(self, batch: Tensor, what: str) -> None:
+        """Refuse NaN/inf activations, saying where in the store the first one is."""
+        try:
+            check_finite(batch, what)
+        except CrossdiffError as err:
+            if not hasattr(self.store, "manifest"):
+                raise
+            print(
+                "crossdiff: locating the first non-finite activation in the store (one read)",
+                file=sys.stderr,
+            )
+            raise CrossdiffError(
+                f"{what} has a non-finite activation; the first one in store "
+                f"{getattr(self.store, 'path', '')} is at {locate_nonfinite_in_store(self.store)}. "
+                "Harvest the store again (or remove those tokens) before training"
+            ) from err
 
 
 class CrossCoderTrainer(SAETrainer):
@@ -182,10 +202,34 @@ class CrossCoderTrainer(SAETrainer):
         self.log_every = log_every
         self.extra_state = extra_state
         self.history: list[dict[str, float]] = []
+        self.data_description = "the training activations"
+        # the first step whose loss was NaN/inf (-1: none); kept on the device, read at log steps
+        self._nonfinite_step: Tensor | None = None
+
+    def check_finite(self) -> None:
+        """Stop with the step at fault if a loss or a weight has become NaN or infinite."""
+        local = self._nonfinite_step
+        if local is None:
+            local = torch.full((), -1, dtype=torch.long, device=self.sae.W_enc.device)
+        # every rank calls this at the same steps; all stop together, so none waits on the others
+        bad_step = int(all_reduce_max_(local.clone()))
+        advice = (
+            "training diverged: lower the learning rate (lr), check the activations for huge "
+            "values, or resume from an earlier checkpoint"
+        )
+        if bad_step >= 0:
+            raise CrossdiffError(
+                f"the crosscoder loss became non-finite at training step {bad_step} (its batch "
+                f"from {self.data_description} was finite, so the weights diverged); {advice}"
+            )
+        check_finite_module(
+            self.sae, f"the crosscoder after {self.n_training_steps} training steps", advice
+        )
 
     def save_checkpoint(
         self, checkpoint_name: str = "", base_path: Any = None, wandb_aliases: Any = None
     ) -> None:
+        self.check_finite()  # never write a checkpoint that would resume into NaN
         if self.checkpoint_dir is not None and dist_info().is_main:
             write_checkpoint(self, self.checkpoint_dir, self.extra_state)
 
@@ -223,6 +267,12 @@ class CrossCoderTrainer(SAETrainer):
                 )
             )
         with torch.no_grad():
+            bad = ~torch.isfinite(output.loss.detach())
+            step = torch.full_like(bad, self.n_training_steps, dtype=torch.long)
+            if self._nonfinite_step is None:
+                self._nonfinite_step = torch.full_like(step, -1)
+            first = bad & (self._nonfinite_step < 0)
+            self._nonfinite_step = torch.where(first, step, self._nonfinite_step)
             fired = all_reduce_sum_((output.feature_acts > 0).sum(0).float())
             since = self.n_forward_passes_since_fired
             self.n_forward_passes_since_fired = torch.where(fired > 0, 0, since + 1).to(since)
@@ -260,6 +310,7 @@ class CrossCoderTrainer(SAETrainer):
         pbar.update(self.cfg.train_batch_size_samples)
         if self.n_training_steps % self.log_every and self.n_training_steps != 1:
             return
+        self.check_finite()
         x = step_output.sae_in.double()
         # sums over the global batch (all ranks), so the log is the same in any world size
         sums = torch.stack(
@@ -414,12 +465,17 @@ def train_crosscoder(
     )
 
     seed_everything(seed)
-    sae = TrainingCrossCoder(tcfg).to(dev)
+    # weights, Adam moments and gradients: about 4 copies of encoder and decoder
+    n_bytes = 4 * 2 * tcfg.d_sae * tcfg.d_in * torch.finfo(torch.float32).bits // 8
+    with allocation_guard(f"a crosscoder with d_sae={tcfg.d_sae}, d_in={tcfg.d_in}", n_bytes):
+        sae = TrainingCrossCoder(tcfg).to(dev)
     is_store = not isinstance(acts, Tensor)
     scale = (
         source.raw_scaling_factors(seed) if (normalize or is_store) else torch.ones(tcfg.n_models)
     )
     sample = source.sample(_SAMPLE_TOKENS, seed + 1) * scale[:, None]
+    if is_store:  # the sample sets the decoder bias: one NaN in it would spoil every step
+        source.check_finite(sample, "the sample of activations that sets the decoder bias")
     with torch.no_grad():
         sae.b_dec.copy_(sample.mean(0).to(dev))
     broadcast_module_(sae)  # every rank starts from rank 0's weights, whatever its RNG did
@@ -443,10 +499,17 @@ def train_crosscoder(
     start_step = 0
     if ckpt_dir is not None and resume and (found := read_checkpoint(ckpt_dir)) is not None:
         restore_checkpoint(trainer, *found, options=options)
+        check_finite_module(
+            trainer.sae,
+            f"the checkpoint in {ckpt_dir}",
+            f"it was damaged; delete {ckpt_dir} to train from the start",
+        )
         scale = torch.tensor(found[0]["scaling_factors"])
         start_step = trainer.n_training_steps
         if info.is_main:
             print(f"crosscoder: resuming from {ckpt_dir} at step {start_step}/{steps}")
+    if is_store:
+        trainer.data_description = f"store {getattr(acts, 'path', '(in memory)')}"
     batches = source.batches(batch_size, scale, seed=seed, start_step=start_step, part=info)
     trainer.data_provider = prefetch_to_device(batches, dev, depth=prefetch)
 
@@ -457,6 +520,7 @@ def train_crosscoder(
     started = time.perf_counter()
     try:
         trainer.fit()
+        trainer.check_finite()
     finally:
         trainer.data_provider.close()  # stops the prefetch thread
     seconds = time.perf_counter() - started

@@ -8,7 +8,16 @@ from pathlib import Path
 from crossdiff.common import CrossdiffError, add_runtime_arguments
 from crossdiff.data.hf import DomainSource
 
-_SOURCE_KEYS = ("domain", "path", "name", "split", "column", "data_files", "data_dir")
+_SOURCE_KEYS = (
+    "domain",
+    "path",
+    "name",
+    "split",
+    "column",
+    "data_files",
+    "data_dir",
+    "encoding_errors",
+)
 
 
 def parse_source(spec: str) -> DomainSource:

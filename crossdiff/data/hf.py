@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from crossdiff.common import CrossdiffError
@@ -12,12 +14,18 @@ from crossdiff.data.corpus import Document
 from crossdiff.data.tokens import DOMAINS
 
 SHUFFLE_BUFFER = 1000
+ENCODING_ERRORS = ("strict", "replace")
+_TEXT_BUILDERS = ("json", "text")
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4")
+_TEXT_SUFFIXES = (".json", ".jsonl", ".txt", ".text")
 
 
 @dataclass(frozen=True)
 class DomainSource:
     """One dataset for one domain. `path` is a hub id, a local folder, or a builder name such as
-    "json"/"parquet" with `data_files`; `name` is the dataset config; `column` holds the text."""
+    "json"/"parquet" with `data_files`; `name` is the dataset config; `column` holds the text.
+    `encoding_errors`: what to do with bytes of local "json"/"text" files that are not UTF-8:
+    "strict" (the default) stops with the file and byte offset; "replace" reads them as U+FFFD."""
 
     domain: str
     path: str
@@ -26,9 +34,19 @@ class DomainSource:
     column: str = "text"
     data_files: str | list[str] | dict[str, Any] | None = None
     data_dir: str | None = None
+    encoding_errors: str = "strict"
+
+    def __post_init__(self) -> None:
+        if self.encoding_errors not in ENCODING_ERRORS:
+            raise CrossdiffError(
+                f"encoding_errors={self.encoding_errors!r}; expected one of {ENCODING_ERRORS}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["encoding_errors"] == "strict":  # the default: folders prepared before it existed
+            del out["encoding_errors"]  # keep the same options record
+        return out
 
     def describe(self) -> str:
         config = f" ({self.name})" if self.name else ""
@@ -79,6 +97,14 @@ def _open(source: DomainSource, seed: int, shuffle_buffer: int) -> Iterator[dict
         import datasets
     except ImportError as err:  # pragma: no cover - datasets is a dependency
         raise CrossdiffError("the Hugging Face corpus needs `pip install datasets`") from err
+    encoding: dict[str, str] = {}
+    if source.path in _TEXT_BUILDERS or _text_folder_files(source.path):
+        if source.encoding_errors == "strict":
+            _check_utf8(source)
+        else:
+            # "utf_8" is UTF-8 under another spelling: the json builder decodes (with the given
+            # errors) only when the encoding is not spelled "utf-8"
+            encoding = {"encoding": "utf_8", "encoding_errors": source.encoding_errors}
     try:
         dataset = datasets.load_dataset(
             source.path,
@@ -87,6 +113,7 @@ def _open(source: DomainSource, seed: int, shuffle_buffer: int) -> Iterator[dict
             data_files=source.data_files,
             data_dir=source.data_dir,
             streaming=True,
+            **encoding,
         )
     except Exception as err:  # network, auth, unknown id or config, missing split, ...
         raise CrossdiffError(
@@ -99,7 +126,7 @@ def _open(source: DomainSource, seed: int, shuffle_buffer: int) -> Iterator[dict
         dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
     rows = iter(dataset)
     if columns is None:  # unknown until the first row for some streamed formats
-        first = next(rows, None)
+        first = _next_row(source, rows)
         if first is None:
             raise CrossdiffError(f"the {source.domain} dataset {source.describe()} has no rows")
         columns = list(first)
@@ -111,6 +138,76 @@ def _open(source: DomainSource, seed: int, shuffle_buffer: int) -> Iterator[dict
             "set DomainSource(column=...) to one of them"
         )
     return rows
+
+
+def _local_files(data_files: Any) -> list[Path]:
+    if data_files is None:
+        return []
+    if isinstance(data_files, dict):
+        return [p for value in data_files.values() for p in _local_files(value)]
+    patterns = [data_files] if isinstance(data_files, str | Path) else list(data_files)
+    files = []
+    for pattern in patterns:
+        matches = glob.glob(str(pattern)) or [str(pattern)]
+        files += [Path(m) for m in sorted(matches) if Path(m).is_file()]
+    return files
+
+
+def first_invalid_utf8(path: Path, chunk: int = 1 << 20) -> int | None:
+    """Byte offset of the first byte of `path` that is not valid UTF-8, or None."""
+    offset, carry = 0, b""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            data = carry + block
+            if not data:
+                return None
+            try:
+                data.decode("utf-8")
+                offset, carry = offset + len(data), b""
+            except UnicodeDecodeError as err:
+                if block and err.reason == "unexpected end of data":  # cut inside a character
+                    offset, carry = offset + err.start, data[err.start :]
+                else:
+                    return offset + err.start
+            if not block:
+                return None
+
+
+def _text_folder_files(path: str) -> list[Path]:
+    """The JSON/text files of a local folder given as a dataset path (empty if it has others)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return []
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    if not files or any(p.suffix not in _TEXT_SUFFIXES for p in files):
+        return []
+    return files
+
+
+def _check_utf8(source: DomainSource) -> None:
+    files = _local_files(source.data_files) + _text_folder_files(source.path)
+    for path in files:
+        if path.suffix in _COMPRESSED:
+            continue  # checked while streaming (see _interleave)
+        offset = first_invalid_utf8(path)
+        if offset is not None:
+            raise CrossdiffError(
+                f"{path} (the {source.domain} corpus) is not valid UTF-8: byte {offset} cannot "
+                "be decoded. Fix or re-encode the file, or read such bytes as U+FFFD with "
+                "DomainSource(..., encoding_errors='replace') (--hf-source ...,"
+                "encoding_errors=replace)"
+            )
+
+
+def _next_row(source: DomainSource, rows: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+    try:
+        return next(rows, None)
+    except UnicodeDecodeError as err:
+        raise CrossdiffError(
+            f"the {source.domain} dataset {source.describe()} has bytes that are not UTF-8 "
+            f"({err}); fix its files or use DomainSource(..., encoding_errors='replace')"
+        ) from err
 
 
 def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -155,7 +252,7 @@ def _interleave(
         total = sum(chars) + 1
         behind = [max(shares[i] * total - chars[i], 0.0) + 1e-9 for i in active]
         pick = rng.choices(active, weights=behind)[0]
-        row = next(streams[pick], None)
+        row = _next_row(sources[pick], streams[pick])
         if row is None:
             active.remove(pick)
             continue

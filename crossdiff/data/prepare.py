@@ -163,6 +163,10 @@ def _load_existing(out_dir: Path, paths: dict[str, Path], options: dict[str, Any
             f"(fingerprint {prepared.tokenizer.fingerprint} vs "
             f"{manifest['stats']['tokenizer']['fingerprint']}); delete {out_dir} to rebuild"
         )
+    for token_set in (prepared.train, prepared.heldout):  # sets saved before it was recorded
+        token_set.tokenizer_fingerprint = token_set.tokenizer_fingerprint or (
+            prepared.tokenizer.fingerprint
+        )
     print(f"loaded prepared data from {out_dir} ({len(prepared.train)} train rows)")
     return prepared
 
@@ -236,6 +240,7 @@ def prepare_data(
         heldout, heldout_stats = pack_documents(heldout_docs, tokenizer, seq, seed + 1, "held-out")
     else:
         heldout, heldout_stats = empty_token_set(seq), {}
+    train.tokenizer_fingerprint = heldout.tokenizer_fingerprint = tokenizer.fingerprint
     pack_seconds = time.perf_counter() - started
 
     from crossdiff import __version__

@@ -22,7 +22,9 @@ class TokenSet:
     """Rows of `seq_len` tokens. Column 0 of every row is BOS; a row never mixes domains.
 
     `doc_positions` is the token's offset within its document (-1 for BOS), so a harvested
-    activation can be traced back to its document and place in it.
+    activation can be traced back to its document and place in it. `tokenizer_fingerprint`
+    names the tokenizer that made the ids (None for sets saved before crossdiff recorded it), so
+    a harvest can refuse models of another tokenizer.
     """
 
     tokens: Int[Tensor, "n_seq seq_len"]
@@ -30,6 +32,7 @@ class TokenSet:
     doc_positions: Int[Tensor, "n_seq seq_len"]
     domains: Int[Tensor, " n_seq"]
     domain_names: tuple[str, ...] = DOMAINS
+    tokenizer_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.tokens.shape)
@@ -70,6 +73,7 @@ class TokenSet:
             doc_positions=self.doc_positions[rows],
             domains=self.domains[rows],
             domain_names=self.domain_names,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
 
     def domain_rows(self, domain: str) -> TokenSet:
@@ -87,6 +91,8 @@ class TokenSet:
             "domains": self.domains.to(torch.int8).contiguous(),
         }
         metadata = {"format": "crossdiff.TokenSet/1", "domain_names": json.dumps(self.domain_names)}
+        if self.tokenizer_fingerprint:
+            metadata["tokenizer_fingerprint"] = str(self.tokenizer_fingerprint)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
         return path
@@ -114,4 +120,5 @@ class TokenSet:
             doc_positions=tensors["doc_positions"].long(),
             domains=tensors["domains"].long(),
             domain_names=tuple(json.loads(meta["domain_names"])),
+            tokenizer_fingerprint=meta.get("tokenizer_fingerprint"),
         )

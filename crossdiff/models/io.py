@@ -7,6 +7,7 @@ config.json:
    "training": {...} (written by the trainer; absent for models saved by hand)}
 model.safetensors holds `model.state_dict()` under TransformerLens's names, so
 `HookedTransformer(cfg).load_state_dict(...)` in stock TransformerLens accepts it too.
+model.safetensors.sha256 holds its checksum, verified on load (absent in older folders).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from crossdiff.common import (
     read_json,
     resolve_device,
     resolve_dtype,
+    tensors_nbytes,
     write_json_atomic,
+)
+from crossdiff.integrity import (
+    check_finite_tensors,
+    sha256_of_file,
+    verify_checksum,
+    write_checksum,
 )
 from crossdiff.models.build import build_model
 from crossdiff.models.moe import CrossdiffMoE
@@ -81,8 +89,10 @@ def save_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+    with atomic_path(out_dir / WEIGHTS_FILE, needed_bytes=tensors_nbytes(tensors)) as tmp:
         save_file(tensors, str(tmp), metadata={"format": MODEL_FORMAT})
+        digest = sha256_of_file(tmp)
+    write_checksum(out_dir / WEIGHTS_FILE, digest)
     header = {
         "format": MODEL_FORMAT,
         "config": config_to_dict(model.cfg),
@@ -121,12 +131,18 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     mis-shaped tensor if it does not fit."""
     if not path.exists():
         raise CrossdiffError(f"model weights not found: {path}")
+    advice = f"the file was damaged after it was written; retrain it (delete {path.parent})"
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors has its own error types for a damaged file
         raise CrossdiffError(f"cannot read model weights {path}: {err}; re-create them") from err
-    check_state_dict_fits(model, tensors, source=str(path))
+    check_state_dict_fits(model, tensors, source=str(path))  # names misfits before a bad sum
+    verify_checksum(path, "model weights", advice)
+    parameters = dict(model.named_parameters())
+    check_finite_tensors(
+        {k: v for k, v in tensors.items() if k in parameters}, f"model weights {path}", advice
+    )
     model.load_state_dict(tensors, strict=True)
 
 

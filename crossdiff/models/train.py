@@ -21,8 +21,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ from crossdiff.common import (
     read_json,
     resolve_device,
     seed_everything,
+    tensors_nbytes,
     write_json_atomic,
 )
 from crossdiff.data.tokens import TokenSet
@@ -53,6 +56,13 @@ from crossdiff.distributed import (
     dist_info,
     rank_device,
     shard_rows,
+)
+from crossdiff.integrity import (
+    check_finite_module,
+    check_finite_tensors,
+    sha256_of_file,
+    verify_checksum,
+    write_checksum,
 )
 from crossdiff.models.build import build_model
 from crossdiff.models.configs import get_preset, matched_configs
@@ -72,6 +82,7 @@ from crossdiff.models.moe import (
     moe_aux_loss,
     moe_modules,
 )
+from crossdiff.models.worker import PARENT_PID_ENV, parent_death_signal
 
 CHECKPOINT_FORMAT = "crossdiff.lm-checkpoint/1"
 MODEL_NAMES = ("dense", "moe")
@@ -409,6 +420,9 @@ def _train_in_processes(
     print(f"training both models at once in two processes, {threads} thread(s) each")
     processes: dict[str, subprocess.Popen] = {}
     error_files = {name: work_dir / f"{name}.error.txt" for name in cfgs}
+    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+    die_with_parent = parent_death_signal()  # set in the child between fork and exec
+    previous_handler = _exit_on_sigterm()
     try:
         for position, (name, cfg) in enumerate(cfgs.items()):
             error_files[name].unlink(missing_ok=True)
@@ -426,13 +440,15 @@ def _train_in_processes(
             }
             spec_path = write_json_atomic(work_dir / f"{name}.worker.json", spec)
             command = [sys.executable, "-m", "crossdiff.models.worker", str(spec_path)]
-            processes[name] = subprocess.Popen(command)
+            processes[name] = subprocess.Popen(command, env=env, preexec_fn=die_with_parent)
         codes = {name: process.wait() for name, process in processes.items()}
     finally:
-        for process in processes.values():
+        for process in processes.values():  # on an error, Ctrl-C or SIGTERM: reap the workers
             if process.poll() is None:
                 process.terminate()
                 process.wait()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     failed = {name: code for name, code in codes.items() if code != 0}
     if failed:
         messages = [
@@ -450,6 +466,18 @@ def _train_in_processes(
         name: _finished_history(name, cfgs[name], train, out_dir, opts, quiet=True) or []
         for name in cfgs
     }
+
+
+def _exit_on_sigterm() -> Any:
+    """Make SIGTERM raise SystemExit, so the `finally` that reaps the workers runs; return the
+    previous handler (None when not in the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def run_worker(spec_path: str) -> None:
@@ -516,6 +544,13 @@ def _train_model(
         ce, aux = train_step(
             model, optimizer, tokens, lr, opts.grad_clip, ddp=ddp, autocast=opts.autocast
         )
+        if not (math.isfinite(ce) and math.isfinite(aux)):
+            raise CrossdiffError(
+                f"{name}: the loss became non-finite at step {step} (cross-entropy {ce}, aux "
+                f"{aux}) on training rows {_clip_rows(rows)}; training diverged: lower the "
+                f"learning rate or raise the warm-up, then delete {ckpt_dir} to start over (or "
+                "rerun to resume from the last checkpoint)"
+            )
         curve.append([round(ce, 6), round(aux, 6)])
         rate = done * tokens_per_step / (time.perf_counter() - started)
         bar.set_postfix(ce=f"{ce:.3f}", aux=f"{aux:.4f}", tok_s=f"{rate:.0f}")
@@ -533,6 +568,9 @@ def _train_model(
     model.eval()
     for moe in moe_modules(model):
         moe.global_load_balance = False
+    check_finite_module(
+        model, f"the {name} model after training", "lower the learning rate", buffers=False
+    )
     if info.is_main:
         training = {"settings": settings, "history": history, "loss_curve": curve}
         save_model(model, model_dir, extra={"training": training})
@@ -540,6 +578,11 @@ def _train_model(
         print(f"{name}: wrote {model_dir}")
     barrier()  # the other ranks load the folder rank 0 has just written
     return history
+
+
+def _clip_rows(rows: Tensor, n: int = 8) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:n])
+    return f"[{shown}{', ...' if len(rows) > n else ''}]"
 
 
 def _data_parallel(model: HookedTransformer, device: torch.device) -> DistributedDataParallel:
@@ -566,6 +609,9 @@ def _save_checkpoint(
     """One safetensors file holds weights, AdamW moments and the RNG state; its metadata holds
     the step and settings as JSON, so the file alone is a consistent checkpoint. state.json is
     a readable copy of that metadata."""
+    check_finite_module(
+        model, f"the model at step {step}", "lower the learning rate", buffers=False
+    )
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim_state = optimizer.state_dict()
     for index, state in optim_state["state"].items():
@@ -581,8 +627,11 @@ def _save_checkpoint(
         "loss_curve": curve,
         "param_groups": groups,
     }
-    with atomic_path(ckpt_dir / "checkpoint.safetensors") as tmp:
+    path = ckpt_dir / "checkpoint.safetensors"
+    with atomic_path(path, needed_bytes=tensors_nbytes(tensors)) as tmp:
         save_file(tensors, str(tmp), metadata={"state": json.dumps(state_json)})
+        digest = sha256_of_file(tmp)
+    write_checksum(path, digest)
     write_json_atomic(ckpt_dir / "state.json", state_json)
 
 
@@ -592,6 +641,8 @@ def _load_checkpoint(
     path = ckpt_dir / "checkpoint.safetensors"
     if not path.exists():
         return 0, [], []
+    advice = f"delete {ckpt_dir} to start over (or restore the file from a copy)"
+    verify_checksum(path, "language-model checkpoint", advice)
     try:
         with safe_open(str(path), framework="pt") as f:
             state_json = json.loads((f.metadata() or {})["state"])
@@ -608,6 +659,10 @@ def _load_checkpoint(
         )
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     check_state_dict_fits(model, weights, source=str(path))
+    parameters = dict(model.named_parameters())
+    check_finite_tensors(
+        {k: v for k, v in weights.items() if k in parameters}, f"the checkpoint {path}", advice
+    )
     model.load_state_dict(weights)
     optim_state: dict[str, Any] = {"state": {}, "param_groups": []}
     for key, value in tensors.items():
