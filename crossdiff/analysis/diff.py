@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from crossdiff.activations.store import evaluation_part
 from crossdiff.analysis.accumulate import PassStats, run_pass
 from crossdiff.analysis.classes import (
     DEAD,
@@ -27,6 +28,7 @@ from crossdiff.analysis.density import ALPHA, density_test, describe, expert_ent
 from crossdiff.analysis.latent_scaling import latent_scaling
 from crossdiff.analysis.source import TokenSource
 from crossdiff.common import CrossdiffError
+from crossdiff.crosscoder.metrics import normalized_unit_factors
 
 
 @dataclass
@@ -122,6 +124,7 @@ def diff_features(
     model_names: tuple[str, ...] | list[str] | None = None,
     domain_names: tuple[str, ...] | list[str] | None = None,
     show_progress: bool = True,
+    part: str | None = None,
 ) -> FeatureDiff:
     """Classify every latent of `cc` (designated-shared, shared, A-only, B-only, dead) and measure
 
@@ -137,8 +140,11 @@ def diff_features(
     same_basis: whether the models' activations share one basis (same-model checkpoints);
     default: only when the crosscoder ties its shared decoders. Decides whether cosines are
     meaningful and which direction latent scaling uses.
+    part: which tokens of a store: its held-out part by default (the training part, with a
+    warning, when it has none), or 'train' / 'heldout' / 'all'; summary["evaluated_on"] says.
     """
     split_name, lo, hi = resolve_split(split)
+    acts_or_store, evaluated_on = evaluation_part(acts_or_store, part)
     source = TokenSource(acts_or_store, metadata, model_names, domain_names)
     w_dec = cc.W_dec.detach()
     if w_dec.ndim != 3:
@@ -261,6 +267,11 @@ def diff_features(
         domain_shares=domain_shares,
         scaling_summary=scaling_summary,
     )
+    summary["evaluated_on"] = evaluated_on
+    summary["reconstruction"].update(
+        _pooled_normalized(stats.sse, stats.sst, normalized_unit_factors(cc, acts_or_store)),
+        evaluated_on=evaluated_on,
+    )
 
     panel_ids = _panel_latents(table, class_names(name_a, name_b), panels_per_class, stats)
     centers = {j: context_centers(stats.top_indices, j, n_top_contexts) for j in panel_ids}
@@ -288,6 +299,7 @@ def diff_features(
         "max_tokens": max_tokens,
         "n_tokens_analysed": n,
         "n_tokens_available": source.n_tokens,
+        "evaluated_on": evaluated_on,
         "n_token_ranges": len(ranges),
         "batch_size": batch_size,
         "n_top_contexts": n_top_contexts,
@@ -412,6 +424,19 @@ def _panel_latents(
         ids = table.index[table["class"] == cls].to_numpy()
         out += [int(i) for i in ids[np.argsort(-mass[ids], kind="stable")][:per_class]]
     return sorted(out)
+
+
+def _pooled_normalized(sse: np.ndarray, sst: np.ndarray, factors: Any) -> dict[str, Any]:
+    """1 - sum_m SSE_m s_m^2 / sum_m SST_m s_m^2, in each model's normalized units."""
+    if factors is None:  # no factor known: weigh each model by its own variance
+        factors = 1.0 / np.sqrt(np.where(sst > 0, sst, np.nan))
+    s2 = np.asarray(factors, dtype=np.float64) ** 2
+    den = float(np.nansum(sst * s2))
+    fve = _finite(1.0 - float(np.nansum(sse * s2)) / den) if den > 0 else None
+    return {
+        "fve_pooled_normalized": fve,
+        "scaling_factors": [float(x) for x in np.asarray(factors, dtype=np.float64)],
+    }
 
 
 def _summarize(
