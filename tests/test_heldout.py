@@ -132,13 +132,12 @@ def test_an_extended_harvest_keeps_the_split_of_a_full_one(tmp_path):
     harvest(*models, ts, "paper", tmp_path / "grown", n_tokens=70, **KW)
     grown = harvest(*models, ts, "paper", tmp_path / "grown", **KW)
     assert grown.parts == full.parts and grown.parts["heldout"] > 0
-    torch.testing.assert_close(
-        grown.part("heldout").read_acts(), full.part("heldout").read_acts()
-    )
+    torch.testing.assert_close(grown.part("heldout").read_acts(), full.part("heldout").read_acts())
 
 
 def test_no_heldout_fraction_and_old_stores_evaluate_on_training_tokens(tmp_path):
-    store = harvest(*pair(), packed_token_set(), "paper", tmp_path / "s", heldout_fraction=0.0, **KW)
+    ts = packed_token_set()
+    store = harvest(*pair(), ts, "paper", tmp_path / "s", heldout_fraction=0.0, **KW)
     assert store.parts == {"train": store.n_tokens, "heldout": 0} and not store.has_heldout
     with pytest.raises(CrossdiffError, match="no held-out tokens"):
         store.part("heldout")
@@ -209,9 +208,7 @@ def small_store(tmp_path_factory) -> ActivationStore:
     return harvest(*pair(), ts, "paper", root / "store", heldout_fraction=0.2, **KW)
 
 
-def test_training_never_reads_a_heldout_row_and_evaluation_does(
-    small_store, tmp_path, monkeypatch
-):
+def test_training_never_reads_a_heldout_row_and_evaluation_does(small_store, tmp_path, monkeypatch):
     store = ActivationStore(small_store.path)
     assert store.parts["heldout"] >= 30
     log = ReadLog(monkeypatch)
