@@ -63,9 +63,11 @@ def pair() -> tuple:
 
 
 def doc_sets(store: ActivationStore) -> tuple[set[int], set[int]]:
-    return tuple(
-        set(store.part(p).read_metadata()["doc_ids"].tolist()) for p in ("train", "heldout")
-    )  # type: ignore[return-value]
+    """The documents of the training part and of the held-out part."""
+    train = set(store.part("train").read_metadata()["doc_ids"].tolist())
+    if not store.has_heldout:
+        return train, set()
+    return train, set(store.part("heldout").read_metadata()["doc_ids"].tolist())
 
 
 # --- the split --------------------------------------------------------------------------------
@@ -133,6 +135,28 @@ def test_an_extended_harvest_keeps_the_split_of_a_full_one(tmp_path):
     grown = harvest(*models, ts, "paper", tmp_path / "grown", **KW)
     assert grown.parts == full.parts and grown.parts["heldout"] > 0
     torch.testing.assert_close(grown.part("heldout").read_acts(), full.part("heldout").read_acts())
+
+
+def test_two_ranks_split_the_documents_as_one_process(tmp_path):
+    from test_distributed_harvest import assert_ok, assert_same_store, run_ranks
+
+    ts = packed_token_set()
+    models = pair()
+    opts = dict(KW, batch_size=3, shard_tokens=10, heldout_fraction=0.25, split_seed=5)
+    single = harvest(*models, ts, "paper", tmp_path / "single", **opts)
+
+    def job(rank: int) -> None:
+        harvest(*models, ts, "paper", tmp_path / "two", **opts)
+
+    assert_ok(run_ranks(2, job, tmp_path / "logs"))
+    merged = ActivationStore(tmp_path / "two")
+    assert_same_store(merged, single)  # parts and statistics (training part) included
+    assert merged.parts["heldout"] > 0 and merged.manifest["distributed"]["world_size"] == 2
+    assert torch.equal(merged.part("heldout").read_acts(), single.part("heldout").read_acts())
+    for rank in (0, 1):  # each rank's own store marks its held-out rows too
+        sub = ActivationStore(tmp_path / "two" / "ranks-of-2" / f"rank_{rank}")
+        assert doc_sets(sub)[1] <= doc_sets(single)[1]
+        assert doc_sets(sub)[0].isdisjoint(doc_sets(single)[1])
 
 
 def test_no_heldout_fraction_and_old_stores_evaluate_on_training_tokens(tmp_path):
