@@ -349,6 +349,8 @@ def test_crossdiff_run_micro_trains_on_training_tokens_and_reports_heldout(
     assert rec["evaluated_on"] == "heldout" and report["summary"]["evaluated_on"] == "heldout"
     assert report["summary"]["n_tokens"] == store.parts["heldout"]
     assert rec["fve_pooled_normalized"] is not None
+    markdown = (tmp_path / "run" / "report" / "report.md").read_text()
+    assert f"Measured on {store.parts['heldout']} held-out (never trained on) tokens" in markdown
     printed = capsys.readouterr().out
     assert f"FVE per model on {store.parts['heldout']} heldout tokens" in printed
     assert "pooled normalized" in printed

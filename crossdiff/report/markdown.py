@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+_TOKENS = {
+    "heldout": "held-out (never trained on)",
+    "train": "training",
+    "all": "all (training and held-out)",
+    "given": "given",
+}
+
 
 def fmt(value: Any, digits: int = 4) -> str:
     """Numbers as the report shows them: ints exact, floats to `digits` significant digits."""
@@ -60,6 +67,10 @@ def render_markdown(data: dict[str, Any]) -> str:
     out += [
         f"FVE over all models: {fmt(rec['fve'])}; mean active latents per token (threshold): "
         f"{fmt(rec['l0'])}; dead fraction: {fmt(rec['dead_fraction'])}.",
+        "",
+        f"Measured on {fmt(s['n_tokens'])} {_TOKENS.get(rec.get('evaluated_on'), 'analysed')} "
+        f"tokens; pooled FVE in each model's normalized units: "
+        f"{fmt(rec.get('fve_pooled_normalized'))}.",
         "",
         f"_{rec['formula']}._",
         "",
