@@ -246,6 +246,8 @@ def test_training_never_reads_a_heldout_row_and_evaluation_does(small_store, tmp
     assert log.heldout_rows_read(store.manifest) == 0
     summary = cc.training_summary
     assert (summary["trained_on"], summary["n_train_tokens"]) == ("train", store.parts["train"])
+    with pytest.raises(CrossdiffError, match="refusing to train on the held-out part"):
+        train_crosscoder(store.part("heldout"), cfg, steps=2, batch_size=8)
 
     # the instrument sees held-out reads when there are some: evaluation reads only those
     log.reads.clear()
@@ -264,6 +266,8 @@ def test_evaluate_and_diff_default_to_heldout_and_say_so(small_store):
     on_train = evaluate_crosscoder(cc, store, batch_size=16, part="train")
     assert (on_heldout["evaluated_on"], on_heldout["n_tokens"]) == ("heldout", parts["heldout"])
     assert (on_train["evaluated_on"], on_train["n_tokens"]) == ("train", parts["train"])
+    given_view = evaluate_crosscoder(cc, store.part("train"), batch_size=16)  # a view as it is
+    assert given_view["evaluated_on"] == "train" and given_view["fve"] == on_train["fve"]
     assert on_heldout["fve"] != pytest.approx(on_train["fve"], abs=1e-9)
     assert evaluate_crosscoder(cc, store.read_acts())["evaluated_on"] == "given"
     with pytest.raises(CrossdiffError, match="chooses a part of an ActivationStore"):

@@ -305,7 +305,9 @@ class ActivationStore:
     def part(self, name: str) -> ActivationStore:
         """A view of one part ('train', 'heldout' or 'all') with this store's reading interface
         (n_tokens, read_acts, read_metadata, iter_batches, in the part's own token order)."""
-        return ActivationStore(self.path, part=name)
+        view = ActivationStore(self.path, part=name)
+        view._verified = self._verified  # a shard's checksum is checked once for all views
+        return view
 
     @property
     def total_tokens(self) -> int:
@@ -564,9 +566,14 @@ class ActivationStore:
 def training_part(acts_or_store: Any) -> Any:
     """The part a crosscoder trains on: a store's training part (the whole of a store harvested
     before parts existed); anything else (a tensor, another source) as it is."""
-    if isinstance(acts_or_store, ActivationStore):
-        return acts_or_store.part("train")
-    return acts_or_store
+    if not isinstance(acts_or_store, ActivationStore):
+        return acts_or_store
+    if acts_or_store.part_name == "heldout":
+        raise CrossdiffError(
+            f"refusing to train on the held-out part of store {acts_or_store.path}: it is kept "
+            "for evaluation. Pass the store itself; training reads its training part"
+        )
+    return acts_or_store.part("train")
 
 
 def evaluation_part(acts_or_store: Any, part: str | None = None) -> tuple[Any, str]:
@@ -580,6 +587,8 @@ def evaluation_part(acts_or_store: Any, part: str | None = None) -> tuple[Any, s
                 f"{type(acts_or_store).__name__}; pass the store, or leave part=None"
             )
         return acts_or_store, "given"
+    if part is None and acts_or_store.part_name != "all":
+        part = acts_or_store.part_name  # a view chosen by the caller: evaluate it as it is
     if part is None:
         if acts_or_store.has_heldout:
             part = "heldout"
