@@ -32,7 +32,12 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "data": {"source": "embedded", "preset": "tiny"},
         "models": {"preset": "tiny"},
-        "store": {"pairing": "paper", "n_tokens": 300_000, "dtype": "float16"},
+        "store": {
+            "pairing": "paper",
+            "n_tokens": 300_000,
+            "dtype": "float16",
+            "heldout_fraction": 0.1,
+        },
         "crosscoder": {
             "expansion": 8,
             "k": 32,
@@ -49,7 +54,12 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "micro": {
         "data": {"source": "embedded", "preset": "tiny", "n_chars_per_domain": 150_000},
         "models": {"preset": "tiny", "steps": 30, "checkpoint_every": 10, "eval_rows": 16},
-        "store": {"pairing": "paper", "n_tokens": 12_000, "dtype": "float16"},
+        "store": {
+            "pairing": "paper",
+            "n_tokens": 12_000,
+            "dtype": "float16",
+            "heldout_fraction": 0.1,
+        },
         "crosscoder": {
             "expansion": 4,
             "k": 8,
@@ -62,7 +72,12 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
         "data": {"source": "hf", "preset": "paper"},
         "models": {"preset": "paper"},
-        "store": {"pairing": "paper", "n_tokens": 100_000_000, "dtype": "bfloat16"},
+        "store": {
+            "pairing": "paper",
+            "n_tokens": 100_000_000,
+            "dtype": "bfloat16",
+            "heldout_fraction": 0.1,
+        },
         "crosscoder": {
             "expansion": 32,
             "k": 300,
@@ -226,6 +241,8 @@ def run_pipeline(
             model_names=("dense", "moe"),
             device=str(torch_device),
             resume=True,
+            heldout_fraction=store_opts.get("heldout_fraction", 0.1),
+            split_seed=seed,
         )
         mark_done(store_dir, store_opts, time.perf_counter() - t0)
     store = ActivationStore(store_dir)
@@ -334,7 +351,13 @@ def _summary_lines(diff: dict[str, Any]) -> list[str]:
     recon = diff.get("reconstruction", {})
     if recon.get("fve_per_model"):
         per_model = ", ".join(f"{n}={v:.3f}" for n, v in recon["fve_per_model"].items())
-        lines.append(f"FVE per model: {per_model} (overall {recon['fve']:.3f})")
+        where = recon.get("evaluated_on", "analysed")
+        pooled = recon.get("fve_pooled_normalized")
+        pooled_text = f", pooled normalized {pooled:.3f}" if pooled is not None else ""
+        lines.append(
+            f"FVE per model on {diff.get('n_tokens')} {where} tokens: {per_model} "
+            f"(overall raw {recon['fve']:.3f}{pooled_text})"
+        )
     if recon.get("fve_topk_per_model"):
         per_model = ", ".join(f"{n}={v:.3f}" for n, v in recon["fve_topk_per_model"].items())
         lines.append(

@@ -21,7 +21,9 @@ def main() -> None:
 
     summary = run_pipeline(args.out, args.preset, device=args.device)
     diff = summary.metrics["diff"]
-    print("FVE per model:", diff["reconstruction"]["fve_per_model"])
+    recon = diff["reconstruction"]
+    print(f"FVE per model ({recon['evaluated_on']} tokens):", recon["fve_per_model"])
+    print("FVE pooled in normalized units:", recon["fve_pooled_normalized"])
     print("latent classes:", diff["class_counts"])
     for sentence in diff["sentences"]:
         print("-", sentence)

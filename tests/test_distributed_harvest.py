@@ -119,6 +119,10 @@ def assert_same_store(merged: ActivationStore, single: ActivationStore) -> None:
     for key in ("model_names", "models", "hook_points", "pairing", "dtype", "d_models", "experts"):
         assert merged.manifest[key] == single.manifest[key], key
     assert merged.manifest["segments"] == single.manifest["segments"]
+    # the same held-out part: the same split, the same tokens in it
+    assert merged.manifest["split"] == single.manifest["split"]
+    assert merged.parts == single.parts
+    assert torch.equal(merged.part("train").read_acts(), single.part("train").read_acts())
     torch.testing.assert_close(merged.scaling_factors, single.scaling_factors, rtol=1e-6, atol=0)
     s, t = merged.statistics(), single.statistics()
     for key in ("mean", "std", "mean_norm"):

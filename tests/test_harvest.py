@@ -109,13 +109,18 @@ def test_float32_store_is_exact_and_stats_match(tmp_path):
     _, cache = dense.run_with_cache(ts.tokens)
     ref = cache["blocks.0.hook_resid_post"][:, 1:].reshape(-1, 16)
     torch.testing.assert_close(store.read_acts()[:, 0, :16], ref, rtol=1e-6, atol=1e-6)
+    # the statistics and scaling factors are those of the training part (held-out docs left out)
+    heldout_docs = store.part("heldout").read_metadata()["doc_ids"].unique()
+    assert len(heldout_docs) == 1  # 10% of 10 documents
+    ref = ref[~torch.isin(store.read_metadata()["doc_ids"], heldout_docs)]
+    assert len(ref) == store.part("train").n_tokens == 72
     stats = store.statistics()
     torch.testing.assert_close(stats["mean"][0, :16], ref.double().mean(0))
     torch.testing.assert_close(stats["std"][0, :16], ref.double().std(0, unbiased=False))
     mean_norm = ref.double().norm(dim=-1).mean()
     torch.testing.assert_close(stats["mean_norm"][0], mean_norm)
     assert store.scaling_factors[0].item() == pytest.approx(4.0 / mean_norm.item(), rel=1e-6)
-    scaled = store.read_acts(normalize=True)[:, 0, :16]
+    scaled = store.part("train").read_acts(normalize=True)[:, 0, :16]
     assert scaled.norm(dim=-1).mean().item() == pytest.approx(4.0, rel=1e-5)
 
 

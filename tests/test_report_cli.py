@@ -91,7 +91,8 @@ def test_report_command_writes_everything(run_dir, capsys):
     assert s["experts"]["recorded"] and s["experts"]["n_experts"] == 4
     assert data["config"]["store_manifest"]["model_names"] == ["dense", "moe"]
     assert data["config"]["crosscoder"]["d_sae"] == 48
-    assert s["n_tokens"] == 24 * 11
+    # the report reads the store's held-out part: 2 of its 24 one-row documents, 11 tokens each
+    assert s["n_tokens"] == 2 * 11 and s["evaluated_on"] == "heldout"
     for name in ("report.md", "report.html", "relative_norm.png", "density.png"):
         assert (run_dir / "report" / name).exists()
 

@@ -48,6 +48,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--no-resume", action="store_true", help="replace an existing store instead of resuming"
     )
+    parser.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.1,
+        help="fraction of the token set's documents kept out of training for evaluation "
+        "(chosen by --seed; 0 = none; default 0.1)",
+    )
     add_runtime_arguments(parser)
     parser.set_defaults(func=run_harvest)
 
@@ -107,6 +114,8 @@ def run_harvest(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         tokenizer=_Named(metas[0]) if metas[0] else None,
         tokenizer_fingerprints=fingerprints,  # type: ignore[arg-type]
+        heldout_fraction=args.heldout_fraction,
+        split_seed=args.seed,
     )
     return 0
 

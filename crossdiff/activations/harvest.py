@@ -48,6 +48,7 @@ _COMPATIBLE_KEYS = (
     "dtype",
     "d_models",
     "experts",
+    "split",
 )
 # what a harvest writes into its folder: shards and statistics (and their temporary files) ...
 _STORE_FILE_RE = re.compile(r"^\.?(shard|stats)_\d{5}\.safetensors")
@@ -108,6 +109,25 @@ def _as_tokens(token_set: TokenSet | Tensor, drop_bos: bool) -> _Tokens:
     if len(tokens) and int(tokens.min()) < 0:
         raise CrossdiffError(f"token ids must be >= 0, found {int(tokens.min())}")
     return _Tokens(tokens, doc_ids, positions, domains, names, keep)
+
+
+def heldout_documents(
+    doc_ids: Int[Tensor, "n_seq seq_len"], keep: Tensor, fraction: float, seed: int
+) -> Int[Tensor, " n_heldout"]:
+    """The held-out documents of a token set: a seeded choice of round(fraction * n) of its n
+    documents (at least one when fraction > 0 and n >= 2, never all), sorted. It depends on the
+    whole token set, not on how many tokens are harvested, so extending a harvest keeps it."""
+    if not 0.0 <= fraction <= 0.5:
+        raise CrossdiffError(
+            f"heldout_fraction must be in [0, 0.5], got {fraction}; the default is 0.1 (0 keeps "
+            "every token for training, and evaluation then reads training tokens)"
+        )
+    docs = torch.unique(doc_ids[keep])
+    n_heldout = 0
+    if fraction > 0 and len(docs) >= 2:
+        n_heldout = min(len(docs) - 1, max(1, round(fraction * len(docs))))
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(int(seed)))
+    return docs[order[:n_heldout]].sort().values
 
 
 def config_hash(model: HookedTransformer) -> str:
@@ -452,8 +472,15 @@ def harvest(
     tokenizer_fingerprints: tuple[str | None, str | None] | None = None,
     progress: bool = True,
     distributed: bool | None = None,
+    heldout_fraction: float = 0.1,
+    split_seed: int = 0,
 ) -> ActivationStore:
     """Record both models' activations at the pairing's hook points into a store at `out_dir`.
+
+    The tokens of `heldout_fraction` of the token set's documents (chosen by `split_seed`, see
+    heldout_documents) form the store's held-out part, which crosscoder training never reads
+    and evaluation does; a document is never in both parts. The statistics and scaling factors
+    are those of the training part.
 
     Tokens are taken row by row from `token_set` (BOS positions dropped unless the pairing says
     otherwise) until `n_tokens` are stored (default: all). `batch_size` is in rows. Re-running
@@ -484,7 +511,7 @@ def harvest(
             batch_size=batch_size, dtype=dtype, shard_tokens=shard_tokens,
             model_names=model_names, device=device, resume=resume, tokenizer=tokenizer,
             tokenizer_fingerprints=tokenizer_fingerprints, progress=progress,
-            distributed=distributed,
+            distributed=distributed, heldout_fraction=heldout_fraction, split_seed=split_seed,
         )  # fmt: skip
 
 
@@ -505,6 +532,7 @@ class _Job:
     batch_size: int
     shard_tokens: int
     verbose: bool
+    heldout_docs: Tensor  # sorted doc ids of the held-out part
 
     def say(self, message: str) -> None:
         if self.verbose:
@@ -529,6 +557,8 @@ def _harvest(
     tokenizer_fingerprints: tuple[str | None, str | None] | None,
     progress: bool,
     distributed: bool,
+    heldout_fraction: float,
+    split_seed: int,
 ) -> ActivationStore:
     out_dir = Path(out_dir)
 
@@ -538,6 +568,7 @@ def _harvest(
             dtype=dtype, shard_tokens=shard_tokens, model_names=model_names, device=device,
             tokenizer=tokenizer, tokenizer_fingerprints=tokenizer_fingerprints,
             verbose=not distributed or dist_info().is_main,
+            heldout_fraction=heldout_fraction, split_seed=split_seed,
         )  # fmt: skip
 
     if distributed:
@@ -562,7 +593,8 @@ def _harvest(
     store = ActivationStore(out_dir)
     print(
         f"wrote {store.n_tokens} tokens ({store.n_models} models, width {store.d_model}, "
-        f"{store.manifest['dtype']}) in {store.n_shards} shards to {out_dir}"
+        f"{store.manifest['dtype']}) in {store.n_shards} shards to {out_dir}; parts: "
+        f"{store.parts}"
     )
     return store
 
@@ -582,6 +614,8 @@ def _prepare(
     tokenizer: Any,
     tokenizer_fingerprints: tuple[str | None, str | None] | None,
     verbose: bool,
+    heldout_fraction: float = 0.1,
+    split_seed: int = 0,
 ) -> _Job:
     """Check the inputs, place the models, probe the widths and build the store's header."""
     pairing = load_pairing(pairing)
@@ -593,6 +627,7 @@ def _prepare(
         raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
     store_dtype = resolve_dtype(dtype)
     rows = _as_tokens(token_set, pairing.drop_bos)
+    heldout_docs = heldout_documents(rows.doc_ids, rows.keep, heldout_fraction, split_seed)
     _check_tokenizers(
         models,
         names,
@@ -651,12 +686,21 @@ def _prepare(
         },
         "tokenizer": _tokenizer_info(tokenizer, models, tokenizer_fingerprints),
         "domain_names": list(rows.domain_names),
+        "split": {
+            "unit": "document",
+            "heldout_fraction": float(heldout_fraction),
+            "seed": int(split_seed),
+        },
     }
+    doc_list = json.dumps(heldout_docs.tolist())
     segment = {
         "token_set": rows.fingerprint,
         "n_seq": int(rows.tokens.shape[0]),
         "seq_len": int(rows.tokens.shape[1]),
         "start": 0,
+        "documents": int(torch.unique(rows.doc_ids[rows.keep]).numel()),
+        "heldout_documents": int(heldout_docs.numel()),
+        "heldout_documents_sha256": hashlib.sha256(doc_list.encode()).hexdigest()[:32],
     }
     if shard_tokens is None:
         shard_tokens = max(1024, SHARD_BYTES // (2 * d_store * store_dtype.itemsize))
@@ -664,6 +708,7 @@ def _prepare(
         rows=rows, runner=runner, pairing=pairing, widths=widths, d_store=d_store,
         store_dtype=store_dtype, header=header, segment=segment, cumulative=cumulative,
         target=target, batch_size=batch_size, shard_tokens=int(shard_tokens), verbose=verbose,
+        heldout_docs=heldout_docs,
     )  # fmt: skip
 
 
@@ -706,6 +751,7 @@ def _fill(job: _Job, writer: StoreWriter, done: int, target: int, bar: Any) -> N
             chunk = _select(
                 rows, row, stop, acts, experts, job.widths, job.d_store, job.store_dtype
             )
+            chunk["heldout"] = torch.isin(chunk["doc_ids"], job.heldout_docs)
             n = chunk["acts"].shape[0]
             lo, hi = min(skip, n), min(n, skip + remaining)
             skip -= lo

@@ -33,6 +33,7 @@ from crossdiff.activations.store import (
     MANIFEST,
     ActivationStore,
     StoreWriter,
+    part_counts,
     stats_name,
     write_store_file,
 )
@@ -253,6 +254,7 @@ def _merge(job: _Job, out_dir: Path, ranks_dir: Path, plan: dict[str, Any]) -> N
         segments=[dict(job.segment, n_tokens=n_total)],
         n_tokens=n_total,
         shards=shards,
+        **({"parts": part_counts(shards)} if job.header.get("split") is not None else {}),
         statistics={
             "file": stats_file.name,
             **stats_info,
@@ -298,6 +300,6 @@ def harvest_ranks(job: _Job, out_dir: Path, resume: bool, progress: bool) -> Act
     job.say(
         f"wrote {store.n_tokens} tokens ({store.n_models} models, width {store.d_model}, "
         f"{store.manifest['dtype']}) in {store.n_shards} shards by {info.world_size} processes "
-        f"to {out_dir}"
+        f"to {out_dir}; parts: {store.parts}"
     )
     return store

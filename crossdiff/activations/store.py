@@ -10,6 +10,11 @@ Layout (format in docs/store.md):
 
 A shard's `file` in the manifest is a path relative to the store folder.
 
+Parts: a store harvested with a document split (manifest `split`) marks the tokens of its
+held-out documents per shard (`heldout`: [lo, hi) ranges of shard rows); every other token is
+training. `store.part("train")` / `store.part("heldout")` are views with the store's reading
+interface over one part; the statistics and scaling factors are those of the training part.
+
 Writes go shard first, then statistics, then the manifest, each atomically: a crash leaves at most
 an orphan file that the next writer removes, never a manifest that names a missing or partial shard.
 """
@@ -20,6 +25,7 @@ import errno
 import hashlib
 import os
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +54,24 @@ MANIFEST = "manifest.json"
 METADATA_KEYS = ("token_ids", "doc_ids", "positions", "domains", "experts")
 _STORE_FILE_RE = re.compile(r"^(shard|stats)_\d{5}\.safetensors$")
 _MAX_OPEN_SHARDS = 8
+PARTS = ("train", "heldout")
+
+
+def mask_ranges(mask: Tensor) -> list[list[int]]:
+    """The [lo, hi) runs of True in a 1-D bool mask."""
+    zero = torch.zeros(1, dtype=torch.int8)
+    padded = torch.cat([zero, mask.to(torch.int8), zero])
+    edges = torch.diff(padded)
+    starts = (edges == 1).nonzero().flatten().tolist()
+    stops = (edges == -1).nonzero().flatten().tolist()
+    return [[lo, hi] for lo, hi in zip(starts, stops, strict=True)]
+
+
+def part_counts(shards: list[dict[str, Any]]) -> dict[str, int]:
+    """Tokens per part over manifest shard entries (a shard without `heldout` is all training)."""
+    heldout = sum(hi - lo for s in shards for lo, hi in s.get("heldout", []))
+    total = sum(int(s["n_tokens"]) for s in shards)
+    return {"train": total - heldout, "heldout": heldout}
 
 
 def shard_name(index: int) -> str:
@@ -171,15 +195,24 @@ class StoreWriter:
         return int(self.manifest["n_tokens"])
 
     def write_shard(self, tensors: dict[str, Tensor]) -> None:
+        """Write one shard. An optional bool `heldout` [n] (not stored as a tensor) marks the
+        rows of held-out documents: recorded as ranges, left out of the statistics."""
+        tensors = dict(tensors)
+        heldout = tensors.pop("heldout", None)
         n = tensors["acts"].shape[0]
         if n == 0:
             raise CrossdiffError("internal error: refusing to write an empty shard")
         index = len(self.manifest["shards"])
         shard_file = self.path / shard_name(index)
         shard_info = write_store_file(shard_file, tensors, self.path, self.n_tokens)
+        if self.manifest.get("split") is not None:
+            mask = torch.zeros(n, dtype=torch.bool) if heldout is None else heldout.bool()
+            shard_info["heldout"] = mask_ranges(mask)
+        elif heldout is not None and bool(heldout.any()):
+            raise CrossdiffError("internal error: held-out rows for a store without a split")
 
         stats = RunningStats.from_tensors(self.stats.widths, self.stats.to_tensors())
-        stats.update(tensors["acts"])
+        stats.update(tensors["acts"] if heldout is None else tensors["acts"][~heldout.bool()])
         stats_file = self.path / stats_name(index + 1)
         stats_info = write_store_file(stats_file, stats.to_tensors(), self.path, self.n_tokens)
 
@@ -189,6 +222,8 @@ class StoreWriter:
             {"file": shard_file.name, "start": self.n_tokens, "n_tokens": n, **shard_info},
         ]
         manifest["n_tokens"] = self.n_tokens + n
+        if manifest.get("split") is not None:
+            manifest["parts"] = part_counts(manifest["shards"])
         segments = [dict(s) for s in manifest["segments"]]
         segments[-1]["n_tokens"] += n
         manifest["segments"] = segments
@@ -241,7 +276,7 @@ def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
 class ActivationStore:
     """A store folder, read lazily: shards are memory-mapped; only requested rows are read."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, part: str | None = None) -> None:
         self.path = Path(path)
         if not (self.path / MANIFEST).exists():
             raise CrossdiffError(
@@ -260,21 +295,90 @@ class ActivationStore:
         self.manifest: dict[str, Any] = manifest
         self._handles: OrderedDict[int, Any] = OrderedDict()
         self._verified: set[int] = set()
-        starts = [s["start"] for s in manifest["shards"]]
-        self._starts = torch.tensor([*starts, manifest["n_tokens"]], dtype=torch.long)
+        self.part_name = self._check_part(part)
+        # the view: per shard, the [lo, hi) row ranges it reads, in store order
+        self._pieces: list[list[tuple[int, int]]] = [
+            self._shard_pieces(shard) for shard in manifest["shards"]
+        ]
+        flat = [(i, lo, hi) for i, pieces in enumerate(self._pieces) for lo, hi in pieces]
+        self._flat = flat
+        lengths = torch.tensor([hi - lo for _, lo, hi in flat], dtype=torch.long)
+        self._starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        self._n_view = int(self._starts[-1])
 
     def __repr__(self) -> str:
+        part = "" if self.part_name == "all" else f", part={self.part_name!r}"
         return (
-            f"ActivationStore({str(self.path)!r}, n_tokens={self.n_tokens}, "
+            f"ActivationStore({str(self.path)!r}{part}, n_tokens={self.n_tokens}, "
             f"models={self.model_names}, d_models={self.d_models}, dtype={self.manifest['dtype']})"
         )
+
+    # --- parts -------------------------------------------------------------------------------
+
+    def _check_part(self, part: str | None) -> str:
+        if part is None or part == "all":
+            return "all"
+        if part not in PARTS:
+            raise CrossdiffError(
+                f"unknown store part {part!r}; a store has parts {list(PARTS)} (or 'all')"
+            )
+        if part == "heldout" and not self.has_heldout:
+            raise CrossdiffError(
+                f"store {self.path} has no held-out tokens ({self._split_note()}); evaluate on "
+                "part='train', or harvest again with heldout_fraction > 0"
+            )
+        return part
+
+    def _split_note(self) -> str:
+        if self.manifest.get("split") is None:
+            return "it was harvested before stores had a held-out part, so all of it is training"
+        return f"heldout_fraction={self.manifest['split'].get('heldout_fraction')}"
+
+    def _shard_pieces(self, shard: dict[str, Any]) -> list[tuple[int, int]]:
+        n = int(shard["n_tokens"])
+        if self.part_name == "all":
+            return [(0, n)] if n else []
+        heldout = [(int(lo), int(hi)) for lo, hi in shard.get("heldout", [])]
+        if self.part_name == "heldout":
+            return heldout
+        pieces, at = [], 0
+        for lo, hi in heldout:
+            if lo > at:
+                pieces.append((at, lo))
+            at = hi
+        if n > at:
+            pieces.append((at, n))
+        return pieces
+
+    @property
+    def has_heldout(self) -> bool:
+        """Whether the store has a held-out part with at least one token."""
+        return int((self.manifest.get("parts") or {}).get("heldout", 0)) > 0
+
+    @property
+    def parts(self) -> dict[str, int]:
+        """Tokens per part; a store harvested before parts existed is all training."""
+        return dict(self.manifest.get("parts") or {"train": self.total_tokens, "heldout": 0})
+
+    def part(self, name: str) -> ActivationStore:
+        """A view of one part ('train', 'heldout' or 'all') with this store's reading interface
+        (n_tokens, read_acts, read_metadata, iter_batches, in the part's own token order)."""
+        view = ActivationStore(self.path, part=name)
+        view._verified = self._verified  # a shard's checksum is checked once for all views
+        return view
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens in the whole store, all parts."""
+        return int(self.manifest["n_tokens"])
 
     def __len__(self) -> int:
         return self.n_tokens
 
     @property
     def n_tokens(self) -> int:
-        return int(self.manifest["n_tokens"])
+        """Tokens of this view (the whole store, or one part)."""
+        return self._n_view
 
     @property
     def n_models(self) -> int:
@@ -416,10 +520,12 @@ class ActivationStore:
         first = int(torch.searchsorted(self._starts, start, right=True)) - 1
         pieces = []
         index = max(first, 0)
-        while index < self.n_shards and int(self._starts[index]) < stop:
+        while index < len(self._flat) and int(self._starts[index]) < stop:
+            shard, piece_lo, _ = self._flat[index]
             lo = max(start, int(self._starts[index])) - int(self._starts[index])
             hi = min(stop, int(self._starts[index + 1])) - int(self._starts[index])
-            pieces.append(self._shard(index).get_slice(key)[lo:hi])
+            if hi > lo:
+                pieces.append(self._shard(shard).get_slice(key)[piece_lo + lo : piece_lo + hi])
             index += 1
         if not pieces:
             return self._empty(key)
@@ -472,7 +578,8 @@ class ActivationStore:
         if batch_size <= 0:
             raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
         if self.n_tokens == 0:
-            raise CrossdiffError(f"store {self.path} has no tokens; harvest into it first")
+            where = "" if self.part_name == "all" else f" in its {self.part_name} part"
+            raise CrossdiffError(f"store {self.path} has no tokens{where}; harvest into it first")
         if not loop and batch_size > self.n_tokens:
             raise CrossdiffError(
                 f"batch_size {batch_size} is larger than the store's {self.n_tokens} tokens, so "
@@ -503,12 +610,14 @@ class ActivationStore:
                 else torch.arange(self.n_shards)
             )
             for index in order.tolist():
-                info = self.manifest["shards"][index]
-                bounds = list(range(0, info["n_tokens"], chunk_tokens))
+                bounds = [
+                    (lo, min(lo + chunk_tokens, piece_hi))
+                    for piece_lo, piece_hi in self._pieces[index]
+                    for lo in range(piece_lo, piece_hi, chunk_tokens)
+                ]
                 if shuffle:
                     bounds = [bounds[i] for i in torch.randperm(len(bounds), generator=generator)]
-                for lo in bounds:
-                    hi = min(lo + chunk_tokens, info["n_tokens"])
+                for lo, hi in bounds:
                     pending.append(self._shard(index).get_slice("acts")[lo:hi])
                     n_pending += hi - lo
                     if n_pending < (capacity if shuffle else batch_size):
@@ -528,3 +637,47 @@ class ActivationStore:
             if shuffle:
                 buffer = buffer[torch.randperm(len(buffer), generator=generator)]
             yield from emit(buffer, len(buffer) // batch_size * batch_size)
+
+
+def training_part(acts_or_store: Any) -> Any:
+    """The part a crosscoder trains on: a store's training part (the whole of a store harvested
+    before parts existed); anything else (a tensor, another source) as it is."""
+    if not isinstance(acts_or_store, ActivationStore):
+        return acts_or_store
+    if acts_or_store.part_name == "heldout":
+        raise CrossdiffError(
+            f"refusing to train on the held-out part of store {acts_or_store.path}: it is kept "
+            "for evaluation. Pass the store itself; training reads its training part"
+        )
+    return acts_or_store.part("train")
+
+
+def evaluation_part(acts_or_store: Any, part: str | None = None) -> tuple[Any, str]:
+    """(the tokens to evaluate on, their label). A store defaults to its held-out part, or to
+    its training part with a warning when it has none; `part` ('heldout', 'train', 'all')
+    chooses. A tensor (or another source) is evaluated as given, labelled 'given'."""
+    if not isinstance(acts_or_store, ActivationStore):
+        if part not in (None, "all"):
+            raise CrossdiffError(
+                f"part={part!r} chooses a part of an ActivationStore, but the activations are a "
+                f"{type(acts_or_store).__name__}; pass the store, or leave part=None"
+            )
+        return acts_or_store, "given"
+    if part is None and acts_or_store.part_name != "all":
+        part = acts_or_store.part_name  # a view chosen by the caller: evaluate it as it is
+    if part is None:
+        if acts_or_store.has_heldout:
+            part = "heldout"
+        else:
+            warnings.warn(
+                f"store {acts_or_store.path} has no held-out tokens "
+                f"({acts_or_store._split_note()}); evaluating on training tokens, which "
+                "overstates how well the crosscoder generalizes",
+                UserWarning,
+                stacklevel=3,
+            )
+            part = "train"
+    view = acts_or_store.part(part)
+    if view.n_tokens == 0:
+        raise CrossdiffError(f"the {part} part of store {acts_or_store.path} has no tokens")
+    return view, part

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from crossdiff.activations.store import evaluation_part
 from crossdiff.analysis.accumulate import PassStats, run_pass
 from crossdiff.analysis.classes import (
     DEAD,
@@ -36,6 +37,7 @@ from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.summary import domain_lift, summarize
 from crossdiff.analysis.summary import finite as _finite
 from crossdiff.common import CrossdiffError
+from crossdiff.crosscoder.metrics import normalized_unit_factors
 
 
 @dataclass
@@ -139,6 +141,7 @@ def diff_features(
     show_progress: bool = True,
     min_expert_firings: int = DEFAULT_MIN_FIRINGS,
     expert_layout: list[dict[str, Any]] | None = None,
+    part: str | None = None,
 ) -> FeatureDiff:
     """Classify every latent of `cc` (designated-shared, shared, A-only, B-only, dead) and measure
 
@@ -159,8 +162,11 @@ def diff_features(
     expert_layout: which columns of metadata['experts'] belong to which MoE layer, as a store
     manifest's experts.layout: [{'layer': 0, 'n_experts': 8, 'columns': [0, 2]}, ...]; default:
     the store's map, else the whole row is one layer.
+    part: which tokens of a store: its held-out part by default (the training part, with a
+    warning, when it has none), or 'train' / 'heldout' / 'all'; summary["evaluated_on"] says.
     """
     split_name, lo, hi = resolve_split(split)
+    acts_or_store, evaluated_on = evaluation_part(acts_or_store, part)
     source = TokenSource(acts_or_store, metadata, model_names, domain_names)
     w_dec = cc.W_dec.detach()
     if w_dec.ndim != 3:
@@ -304,6 +310,11 @@ def diff_features(
             [c for c in class_names(name_a, name_b) if c != DEAD],
             min_expert_firings,
         )  # fmt: skip
+    summary["evaluated_on"] = evaluated_on
+    summary["reconstruction"].update(
+        _pooled_normalized(stats.sse, stats.sst, normalized_unit_factors(cc, acts_or_store)),
+        evaluated_on=evaluated_on,
+    )
 
     panel_ids = _panel_latents(table, class_names(name_a, name_b), panels_per_class, stats)
     centers = {j: context_centers(stats.top_indices, j, n_top_contexts) for j in panel_ids}
@@ -334,6 +345,7 @@ def diff_features(
         "max_tokens": max_tokens,
         "n_tokens_analysed": n,
         "n_tokens_available": source.n_tokens,
+        "evaluated_on": evaluated_on,
         "n_token_ranges": len(ranges),
         "batch_size": batch_size,
         "n_top_contexts": n_top_contexts,
@@ -487,3 +499,16 @@ def _panel_latents(
         ids = table.index[table["class"] == cls].to_numpy()
         out += [int(i) for i in ids[np.argsort(-mass[ids], kind="stable")][:per_class]]
     return sorted(out)
+
+
+def _pooled_normalized(sse: np.ndarray, sst: np.ndarray, factors: Any) -> dict[str, Any]:
+    """1 - sum_m SSE_m s_m^2 / sum_m SST_m s_m^2, in each model's normalized units."""
+    if factors is None:  # no factor known: weigh each model by its own variance
+        factors = 1.0 / np.sqrt(np.where(sst > 0, sst, np.nan))
+    s2 = np.asarray(factors, dtype=np.float64) ** 2
+    den = float(np.nansum(sst * s2))
+    fve = _finite(1.0 - float(np.nansum(sse * s2)) / den) if den > 0 else None
+    return {
+        "fve_pooled_normalized": fve,
+        "scaling_factors": [float(x) for x in np.asarray(factors, dtype=np.float64)],
+    }

@@ -94,6 +94,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="bfloat16 autocast of the encoder matmul (default: on for CUDA; loss stays float32)",
     )
     p.add_argument("--wandb-project", default="crossdiff")
+    p.add_argument(
+        "--eval-part",
+        default=None,
+        choices=["heldout", "train", "all"],
+        help="store part the final metrics read (default: held-out; training if it has none)",
+    )
     add_runtime_arguments(p)
     p.set_defaults(func=run)
 
@@ -153,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     if not dist_info().is_main:  # every rank holds the same crosscoder; rank 0 writes it
         return 0
     cc.save(out)
-    metrics = evaluate_crosscoder(cc, store, max_tokens=args.eval_tokens)
+    metrics = evaluate_crosscoder(cc, store, max_tokens=args.eval_tokens, part=args.eval_part)
     summary = dict(cc.training_summary)
     history = summary.pop("history")
     record = {
@@ -167,9 +173,11 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(out / "training.json", json.loads(json.dumps(record, default=str)))
     per_model = ", ".join(f"{v:.3f}" for v in metrics["fve_per_model"])
     print(
-        f"crosscoder: FVE {metrics['fve']:.3f} (per model {per_model}), L0 {metrics['l0']:.1f} "
+        f"crosscoder: FVE {metrics['fve']:.3f} (per model {per_model}; pooled in normalized "
+        f"units {metrics['fve_pooled_normalized']:.3f}), L0 {metrics['l0']:.1f} "
         f"(top-k {metrics['l0_topk']:.1f}), dead {metrics['dead_fraction']:.1%} "
-        f"on {metrics['n_tokens']} tokens"
+        f"on {metrics['n_tokens']} {metrics['evaluated_on']} tokens "
+        f"(trained on {summary['n_train_tokens']} {summary['trained_on']} tokens)"
     )
     print(f"crosscoder: wrote {out}/cfg.json, {out}/sae_weights.safetensors, {out}/training.json")
     return 0

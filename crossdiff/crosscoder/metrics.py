@@ -2,6 +2,11 @@
 
 FVE_m = 1 - sum_t ||x_tm - x_hat_tm||^2 / sum_t ||x_tm - mean_m||^2, per model m; overall FVE
 pools both sums over models. Not averaged per token, not variance about zero.
+
+Pooled in raw units, the model with the larger activations dominates the overall FVE, so it is
+also given in each model's normalized units: fve_pooled_normalized = 1 - sum_m SSE_m s_m^2 /
+sum_m SST_m s_m^2, with s_m the factor that brings model m's mean norm to sqrt(d_model) (the
+store's scaling factors, estimated on its training part).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from crossdiff.activations.store import evaluation_part
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.splice import spliced_loss_on
 from crossdiff.integrity import check_finite_module
@@ -27,6 +33,7 @@ class ReconstructionMeter:
         self.sq_error = torch.zeros(n_models, dtype=torch.float64)
         self.sum_x = torch.zeros(n_models, d_model, dtype=torch.float64)
         self.sum_sq_x = torch.zeros(n_models, dtype=torch.float64)
+        self.sum_norm = torch.zeros(n_models, dtype=torch.float64)
 
     @torch.no_grad()
     def update(
@@ -39,6 +46,7 @@ class ReconstructionMeter:
         self.sq_error += err
         self.sum_x += x64.sum(0)
         self.sum_sq_x += x64.pow(2).sum(dim=(0, 2))
+        self.sum_norm += x64.norm(dim=-1).sum(0)
         self.n_tokens += x.shape[0]
 
     def total_variance(self) -> Tensor:
@@ -52,6 +60,19 @@ class ReconstructionMeter:
 
     def fve(self) -> float:
         return float(1 - self.sq_error.sum() / self.total_variance().sum())
+
+    def fve_pooled_normalized(self, scaling_factors: Tensor | None = None) -> float:
+        """1 - sum_m SSE_m s_m^2 / sum_m SST_m s_m^2: the pooled FVE in each model's normalized
+        units. Without `scaling_factors`, s_m = sqrt(d_model) / (model m's mean norm here)."""
+        if scaling_factors is None:
+            scaling_factors = self.scaling_factors()
+        s2 = torch.as_tensor(scaling_factors, dtype=torch.float64).cpu().pow(2)
+        return float(1 - (self.sq_error * s2).sum() / (self.total_variance() * s2).sum())
+
+    def scaling_factors(self) -> Tensor:
+        """sqrt(d_model) / mean norm per model over the evaluated tokens (1 for a zero norm)."""
+        norms = self.sum_norm / max(self.n_tokens, 1)
+        return torch.where(norms > 0, self.d_model**0.5 / norms.clamp_min(1e-30), 1.0)
 
     def mse_per_model(self) -> list[float]:
         return (self.sq_error / (self.n_tokens * self.d_model)).tolist()
@@ -108,19 +129,25 @@ def evaluate_crosscoder(
     pairing: Any = None,
     model_names: Sequence[str] | None = None,
     splice_sequences: int | None = 64,
+    part: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a crosscoder on raw activations (a tensor [N, n_models, d] or a store).
 
-    Returns fve, fve_per_model, mse_per_model, l0 and dead_fraction with the inference threshold;
-    fve_topk, fve_topk_per_model and l0_topk with BatchTopK on each evaluation batch (L0 = k);
-    n_tokens. A store is read raw (not normalized), shuffled, up to `max_tokens`; a tensor is
-    read in order, its first `max_tokens` rows.
+    Returns fve, fve_per_model, fve_pooled_normalized, mse_per_model, l0 and dead_fraction with
+    the inference threshold; fve_topk, fve_topk_per_model and l0_topk with BatchTopK on each
+    evaluation batch (L0 = k); n_tokens; evaluated_on: which tokens ('heldout', 'train', 'all'
+    of a store, or 'given' for a tensor) and scaling_factors (the s_m of fve_pooled_normalized).
+    A store is evaluated on its held-out part by default (its training part, with a warning,
+    when it has none; `part` chooses), read raw (not normalized), shuffled, up to `max_tokens`;
+    a tensor is read in order, its first `max_tokens` rows.
 
     Given `models` (in harvest order) and `tokens` (held-out rows), also "spliced_loss": each
     model's LM loss with its paired activations replaced by the reconstruction, on the first
     `splice_sequences` rows (crossdiff.crosscoder.splice; `pairing` and `model_names` default to
     the store's).
     """
+    acts_or_store, evaluated_on = evaluation_part(acts_or_store, part)
+    scaling_factors = normalized_unit_factors(cc, acts_or_store)
     cfg = cc.cfg
     if isinstance(cc, torch.nn.Module):
         check_finite_module(cc, "the crosscoder", "load or train an undamaged one")
@@ -152,6 +179,7 @@ def evaluate_crosscoder(
     result = {
         "fve": threshold_meter.fve(),
         "fve_per_model": threshold_meter.fve_per_model(),
+        "fve_pooled_normalized": threshold_meter.fve_pooled_normalized(scaling_factors),
         "mse_per_model": threshold_meter.mse_per_model(),
         "l0": active_total / n,
         "dead_fraction": float(1 - fired.float().mean()),
@@ -159,6 +187,10 @@ def evaluate_crosscoder(
         "fve_topk_per_model": topk_meter.fve_per_model(),
         "l0_topk": topk_active_total / n,
         "n_tokens": n,
+        "evaluated_on": evaluated_on,
+        "scaling_factors": (
+            scaling_factors if scaling_factors is not None else threshold_meter.scaling_factors()
+        ).tolist(),
     }
     if models is not None:
         result["spliced_loss"] = spliced_loss_on(
@@ -166,3 +198,16 @@ def evaluate_crosscoder(
             max_sequences=splice_sequences,
         )  # fmt: skip
     return result
+
+
+def normalized_unit_factors(cc: Any, acts_or_store: Any) -> Tensor | None:
+    """Each model's factor to normalized units: the store's (estimated on its training part),
+    else the one the crosscoder was trained with, else None (estimated from the evaluated data)."""
+    factors = getattr(acts_or_store, "scaling_factors", None)
+    if factors is None:
+        training = getattr(getattr(cc.cfg, "metadata", None), "crossdiff_training", None)
+        factors = (training or {}).get("scaling_factors")
+    if factors is None:
+        return None
+    factors = torch.as_tensor(factors, dtype=torch.float64).flatten()
+    return factors if factors.numel() == cc.cfg.n_models else None

@@ -29,6 +29,7 @@ from sae_lens.saes.sae import SAEMetadata, TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 
+from crossdiff.activations.store import training_part
 from crossdiff.common import CrossdiffError, allocation_guard, resolve_device, seed_everything
 from crossdiff.crosscoder.checkpoint import read_checkpoint, restore_checkpoint, write_checkpoint
 from crossdiff.crosscoder.config import CrossCoderConfig, TrainingCrossCoderConfig, default_lr
@@ -114,6 +115,7 @@ class _StoreSource:
     """An ActivationStore (duck-typed): iter_batches yields scaled [batch, n_models, d] tensors."""
 
     def __init__(self, store: Any, cfg: CrossCoderConfig, batch_size: int):
+        store = training_part(store)  # never the held-out part
         widths = list(getattr(store, "d_models", None) or [store.d_model] * store.n_models)
         if len(set(widths)) > 1:
             raise CrossdiffError(
@@ -132,6 +134,7 @@ class _StoreSource:
             )
         self.store = store
         self.n_tokens = store.n_tokens
+        self.part = getattr(store, "part_name", None)
         self.d = (store.n_models, store.d_model)
 
     def raw_scaling_factors(self, seed: int) -> Tensor:
@@ -489,7 +492,7 @@ def train_crosscoder(
         evaluator=lambda model, *_: {
             f"eval/{k}": v
             for k, v in evaluate_crosscoder(model, eval_sample).items()
-            if not isinstance(v, list)
+            if isinstance(v, (int, float))
         },
         checkpoint_dir=ckpt_dir,
         checkpoint_every=checkpoint_every if ckpt_dir is not None else 0,
@@ -539,6 +542,9 @@ def train_crosscoder(
         "train_seconds": seconds,
         "tokens_per_second": trained_tokens / seconds if seconds > 0 else None,
         "final_threshold": float(cc.threshold),
+        # which tokens it trained on: a store's training part ("train"), or a tensor ("given")
+        "trained_on": getattr(source, "part", None) or "given",
+        "n_train_tokens": source.n_tokens,
     }
     cc.cfg.metadata.crossdiff_training = summary
     cc.training_summary = {**summary, "history": trainer.history}

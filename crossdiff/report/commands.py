@@ -41,6 +41,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=1024, help="tokens per batch")
     parser.add_argument(
+        "--part",
+        default=None,
+        choices=["heldout", "train", "all"],
+        help="which tokens of the store (default: its held-out part; training if it has none)",
+    )
+    parser.add_argument(
         "--direction",
         nargs=2,
         default=None,
@@ -111,6 +117,7 @@ def run_report(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
         min_expert_firings=args.min_expert_firings,
+        part=args.part,
     )
     spliced = _spliced_loss(args, cc, store, device)
     if spliced is not None:
@@ -157,7 +164,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         *[f"  {cls:20s} {n}" for cls, n in summary["class_counts"].items()],
         "FVE: "
         + ", ".join(f"{m} {v:.4f}" for m, v in rec["fve_per_model"].items() if v is not None)
-        + f"; L0 {rec['l0']:.2f}; dead fraction {rec['dead_fraction']:.4f}",
+        + (
+            f"; pooled in normalized units {rec['fve_pooled_normalized']:.4f}"
+            if rec.get("fve_pooled_normalized") is not None
+            else ""
+        )
+        + f"; L0 {rec['l0']:.2f}; dead fraction {rec['dead_fraction']:.4f}"
+        + f" (on {summary.get('n_tokens')} {summary.get('evaluated_on', 'analysed')} tokens)",
         *_topk_line(rec),
         *[f"- {c['sentence']}" for c in summary["claims"]],
         *[f"warning: {w}" for w in summary["warnings"]],

@@ -176,12 +176,13 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
     )
     rec = s["reconstruction"]
     facts = [
-        ("tokens analysed", fmt(s["n_tokens"])),
+        ("tokens analysed", f"{fmt(s['n_tokens'])} ({s.get('evaluated_on', 'given')})"),
         ("latents", fmt(s["d_sae"])),
         ("split", f"{s['split']['name']}: {fmt(s['split']['lo'])} / {fmt(s['split']['hi'])}"),
         ("relative norm", s["direction"]["relative_norm"]),
         ("FVE (all)", fmt(rec["fve"])),
         *[(f"FVE {m}", fmt(v)) for m, v in rec["fve_per_model"].items()],
+        ("FVE pooled, normalized units", fmt(rec.get("fve_pooled_normalized"))),
         ("L0 (threshold)", fmt(rec["l0"])),
     ]
     if rec.get("fve_topk") is not None:

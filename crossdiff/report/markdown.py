@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+_TOKENS = {
+    "heldout": "held-out (never trained on)",
+    "train": "training",
+    "all": "all (training and held-out)",
+    "given": "given",
+}
+
 
 def fmt(value: Any, digits: int = 4) -> str:
     """Numbers as the report shows them: ints exact, floats to `digits` significant digits."""
@@ -129,7 +136,14 @@ def render_markdown(data: dict[str, Any]) -> str:
     rows = [[name, rec["fve_per_model"][name], topk.get(name), rec["mse_per_model"][name]]
             for name in rec["fve_per_model"]]  # fmt: skip
     out += _table(["model", "FVE (threshold)", "FVE (top-k)", "MSE (threshold)"], rows)
-    out += [fve_line(rec), ""]
+    out += [
+        fve_line(rec),
+        "",
+        f"Measured on {fmt(s['n_tokens'])} {_TOKENS.get(rec.get('evaluated_on'), 'analysed')} "
+        f"tokens; pooled FVE in each model's normalized units: "
+        f"{fmt(rec.get('fve_pooled_normalized'))}.",
+        "",
+    ]
     for warning in s.get("warnings", []):
         out += [f"**Warning:** {warning}", ""]
     out += [f"_{rec['formula']}._", ""]
