@@ -177,12 +177,15 @@ def _run_stages(
             if decision.action == "redo":
                 removed = stage_record.clear([stage_dir] + [out / s for s in later])
                 print(f"[crossdiff] removed {', '.join(str(p) for p in removed)}")
+            if decision.action == "adopt":  # give the older record its fingerprints
+                seconds = float(decision.record.get("seconds", 0.0))
+                stage_record.write_done(stage_dir, stage_options, inputs, decision.key, seconds)
             if not decision.done:
                 stage_record.write_pending(stage_dir, stage_options, inputs, decision.key)
         barrier()
         if decision.done:
             summary.skipped.append(name)
-            outputs[name] = decision.record["output"]
+            outputs[name] = stage_record.output_of(stage_dir)
         started[name] = (inputs, decision.key)
         return stage_dir, stage_options, decision.done
 

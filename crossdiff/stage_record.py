@@ -8,6 +8,8 @@ stage's output fingerprint) when it has finished. On a re-run:
 - `stage.pending.json` with the same key: the unfinished stage resumes (its checkpoints, shards);
 - either record with another key: the option or input changed, so the stage folder and the
   folders of the stages after it are removed and the stage is redone (as a build system does);
+- a `stage.json` of an older crossdiff (no key) with the same options: reused, and its record
+  rewritten with fingerprints (a note says its inputs could not be checked);
 - a folder without records (an older crossdiff): the stage resumes under its own checks.
 
 The output fingerprint hashes the key with what the stage wrote, so a stage redone with other
@@ -35,14 +37,14 @@ def stage_key(options: dict[str, Any], inputs: dict[str, str]) -> str:
 
 @dataclass
 class StageDecision:
-    action: str  # "skip" | "resume" | "redo" | "run"
+    action: str  # "skip" | "adopt" (a record without fingerprints) | "resume" | "redo" | "run"
     message: str
     key: str
     record: dict[str, Any] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
-        return self.action == "skip"
+        return self.action in ("skip", "adopt")
 
 
 def decide(
@@ -55,6 +57,16 @@ def decide(
         if not path.exists():
             continue
         record = read_json(path, "stage record")
+        legacy = "key" not in record and state == "finished"
+        if legacy and canonical(record.get("options")) == canonical(options):
+            return StageDecision(
+                "adopt",
+                f"finished in {stage_dir} by an older crossdiff with these options; reusing it "
+                "(its inputs were not recorded, so they cannot be checked; delete the folder to "
+                "redo it)",
+                key,
+                record,
+            )
         if record.get("key") == key:
             if state == "finished":
                 return StageDecision("skip", f"already done in {stage_dir}, skipping", key, record)

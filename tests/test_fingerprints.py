@@ -130,7 +130,20 @@ def test_unfinished_crosscoder_with_the_same_options_resumes(run_copy: Path, cap
     assert "resuming the unfinished stage" in printed and "at step 60/60" in printed
     after = weights(run_copy / "crosscoder")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert record(run_copy, "crosscoder")["output"] == old["output"]
+    assert record(run_copy, "crosscoder")["key"] == old["key"]
+    assert not (run_copy / "crosscoder" / ".stage.pending.json").exists()
+
+
+def test_records_of_an_older_crossdiff_are_adopted_when_their_options_match(run_copy, capsys):
+    for stage in ("data", "models", "store", "crosscoder"):
+        old = record(run_copy, stage)
+        legacy = {"options": old["options"], "seconds": old["seconds"]}
+        (run_copy / stage / "stage.json").write_text(json.dumps(legacy))
+    summary = run_pipeline(run_copy, "micro", device="cpu", stop_after="crosscoder")
+    assert summary.skipped == ["data", "models", "store", "crosscoder"]
+    assert capsys.readouterr().out.count("by an older crossdiff with these options") == 4
+    store_output = record(run_copy, "store")["output"]
+    assert record(run_copy, "crosscoder")["inputs"] == {"store": store_output}
 
 
 def test_changed_report_option_redoes_only_the_report(run_copy: Path):
