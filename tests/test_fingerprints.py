@@ -200,7 +200,7 @@ def test_bad_crosscoder_options_are_refused_before_any_stage(tmp_path: Path):
 def test_a_crosscoder_too_big_for_memory_is_refused_with_the_figure(tmp_path: Path):
     out = tmp_path / "run"
     with pytest.raises(CrossdiffError, match=r"needs about [\d.]+ GiB .* GiB is free on cpu"):
-        run_pipeline(out, "micro", overrides={"crosscoder": {"expansion": 200_000}}, device="cpu")
+        run_pipeline(out, "micro", overrides={"crosscoder": {"expansion": 2_000_000}}, device="cpu")
     assert not out.exists()
     parts = crosscoder_memory_bytes(2, 128, 1024, 256, "float32")
     n_params = 2 * 2 * 128 * 1024 + 1024 + 2 * 128
