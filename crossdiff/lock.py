@@ -118,9 +118,12 @@ def folder_lock(path: Path, what: str, *, enabled: bool = True) -> Iterator[None
         yield
         return
     already = path.exists() and _read_holder(path).get("pid") == os.getpid()
+    created = not path.parent.exists()
     acquire(path, what)
     try:
         yield
     finally:
         if not already:  # a nested use leaves the lock to the outer one
             release(path)
+            if created and path.parent.is_dir() and not any(path.parent.iterdir()):
+                path.parent.rmdir()  # made only to hold the lock: a refused job leaves no folder
