@@ -176,7 +176,8 @@ def _run_stages(
             print(f"[crossdiff] {name}: {decision.message}")
             if decision.action == "redo":
                 removed = stage_record.clear([stage_dir] + [out / s for s in later])
-                print(f"[crossdiff] removed {', '.join(str(p) for p in removed)}")
+                if removed:
+                    print(f"[crossdiff] removed {', '.join(str(p) for p in removed)}")
             if decision.action == "adopt":  # give the older record its fingerprints
                 seconds = float(decision.record.get("seconds", 0.0))
                 stage_record.write_done(stage_dir, stage_options, inputs, decision.key, seconds)

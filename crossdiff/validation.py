@@ -125,11 +125,11 @@ def _positive_int(problems: list[str], where: str, value: Any, minimum: int = 1)
         problems.append(f"{where}={value!r} must be an integer >= {minimum}")
 
 
-def _problem(problems: list[str], check: Any, *args: Any, **kwargs: Any) -> Any:
+def _problem(problems: list[str], where: str, check: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return check(*args, **kwargs)
     except CrossdiffError as err:
-        problems.append(str(err))
+        problems.append(f"{where}: {err}")
         return None
 
 
@@ -164,12 +164,12 @@ def validate_run_options(
         problems.append(f"data: heldout_fraction={fraction!r} must be in (0, 1)")
 
     models = options["models"]
-    preset = _problem(problems, get_preset, models.get("preset", "tiny"))
+    preset = _problem(problems, "models", get_preset, models.get("preset", "tiny"))
     for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_rows"):
         _positive_int(problems, f"models: {key}", models.get(key))
 
     store = options["store"]
-    pairing = _problem(problems, load_pairing, store.get("pairing", "paper"))
+    pairing = _problem(problems, "store", load_pairing, store.get("pairing", "paper"))
     _positive_int(problems, "store: n_tokens", store.get("n_tokens"))
     if store.get("dtype", "float16") not in DTYPES:
         problems.append(f"store: dtype={store.get('dtype')!r}; expected one of {sorted(DTYPES)}")
@@ -202,8 +202,9 @@ def validate_run_options(
         n_sites = len(pairing.sites) if pairing is not None else 1
         d_store = n_sites * int(preset.model["d_model"])
         d_sae = int(expansion * d_store)
-        cfg = _problem(
+        _problem(
             problems,
+            "crosscoder",
             CrossCoderConfig,
             n_models=2,
             d_model=d_store,
@@ -219,15 +220,15 @@ def validate_run_options(
                 f"crosscoder: expansion={expansion} gives d_sae={d_sae} on width {d_store}; "
                 "raise the expansion"
             )
-        elif cfg is not None and _is_int(batch) and batch > 0:
+        elif _is_int(batch) and batch > 0:
             too_big = check_crosscoder_fits(
-                2, d_store, d_sae, batch, cfg.dtype, device, world_size=world_size
+                2, d_store, d_sae, batch, cc.get("dtype", "float32"), device, world_size=world_size
             )
             if too_big:
                 problems.append(f"crosscoder: {too_big}")
 
     report = options["report"]
-    _problem(problems, resolve_split, report.get("split", "paper"))
+    _problem(problems, "report", resolve_split, report.get("split", "paper"))
     _positive_int(problems, "report: max_tokens", report.get("max_tokens"))
 
     if problems:
