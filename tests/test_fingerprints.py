@@ -119,6 +119,20 @@ def test_changed_k_redoes_the_crosscoder_and_never_resumes_its_checkpoint(run_co
     assert state["identity"]["config"]["k"] == 16
 
 
+def test_changed_crosscoder_option_redoes_the_finished_crosscoder_and_report(run_copy, capsys):
+    report_before = (run_copy / "report" / "report.json").read_bytes()
+    summary = run_pipeline(run_copy, "micro", overrides={"crosscoder": {"k": 4}}, device="cpu")
+    printed = capsys.readouterr().out
+    assert summary.skipped == ["data", "models", "store"]
+    assert "the finished stage" in printed and "redoing crosscoder, report" in printed
+    assert json.loads((run_copy / "crosscoder" / "cfg.json").read_text())["k"] == 4
+    assert (
+        record(run_copy, "report")["inputs"]["crosscoder"]
+        == record(run_copy, "crosscoder")["output"]
+    )
+    assert (run_copy / "report" / "report.json").read_bytes() != report_before
+
+
 def test_unfinished_crosscoder_with_the_same_options_resumes(run_copy: Path, capsys):
     old = record(run_copy, "crosscoder")
     before = weights(run_copy / "crosscoder")
