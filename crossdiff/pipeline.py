@@ -170,7 +170,10 @@ def _run_stages(
         stage_options = {**options[name], "seed": seed}
         inputs = {up: outputs[up] for up in STAGE_INPUTS[name]}
         later = list(STAGES[STAGES.index(name) + 1 :])
-        decision = stage_record.decide(name, stage_dir, stage_options, inputs, later)
+        reused = all(up in summary.skipped for up in STAGE_INPUTS[name])
+        decision = stage_record.decide(
+            name, stage_dir, stage_options, inputs, later, inputs_reused=reused
+        )
         barrier()  # every rank has read the records before rank 0 changes them
         if info.is_main:
             print(f"[crossdiff] {name}: {decision.message}")

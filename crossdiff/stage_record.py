@@ -8,8 +8,9 @@ stage's output fingerprint) when it has finished. On a re-run:
 - `stage.pending.json` with the same key: the unfinished stage resumes (its checkpoints, shards);
 - either record with another key: the option or input changed, so the stage folder and the
   folders of the stages after it are removed and the stage is redone (as a build system does);
-- a `stage.json` of an older crossdiff (no key) with the same options: reused, and its record
-  rewritten with fingerprints (a note says its inputs could not be checked);
+- a `stage.json` of an older crossdiff (no key) with the same options, all of whose input stages
+  were reused: reused, and its record rewritten with fingerprints (a note says its inputs could
+  not be checked); if an input stage was just (re)made, it is redone;
 - a folder without records (an older crossdiff): the stage resumes under its own checks.
 
 The output fingerprint hashes the key with what the stage wrote, so a stage redone with other
@@ -48,16 +49,24 @@ class StageDecision:
 
 
 def decide(
-    name: str, stage_dir: Path, options: dict[str, Any], inputs: dict[str, str], later: list[str]
+    name: str,
+    stage_dir: Path,
+    options: dict[str, Any],
+    inputs: dict[str, str],
+    later: list[str],
+    *,
+    inputs_reused: bool = True,
 ) -> StageDecision:
-    """What to do with stage `name` given its records on disk (reads only)."""
+    """What to do with stage `name` given its records on disk (reads only). `inputs_reused`:
+    every stage it reads was reused in this run, so a record without fingerprints (older
+    crossdiff) with the same options may be adopted; otherwise its inputs were just made anew."""
     key = stage_key(options, inputs)
     for filename, state in ((RECORD, "finished"), (PENDING, "unfinished")):
         path = stage_dir / filename
         if not path.exists():
             continue
         record = read_json(path, "stage record")
-        legacy = "key" not in record and state == "finished"
+        legacy = "key" not in record and state == "finished" and inputs_reused
         if legacy and canonical(record.get("options")) == canonical(options):
             return StageDecision(
                 "adopt",
@@ -85,7 +94,7 @@ def decide(
 
 def _what_changed(record: dict[str, Any], options: dict[str, Any], inputs: dict[str, str]) -> str:
     if "key" not in record:
-        return "settings (its record predates fingerprints)"
+        return "settings or inputs (its record predates fingerprints)"
     parts = []
     if canonical(record.get("options", {})) != canonical(options):
         parts.append(f"options ({describe_changes(record.get('options', {}), options)})")

@@ -160,6 +160,21 @@ def test_records_of_an_older_crossdiff_are_adopted_when_their_options_match(run_
     assert record(run_copy, "crosscoder")["inputs"] == {"store": store_output}
 
 
+def test_an_older_record_is_not_adopted_after_its_input_was_made_anew(run_copy, capsys):
+    """Reproduction 2 on a run of an older crossdiff: its crosscoder record cannot say which
+    store it was trained on, so a re-harvested store redoes it."""
+    old = record(run_copy, "crosscoder")
+    (run_copy / "crosscoder" / "stage.json").write_text(json.dumps({"options": old["options"]}))
+    shutil.rmtree(run_copy / "store")
+    summary = run_pipeline(
+        run_copy, "micro", overrides={"store": {"pairing": "single-layer"}}, device="cpu"
+    )
+    assert summary.skipped == ["data", "models"]
+    assert "predates fingerprints" in capsys.readouterr().out
+    report = json.loads((run_copy / "report" / "report.json").read_text())
+    assert min(report["summary"]["reconstruction"]["fve_per_model"].values()) > 0.3
+
+
 def test_changed_report_option_redoes_only_the_report(run_copy: Path):
     summary = run_pipeline(
         run_copy, "micro", overrides={"report": {"max_tokens": 6_000}}, device="cpu"
