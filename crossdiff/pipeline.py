@@ -1,21 +1,23 @@
 """`crossdiff run`: tokens to report in one command, resuming whatever a previous run left.
 
 Each stage writes one folder under the run directory and, when it has finished, a `stage.json`
-recording the options it ran with. A re-run skips a finished stage whose options match, resumes an
-unfinished one (each stage resumes on its own: checkpoints, shards), and refuses to mix a finished
-stage with different options (it says which option changed and what to do).
+recording its options, the fingerprints of its inputs and of its output (crossdiff.stage_record).
+A re-run skips a finished stage whose options and inputs match, resumes an unfinished one (each
+stage resumes on its own: checkpoints, shards), and redoes a stage whose options or inputs changed
+together with every stage after it, as a build system does (it says what changed). All options
+are checked before the first stage runs, and a lock file keeps a second process out of the folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crossdiff import stage_record
 from crossdiff.common import (
     CrossdiffError,
     add_runtime_arguments,
@@ -24,8 +26,18 @@ from crossdiff.common import (
     resolve_device,
     write_json_atomic,
 )
+from crossdiff.lock import folder_lock
+from crossdiff.validation import validate_run_options
 
 STAGES = ("data", "models", "store", "crosscoder", "report")
+# the stages whose output each stage reads (their output fingerprints are its inputs)
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "models": ("data",),
+    "store": ("data", "models"),
+    "crosscoder": ("store",),
+    "report": ("data", "store", "crosscoder"),
+}
 
 # Options per preset and stage. `micro` is the reduced size the tests and CI examples run.
 RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -113,32 +125,6 @@ def resolve_options(
     return options
 
 
-def _stage_record(stage_dir: Path) -> dict[str, Any] | None:
-    path = stage_dir / "stage.json"
-    return read_json(path, "stage record") if path.exists() else None
-
-
-def _check_or_skip(stage: str, stage_dir: Path, options: dict[str, Any]) -> bool:
-    """True when the stage finished before with the same options; error when with other options."""
-    record = _stage_record(stage_dir)
-    if record is None:
-        return False
-    previous = record.get("options", {})
-    if previous != json.loads(json.dumps(options)):
-        changed = sorted(
-            k for k in set(previous) | set(options) if previous.get(k) != options.get(k)
-        )
-        raise CrossdiffError(
-            f"stage {stage!r} in {stage_dir} finished earlier with other options "
-            f"(changed: {changed}); use a new --out, or delete {stage_dir} to redo that stage"
-        )
-    return True
-
-
-def _mark_done(stage_dir: Path, options: dict[str, Any], seconds: float) -> None:
-    write_json_atomic(stage_dir / "stage.json", {"options": options, "seconds": round(seconds, 2)})
-
-
 def run_pipeline(
     out_dir: str | Path,
     preset: str = "tiny",
@@ -154,41 +140,83 @@ def run_pipeline(
     all processes (docs/distributed.md); rank 0 prepares the data first, writes the stage
     records and the report, and returns the full summary (the other ranks stop after the
     crosscoder)."""
-    from crossdiff.activations import ActivationStore, harvest, load_pairing
-    from crossdiff.analysis import diff_features
-    from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, train_crosscoder
-    from crossdiff.data import prepare_data
-    from crossdiff.distributed import barrier, dist_info, main_process_first, rank_device
-    from crossdiff.models import load_model, train_language_models
-    from crossdiff.report import write_report
+    from crossdiff.distributed import dist_info, rank_device
 
     if stop_after is not None and stop_after not in STAGES:
         raise CrossdiffError(f"--stop-after must be one of {STAGES}, got {stop_after!r}")
     options = resolve_options(preset, overrides)
-    out = Path(out_dir)
     info = dist_info()
     torch_device = rank_device(device) if info.enabled else resolve_device(device)
-    check_output_dir(out)  # both before the folder is made: a bad --device leaves nothing
+    validate_run_options(options, seed=seed, device=torch_device, world_size=info.world_size)
+    out = Path(out_dir)
+    check_output_dir(out)  # before the folder is made: a bad --out leaves nothing
     out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out / "run.lock", f"run folder {out}", enabled=info.is_main):
+        if info.is_main:  # written once the options are accepted and the folder is ours
+            write_json_atomic(
+                out / "run.json", {"preset": preset, "seed": seed, "options": options}
+            )
+        return _run_stages(
+            out, options, seed=seed, torch_device=torch_device, stop_after=stop_after
+        )
+
+
+def _run_stages(
+    out: Path,
+    options: dict[str, dict[str, Any]],
+    *,
+    seed: int,
+    torch_device: Any,
+    stop_after: str | None,
+) -> RunSummary:
+    from crossdiff.activations import ActivationStore, harvest, load_pairing
+    from crossdiff.analysis import diff_features
+    from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, train_crosscoder
+    from crossdiff.data import prepare_data
+    from crossdiff.distributed import barrier, dist_info, main_process_first
+    from crossdiff.models import load_model, train_language_models
+    from crossdiff.report import write_report
+
+    info = dist_info()
     summary = RunSummary(out_dir=out)
-    if info.is_main:
-        write_json_atomic(out / "run.json", {"preset": preset, "seed": seed, "options": options})
+    outputs: dict[str, str] = {}  # stage -> its output fingerprint
+    started: dict[str, tuple[dict[str, str], str]] = {}  # stage -> (its inputs, its key)
 
     def stage(name: str) -> tuple[Path, dict[str, Any], bool]:
         stage_dir = out / name
         stage_options = {**options[name], "seed": seed}
-        done = _check_or_skip(name, stage_dir, stage_options)
-        barrier()  # every rank has read the record before rank 0 may write it
-        if done:
-            summary.skipped.append(name)
+        inputs = {up: outputs[up] for up in STAGE_INPUTS[name]}
+        later = list(STAGES[STAGES.index(name) + 1 :])
+        reused = all(up in summary.skipped for up in STAGE_INPUTS[name])
+        decision = stage_record.decide(
+            name, stage_dir, stage_options, inputs, later, inputs_reused=reused
+        )
+        barrier()  # every rank has read the records before rank 0 changes them
         if info.is_main:
-            what = f"already done in {stage_dir}, skipping" if done else f"running into {stage_dir}"
-            print(f"[crossdiff] {name}: {what}")
-        return stage_dir, stage_options, done
+            print(f"[crossdiff] {name}: {decision.message}")
+            if decision.action == "redo":
+                removed = stage_record.clear([stage_dir] + [out / s for s in later])
+                if removed:
+                    print(f"[crossdiff] removed {', '.join(str(p) for p in removed)}")
+            if decision.action == "adopt":  # give the older record its fingerprints
+                seconds = float(decision.record.get("seconds", 0.0))
+                stage_record.write_done(stage_dir, stage_options, inputs, decision.key, seconds)
+            if not decision.done:
+                stage_record.write_pending(stage_dir, stage_options, inputs, decision.key)
+        barrier()
+        if decision.done:
+            summary.skipped.append(name)
+            outputs[name] = stage_record.output_of(stage_dir)
+        started[name] = (inputs, decision.key)
+        return stage_dir, stage_options, decision.done
 
     def mark_done(stage_dir: Path, stage_options: dict[str, Any], seconds: float) -> None:
+        name = stage_dir.name
+        inputs, key = started[name]
         if info.is_main:
-            _mark_done(stage_dir, stage_options, seconds)
+            stage_record.write_done(stage_dir, stage_options, inputs, key, seconds)
+        barrier()  # the record (and its output fingerprint) is on disk for every rank
+        outputs[name] = stage_record.output_of(stage_dir)
 
     # 1. corpus, tokenizer, token sets (prepare_data resumes and checks its own options)
     data_dir, data_opts, data_done = stage("data")
@@ -278,7 +306,7 @@ def run_pipeline(
             cfg,
             seed=seed,
             device=str(torch_device),
-            checkpoint_dir=out / "crosscoder_checkpoints",
+            checkpoint_dir=cc_dir / "checkpoints",
             resume=True,
             **cc_kwargs,
         )
@@ -303,6 +331,11 @@ def run_pipeline(
     if spliced is not None:
         diff.summary["spliced_loss"] = spliced
     summary.report_paths = write_report(diff, report_dir)
+    report_options = {**options["report"], "seed": seed}
+    report_inputs = {up: outputs[up] for up in STAGE_INPUTS["report"]}
+    report_key = stage_record.stage_key(report_options, report_inputs)
+    seconds = time.perf_counter() - t0
+    stage_record.write_done(report_dir, report_options, report_inputs, report_key, seconds)
     summary.stage_seconds["report"] = time.perf_counter() - t0
     summary.metrics["diff"] = diff.summary
     write_json_atomic(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,13 +64,18 @@ def test_inspect_latent_example_reads_the_run(micro_run: Path):
     assert result.stdout.count("[[") >= 1  # at least one context with its top token marked
 
 
-def test_rerun_skips_finished_stages_and_refuses_changed_options(micro_run: Path):
+def test_rerun_skips_finished_stages_and_redoes_changed_ones(micro_run: Path, tmp_path, capsys):
     before = comparable(micro_run / "report" / "report.json")
     summary = run_pipeline(micro_run, "micro", device="cpu")
     assert summary.skipped == ["data", "models", "store", "crosscoder"]
     assert comparable(micro_run / "report" / "report.json") == before
-    with pytest.raises(CrossdiffError, match="n_tokens"):
-        run_pipeline(micro_run, "micro", overrides={"store": {"n_tokens": 9_000}}, device="cpu")
+    # a changed option redoes its stage and the stages after it (on a copy: micro_run is shared)
+    changed = tmp_path / "changed"
+    shutil.copytree(micro_run, changed)
+    overrides = {"store": {"n_tokens": 9_000}}
+    summary = run_pipeline(changed, "micro", overrides=overrides, device="cpu")
+    assert summary.skipped == ["data", "models"]
+    assert "n_tokens: 12000 -> 9000" in capsys.readouterr().out
 
 
 def _run_until(out: Path, marker_glob: str) -> bool:
@@ -96,7 +102,7 @@ def test_run_killed_at_several_stages_finishes_with_the_same_report(micro_run, t
     markers = [
         "models/checkpoints/*/checkpoint.safetensors",  # mid language-model training
         "store/shard_00000.safetensors",  # mid harvest
-        "crosscoder_checkpoints/state_*.safetensors",  # mid crosscoder training
+        "crosscoder/checkpoints/state_*.safetensors",  # mid crosscoder training
     ]
     killed = [_run_until(out, marker) for marker in markers]
     assert killed[0], "the first run finished before it could be interrupted"

@@ -37,6 +37,7 @@ from crossdiff.common import (
 )
 from crossdiff.data.tokens import TokenSet
 from crossdiff.distributed import dist_info
+from crossdiff.lock import folder_lock
 
 SHARD_BYTES = 64 * 2**20
 # manifest keys that must match for a harvest to continue an existing store
@@ -505,7 +506,9 @@ def harvest(
             "crossdiff.distributed.init_distributed() first (the CLI does), or leave "
             "distributed=None"
         )
-    with _eval_mode((model_a, model_b)):
+    lock = Path(out_dir) / ".harvest.lock"  # one harvest per store; under torchrun, rank 0's
+    locked = folder_lock(lock, f"store {out_dir}", enabled=info.is_main or not distributed)
+    with locked, _eval_mode((model_a, model_b)):
         return _harvest(
             model_a, model_b, token_set, pairing, out_dir, n_tokens=n_tokens,
             batch_size=batch_size, dtype=dtype, shard_tokens=shard_tokens,

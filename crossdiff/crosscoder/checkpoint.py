@@ -4,6 +4,10 @@ A checkpoint folder holds `state_<step>.safetensors` (weights, Adam moments, dea
 and `state.json` (config, step counters, lr-scheduler state, Adam hyper-parameters, the scaling
 factors and the options of the run). `state.json` is written last and names its tensor file, so
 the pair on disk is always consistent; both are written atomically.
+
+`state.json` also holds the run's identity (`run_identity`): the full training config, every
+training option that changes the result, and the fingerprint of the training data. A checkpoint
+is resumed only when all of it matches (a changed k, store or learning rate never resumes).
 """
 
 from __future__ import annotations
@@ -16,11 +20,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crossdiff.common import CrossdiffError, atomic_path, read_json, tensors_nbytes
+from crossdiff.fingerprint import canonical, changes
 from crossdiff.integrity import sha256_of_file, verify_checksum
 
 FORMAT = "crossdiff-crosscoder-checkpoint"
 _SHAPE_KEYS = ("n_models", "d_model", "d_sae", "n_shared", "shared_decoder")
-_RUN_KEYS = ("steps", "batch_size", "seed", "normalize")
+# config fields that do not change what is trained (where it runs, what it is labelled)
+_NOT_IDENTITY = ("device", "metadata")
+
+
+def run_identity(cfg: Any, options: dict[str, Any], source: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the training config (all fields but the
+    device and metadata), the training options and the data's fingerprint."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_IDENTITY}
+    return canonical({"config": config, "options": options, "source": source})
 
 
 def write_checkpoint(trainer: Any, directory: Path, extra: dict[str, Any]) -> Path:
@@ -94,25 +107,32 @@ def restore_checkpoint(
     state: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     *,
-    options: dict[str, Any],
+    identity: dict[str, Any],
 ) -> None:
-    """Load weights, optimizer, scheduler and counters into a freshly built trainer."""
+    """Load weights, optimizer, scheduler and counters into a freshly built trainer, after
+    checking that the checkpoint is of the same run (`run_identity`)."""
     cfg = trainer.sae.cfg
     saved, current = state["cfg"], cfg.to_dict()
     shape_diff = {k: (saved.get(k), current[k]) for k in _SHAPE_KEYS if saved.get(k) != current[k]}
     if shape_diff:
         raise CrossdiffError(
             f"the checkpoint holds a crosscoder of another shape ({shape_diff}, saved vs asked); "
-            "use another checkpoint_dir / --out, or delete the old checkpoint to start over"
+            "use another checkpoint_dir / --out, or delete the old checkpoint to start over "
+            "(train-crosscoder: --overwrite)"
         )
-    saved_run = state.get("options", {})
-    run_diff = {
-        k: (saved_run.get(k), options[k]) for k in _RUN_KEYS if saved_run.get(k) != options[k]
-    }
-    if run_diff:
+    if "identity" not in state:
         raise CrossdiffError(
-            f"the checkpoint is of a run with other options ({run_diff}, saved vs asked); "
-            "resume with the same options, or delete the checkpoint to start over"
+            "the checkpoint was written by an older crossdiff that did not record its training "
+            "data and full configuration, so it cannot be checked; delete it to start over "
+            "(train-crosscoder: --overwrite)"
+        )
+    diff = changes(state["identity"], identity)
+    if diff:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:8])
+        raise CrossdiffError(
+            f"the checkpoint is of a run with other options or data ({detail}; saved -> "
+            "asked); resume with the same settings, or delete the checkpoint to start over "
+            "(train-crosscoder: --overwrite)"
         )
     model_state = {
         k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")

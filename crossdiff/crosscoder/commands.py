@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import shutil
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import CrossdiffError, add_runtime_arguments, write_json_atomic
+from crossdiff.common import (
+    CrossdiffError,
+    add_runtime_arguments,
+    read_json,
+    resolve_device,
+    write_json_atomic,
+)
 from crossdiff.crosscoder.trainer import DEFAULT_STEPS
+from crossdiff.distributed import barrier, dist_info, rank_device
+from crossdiff.fingerprint import canonical, describe_changes, store_fingerprint
+from crossdiff.lock import folder_lock
+from crossdiff.validation import check_crosscoder_fits
 
 # Defaults chosen to reach FVE >= 0.8 per model at L0 <= 64 on the tiny models' residual stream
 # (d_model 128-256) in a few CPU minutes; see docs/crosscoder.md.
@@ -85,7 +97,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"tokens for the final evaluation (default {DEFAULT_EVAL_TOKENS})",
     )
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="train again even if OUT is complete")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: remove OUT's crosscoder and checkpoint, then train",
+    )
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (SAELens logger)")
     p.add_argument(
         "--autocast",
@@ -114,16 +130,80 @@ def _open_store(path: Path) -> Any:
     return ActivationStore(path)
 
 
-def run(args: argparse.Namespace) -> int:
-    from crossdiff.crosscoder import CrossCoderConfig, evaluate_crosscoder, train_crosscoder
-    from crossdiff.distributed import dist_info
+# options that change what is trained or measured (not where it runs or how often it checkpoints)
+_RESULT_OPTIONS = (
+    "steps",
+    "batch_size",
+    "lr",
+    "k_anneal_steps",
+    "k_anneal_start",
+    "aux_loss_coefficient",
+    "seed",
+    "eval_tokens",
+)
 
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse impossible options before anything is read or trained; name all of them."""
+
+    def positive(value: Any) -> bool:
+        return isinstance(value, int | float) and value > 0 and math.isfinite(value)
+
+    problems = []
+    if args.d_sae is not None and args.d_sae < 1:
+        problems.append(f"--d-sae {args.d_sae}: the number of latents must be at least 1")
+    if args.d_sae is None and not positive(args.expansion):
+        problems.append(f"--expansion {args.expansion}: must be a positive number")
+    if not positive(args.k):
+        problems.append(f"--k {args.k}: the mean number of active latents must be positive")
+    if not positive(args.shared_penalty_ratio):
+        problems.append(f"--shared-penalty-ratio {args.shared_penalty_ratio}: must be positive")
+    for flag, value, minimum in (
+        ("--steps", args.steps, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--eval-tokens", args.eval_tokens, 1),
+        ("--n-shared", args.n_shared, 0),
+        ("--checkpoint-every", args.checkpoint_every, 0),
+        ("--k-anneal-steps", args.k_anneal_steps, 0),
+    ):
+        if value < minimum:
+            problems.append(f"{flag} {value}: must be at least {minimum}")
+    if args.lr is not None and not positive(args.lr):
+        problems.append(f"--lr {args.lr}: must be a positive number")
+    if args.aux_loss_coefficient is not None and not args.aux_loss_coefficient >= 0:
+        problems.append(f"--aux-loss-coefficient {args.aux_loss_coefficient}: must be >= 0")
+    if problems:
+        raise CrossdiffError("train-crosscoder: " + "; ".join(problems))
+
+
+def _identity(cfg: Any, args: argparse.Namespace, store: Any) -> dict[str, Any]:
+    """What a finished OUT must match to count as done: config, options, store fingerprint."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "metadata")}
+    options = {k: getattr(args, k) for k in _RESULT_OPTIONS}
+    return canonical({"config": config, "options": options, "store": store_fingerprint(store)})
+
+
+def _start_over(out: Path) -> None:
+    """--overwrite: the old result and checkpoint go, so nothing of them is resumed or kept."""
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    for name in ("training.json", "cfg.json", "sae_weights.safetensors"):
+        (out / name).unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     out: Path = args.out
-    if (out / "training.json").exists() and not args.overwrite:
-        print(f"crosscoder: {out} is already trained (training.json exists); --overwrite to redo")
-        return 0
+    with folder_lock(out / ".train.lock", f"crosscoder folder {out}", enabled=dist_info().is_main):
+        return _run(args, out)
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    from crossdiff.crosscoder import CrossCoderConfig, evaluate_crosscoder, train_crosscoder
+
+    info = dist_info()
+
     store = _open_store(args.store)
-    d_sae = args.d_sae or int(round(args.expansion * store.d_model))
+    d_sae = args.d_sae if args.d_sae is not None else int(round(args.expansion * store.d_model))
     cfg = CrossCoderConfig(
         n_models=store.n_models,
         d_model=store.d_model,
@@ -134,6 +214,31 @@ def run(args: argparse.Namespace) -> int:
         shared_penalty_ratio=args.shared_penalty_ratio,
         dtype=args.dtype,
     )
+    device = rank_device(args.device) if info.enabled else resolve_device(args.device)
+    too_big = check_crosscoder_fits(
+        cfg.n_models, cfg.d_model, d_sae, args.batch_size, cfg.dtype, device,
+        world_size=info.world_size,
+    )  # fmt: skip
+    if too_big:
+        raise CrossdiffError(f"train-crosscoder: {too_big}")
+    identity = _identity(cfg, args, store)
+    if (out / "training.json").exists() and not args.overwrite:
+        previous = read_json(out / "training.json", "training record").get("identity")
+        if previous == identity:
+            print(f"crosscoder: {out} is already trained with these settings; --overwrite to redo")
+            return 0
+        changed = (
+            describe_changes(previous, identity) if previous else "its record predates fingerprints"
+        )
+        raise CrossdiffError(
+            f"{out} holds a crosscoder trained with other settings or another store "
+            f"({changed}); pass --overwrite to train again from the start, or choose another --out"
+        )
+    barrier()  # every rank has read OUT before rank 0 clears it
+    if args.overwrite and info.is_main:
+        _start_over(out)
+        print(f"crosscoder: --overwrite: removed the crosscoder and checkpoint in {out}")
+    barrier()
     for key in ("model_names", "hook_points"):
         value = getattr(store, key, None)
         if value is not None:
@@ -156,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         wandb_project=args.wandb_project,
         autocast=args.autocast,
     )
-    if not dist_info().is_main:  # every rank holds the same crosscoder; rank 0 writes it
+    if not info.is_main:  # every rank holds the same crosscoder; rank 0 writes it
         return 0
     cc.save(out)
     metrics = evaluate_crosscoder(cc, store, max_tokens=args.eval_tokens, part=args.eval_part)
@@ -164,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
     history = summary.pop("history")
     record = {
         "store": str(args.store),
+        "identity": identity,
         "config": cc.cfg.to_dict(),
         "options": {k: v for k, v in vars(args).items() if k != "func" and not callable(v)},
         "metrics": metrics,

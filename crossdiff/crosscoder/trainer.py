@@ -31,7 +31,12 @@ from torch import Tensor
 
 from crossdiff.activations.store import training_part
 from crossdiff.common import CrossdiffError, allocation_guard, resolve_device, seed_everything
-from crossdiff.crosscoder.checkpoint import read_checkpoint, restore_checkpoint, write_checkpoint
+from crossdiff.crosscoder.checkpoint import (
+    read_checkpoint,
+    restore_checkpoint,
+    run_identity,
+    write_checkpoint,
+)
 from crossdiff.crosscoder.config import CrossCoderConfig, TrainingCrossCoderConfig, default_lr
 from crossdiff.crosscoder.metrics import check_finite, evaluate_crosscoder
 from crossdiff.crosscoder.model import CrossCoder
@@ -46,6 +51,7 @@ from crossdiff.distributed import (
     rank_device,
     shard_rows,
 )
+from crossdiff.fingerprint import store_fingerprint
 from crossdiff.integrity import check_finite_module, locate_nonfinite_in_store
 
 _SAMPLE_TOKENS = 65536  # tokens used to estimate scaling factors and the initial decoder bias
@@ -484,7 +490,9 @@ def train_crosscoder(
     broadcast_module_(sae)  # every rank starts from rank 0's weights, whatever its RNG did
     eval_sample = sample[:4096].to(dev)
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-    extra_state = {"options": options, "scaling_factors": scale.tolist()}
+    extra_state: dict[str, Any] = {"options": options, "scaling_factors": scale.tolist()}
+    if ckpt_dir is not None:  # what a checkpoint must match to be resumed
+        extra_state["identity"] = run_identity(tcfg, options, store_fingerprint(acts))
     trainer = CrossCoderTrainer(
         trainer_cfg,
         sae,
@@ -501,7 +509,7 @@ def train_crosscoder(
     )
     start_step = 0
     if ckpt_dir is not None and resume and (found := read_checkpoint(ckpt_dir)) is not None:
-        restore_checkpoint(trainer, *found, options=options)
+        restore_checkpoint(trainer, *found, identity=extra_state["identity"])
         check_finite_module(
             trainer.sae,
             f"the checkpoint in {ckpt_dir}",

@@ -1,0 +1,241 @@
+"""Options checked before anything runs: every stage's options of `crossdiff run`, and whether a
+crosscoder of the asked size fits in the memory of the device that will train it.
+
+All problems are reported at once, before the first stage writes anything, so a bad crosscoder
+option fails in a second rather than after the language models have trained.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+
+from crossdiff.common import DTYPES, CrossdiffError, resolve_dtype
+
+GIB = 2**30
+STORE_OPTIONS = ("pairing", "n_tokens", "dtype", "heldout_fraction")
+REPORT_OPTIONS = ("split", "max_tokens", "splice_sequences")
+CROSSCODER_CONFIG_OPTIONS = (
+    "expansion",
+    "k",
+    "n_shared",
+    "shared_decoder",
+    "shared_penalty_ratio",
+    "dtype",
+)
+
+
+def _parameters(function: Any, exclude: tuple[str, ...]) -> set[str]:
+    return {p for p in inspect.signature(function).parameters if p not in exclude}
+
+
+def allowed_options() -> dict[str, set[str]]:
+    """The option names each stage of `crossdiff run` accepts."""
+    from crossdiff.crosscoder import train_crosscoder
+    from crossdiff.data import prepare_data
+    from crossdiff.models import train_language_models
+
+    cc_training = _parameters(
+        train_crosscoder, ("acts", "cfg", "seed", "device", "checkpoint_dir", "resume")
+    )
+    return {
+        "data": _parameters(prepare_data, ("out_dir", "seed")),
+        "models": _parameters(
+            train_language_models, ("train", "heldout", "out_dir", "tokenizer", "seed", "device")
+        ),
+        "store": set(STORE_OPTIONS),
+        "crosscoder": set(CROSSCODER_CONFIG_OPTIONS) | cc_training,
+        "report": set(REPORT_OPTIONS),
+    }
+
+
+def crosscoder_memory_bytes(
+    n_models: int, d_model: int, d_sae: int, batch_size: int, dtype: str | torch.dtype = "float32"
+) -> dict[str, int]:
+    """An estimate of a crosscoder's training memory, by part (bytes).
+
+    parameters: encoder and decoder [n_models * d_model, d_sae] plus biases, in `dtype`;
+    optimizer: their gradients and Adam's two moments (the same size again, three times);
+    activations: one batch's inputs, reconstructions and residuals (float32, [batch, n_models,
+    d_model] three times) and its dense pre-activations, scores and latents ([batch, d_sae] three
+    times)."""
+    item = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
+    n_params = 2 * n_models * d_model * d_sae + d_sae + n_models * d_model
+    parameters = n_params * item
+    return {
+        "parameters": parameters,
+        "optimizer": 3 * parameters,
+        "activations": 4 * batch_size * (3 * n_models * d_model + 3 * d_sae),
+    }
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory on `device` (None when it cannot be told)."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:  # no CUDA context possible: the device check reports it
+            return None
+    if device.type == "cpu":
+        try:
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+        except ImportError:
+            return None
+    return None
+
+
+def check_crosscoder_fits(
+    n_models: int,
+    d_model: int,
+    d_sae: int,
+    batch_size: int,
+    dtype: str | torch.dtype,
+    device: torch.device,
+    *,
+    world_size: int = 1,
+) -> str | None:
+    """A sentence saying why the crosscoder cannot fit on `device`, or None if it can (or the
+    free memory is unknown). Under torchrun each process holds the model and batch / N rows."""
+    parts = crosscoder_memory_bytes(
+        n_models, d_model, d_sae, max(1, batch_size // max(1, world_size)), dtype
+    )
+    need, free = sum(parts.values()), available_memory_bytes(device)
+    if free is None or need <= free:
+        return None
+    detail = ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in parts.items())
+    return (
+        f"a crosscoder with d_sae={d_sae} on {n_models} x {d_model} activations and a batch of "
+        f"{batch_size} needs about {need / GIB:.2f} GiB ({detail}) but only {free / GIB:.2f} GiB "
+        f"is free on {device}; lower the expansion / d_sae or the batch size, or use a device "
+        "with more memory"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(problems: list[str], where: str, value: Any, minimum: int = 1) -> None:
+    if value is not None and (not _is_int(value) or value < minimum):
+        problems.append(f"{where}={value!r} must be an integer >= {minimum}")
+
+
+def _problem(problems: list[str], where: str, check: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return check(*args, **kwargs)
+    except CrossdiffError as err:
+        problems.append(f"{where}: {err}")
+        return None
+
+
+def validate_run_options(
+    options: dict[str, dict[str, Any]], *, seed: int, device: torch.device, world_size: int = 1
+) -> None:
+    """Check every stage's options of `crossdiff run`; raise one CrossdiffError naming all the
+    problems found (nothing has run or been written when it is raised)."""
+    from crossdiff.activations import load_pairing
+    from crossdiff.analysis.classes import resolve_split
+    from crossdiff.crosscoder import CrossCoderConfig
+    from crossdiff.data.prepare import DATA_PRESETS
+    from crossdiff.models.configs import get_preset
+
+    problems: list[str] = []
+    if not _is_int(seed):
+        problems.append(f"seed={seed!r} must be an integer")
+    for stage, names in allowed_options().items():
+        unknown = sorted(set(options.get(stage, {})) - names)
+        if unknown:
+            problems.append(f"{stage}: unknown option(s) {unknown}; known: {sorted(names)}")
+
+    data = options["data"]
+    if data.get("preset", "tiny") not in DATA_PRESETS:
+        problems.append(f"data: unknown preset {data.get('preset')!r}; known {list(DATA_PRESETS)}")
+    if data.get("source") not in (None, "embedded", "hf"):
+        problems.append(f"data: source={data.get('source')!r} must be 'embedded' or 'hf'")
+    for key in ("n_chars_per_domain", "vocab_size", "seq_len"):
+        _positive_int(problems, f"data: {key}", data.get(key))
+    fraction = data.get("heldout_fraction", 0.05)
+    if not isinstance(fraction, int | float) or not 0 < fraction < 1:
+        problems.append(f"data: heldout_fraction={fraction!r} must be in (0, 1)")
+
+    models = options["models"]
+    preset = _problem(problems, "models", get_preset, models.get("preset", "tiny"))
+    for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_rows"):
+        _positive_int(problems, f"models: {key}", models.get(key))
+
+    store = options["store"]
+    pairing = _problem(problems, "store", load_pairing, store.get("pairing", "paper"))
+    _positive_int(problems, "store: n_tokens", store.get("n_tokens"))
+    if store.get("dtype", "float16") not in DTYPES:
+        problems.append(f"store: dtype={store.get('dtype')!r}; expected one of {sorted(DTYPES)}")
+    held = store.get("heldout_fraction", 0.1)
+    if not isinstance(held, int | float) or not 0 <= held <= 0.5:
+        problems.append(f"store: heldout_fraction={held!r} must be in [0, 0.5]")
+
+    cc = options["crosscoder"]
+    for key in ("steps", "batch_size"):
+        _positive_int(problems, f"crosscoder: {key}", cc.get(key))
+    for key in ("checkpoint_every", "k_anneal_steps"):
+        _positive_int(problems, f"crosscoder: {key}", cc.get(key), minimum=0)
+    aux = cc.get("aux_loss_coefficient")
+    if aux is not None and not (isinstance(aux, int | float) and aux >= 0 and math.isfinite(aux)):
+        problems.append(f"crosscoder: aux_loss_coefficient={aux!r} must be a number >= 0")
+    lr = cc.get("lr")
+    if lr is not None and not (isinstance(lr, int | float) and lr > 0 and math.isfinite(lr)):
+        problems.append(f"crosscoder: lr={lr!r} must be a positive number")
+    batch = cc.get("batch_size", 1024)
+    n_tokens = store.get("n_tokens")
+    if _is_int(batch) and _is_int(n_tokens) and n_tokens < batch:
+        problems.append(
+            f"store: n_tokens={n_tokens} is fewer than the crosscoder's batch_size={batch}; "
+            "harvest more tokens or lower the batch size"
+        )
+    if cc.get("dtype", "float32") not in DTYPES:
+        problems.append(f"crosscoder: dtype={cc.get('dtype')!r}; expected one of {sorted(DTYPES)}")
+    expansion = cc.get("expansion", 8)
+    if not (isinstance(expansion, int | float) and expansion > 0 and math.isfinite(expansion)):
+        problems.append(f"crosscoder: expansion={expansion!r} must be a positive number")
+    elif preset is not None and cc.get("dtype", "float32") in DTYPES:
+        # the store's width: each site's hook output, concatenated (resid / mlp_out: d_model)
+        n_sites = len(pairing.sites) if pairing is not None else 1
+        d_store = n_sites * int(preset.model["d_model"])
+        d_sae = int(expansion * d_store)
+        _problem(
+            problems,
+            "crosscoder",
+            CrossCoderConfig,
+            n_models=2,
+            d_model=d_store,
+            d_sae=max(d_sae, 1),
+            k=cc.get("k", 32),
+            n_shared=cc.get("n_shared", 0),
+            shared_decoder=cc.get("shared_decoder", "free"),
+            shared_penalty_ratio=cc.get("shared_penalty_ratio", 0.7),
+            dtype=cc.get("dtype", "float32"),
+        )
+        if d_sae < 1:
+            problems.append(
+                f"crosscoder: expansion={expansion} gives d_sae={d_sae} on width {d_store}; "
+                "raise the expansion"
+            )
+        elif _is_int(batch) and batch > 0:
+            too_big = check_crosscoder_fits(
+                2, d_store, d_sae, batch, cc.get("dtype", "float32"), device, world_size=world_size
+            )
+            if too_big:
+                problems.append(f"crosscoder: {too_big}")
+
+    report = options["report"]
+    _problem(problems, "report", resolve_split, report.get("split", "paper"))
+    _positive_int(problems, "report: max_tokens", report.get("max_tokens"))
+    _positive_int(problems, "report: splice_sequences", report.get("splice_sequences"), minimum=0)
+
+    if problems:
+        raise CrossdiffError(
+            "the run's options were refused before any stage ran:\n  - " + "\n  - ".join(problems)
+        )
