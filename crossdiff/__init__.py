@@ -25,6 +25,7 @@ _PUBLIC: dict[str, str] = {
     "save_model": "crossdiff.models",
     "train_language_models": "crossdiff.models",
     "CrossdiffMoE": "crossdiff.models",
+    "swap_in_crossdiff_moe": "crossdiff.models",
     # data
     "embedded_corpus": "crossdiff.data",
     "hf_corpus": "crossdiff.data",

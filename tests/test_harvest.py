@@ -352,5 +352,5 @@ def test_crossdiff_moe_experts_are_recorded(tmp_path):
     ts = tiny_token_set(n_seq=3)
     store = harvest(dense, moe, ts, "paper", tmp_path / "s")
     _, cache = moe.run_with_cache(ts.tokens)
-    expected = cache["blocks.2.mlp.hook_expert_indices"][:, 1:]
+    expected = cache["blocks.2.mlp.hook_topk_indices"][:, 1:]
     assert torch.equal(store.read_metadata()["experts"], expected.reshape(-1, expected.shape[-1]))

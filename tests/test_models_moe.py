@@ -12,7 +12,14 @@ from crossdiff.common import CrossdiffError
 from crossdiff.models import CrossdiffMoE, build_model, moe_aux_loss, moe_config
 
 SMALL = dict(d_model=32, n_heads=2, n_layers=2, d_vocab=64, n_ctx=16, num_experts=4, device="cpu")
-HOOKS = ("hook_router_logits", "hook_expert_weights", "hook_expert_indices", "hook_expert_out")
+HOOKS = (
+    "hook_router_logits",
+    "hook_expert_weights",
+    "hook_expert_indices",
+    "hook_topk_weights",
+    "hook_topk_indices",
+    "hook_expert_out",
+)
 
 
 def stock_model(cfg):
@@ -71,17 +78,22 @@ def test_hooks_have_the_documented_shapes_and_sum_to_the_output(cfg, tokens):
     assert set(cache.keys()) == wanted
     b, p, k, e, d = 3, 12, 2, 4, 32
     assert cache["blocks.1.mlp.hook_router_logits"].shape == (b, p, e)
-    assert cache["blocks.1.mlp.hook_expert_weights"].shape == (b, p, k)
-    assert cache["blocks.1.mlp.hook_expert_indices"].shape == (b, p, k)
+    # stock names keep stock TransformerLens's tensors: the softmax over all experts, flat
+    assert cache["blocks.1.mlp.hook_expert_weights"].shape == (b * p, e)
+    assert cache["blocks.1.mlp.hook_expert_indices"].shape == (b * p, k)
+    assert cache["blocks.1.mlp.hook_topk_weights"].shape == (b, p, k)
+    assert cache["blocks.1.mlp.hook_topk_indices"].shape == (b, p, k)
     assert cache["blocks.1.mlp.hook_expert_out"].shape == (b, p, k, d)
     torch.testing.assert_close(
         cache["blocks.1.mlp.hook_expert_out"].sum(dim=2), cache["blocks.1.hook_mlp_out"]
     )
-    # the weights are the top-k of the softmax over the router logits
+    # the top-k weights are the top-k of the softmax over the router logits
     probs = cache["blocks.1.mlp.hook_router_logits"].softmax(dim=-1)
+    torch.testing.assert_close(cache["blocks.1.mlp.hook_expert_weights"], probs.reshape(b * p, e))
     top = probs.topk(k, dim=-1)
-    torch.testing.assert_close(cache["blocks.1.mlp.hook_expert_weights"], top.values)
-    assert torch.equal(cache["blocks.1.mlp.hook_expert_indices"], top.indices)
+    torch.testing.assert_close(cache["blocks.1.mlp.hook_topk_weights"], top.values)
+    assert torch.equal(cache["blocks.1.mlp.hook_topk_indices"], top.indices)
+    assert torch.equal(cache["blocks.1.mlp.hook_expert_indices"], top.indices.reshape(b * p, k))
 
 
 def test_grouped_dispatch_matches_a_per_token_reference(cfg, tokens):

@@ -1,5 +1,6 @@
-"""Dense and MoE language models: configs and presets, crossdiff's MoE with expert hooks,
-model folders, and the trainer that trains both on the same tokens."""
+"""Dense and MoE language models: configs and presets, crossdiff's MoE with expert hooks (also
+swapped into pretrained MoEs), model folders, and the trainer that trains both on the same
+tokens."""
 
 from crossdiff.models.build import build_model, is_moe
 from crossdiff.models.configs import (
@@ -13,10 +14,12 @@ from crossdiff.models.configs import (
 from crossdiff.models.evaluate import expert_load, heldout_cross_entropy, unigram_cross_entropy
 from crossdiff.models.io import load_model, save_model
 from crossdiff.models.moe import CrossdiffMoE, moe_aux_loss
+from crossdiff.models.swap import CrossdiffGptOssMoE, swap_in_crossdiff_moe
 from crossdiff.models.train import TrainedModels, train_language_models
 
 __all__ = [
     "PRESETS",
+    "CrossdiffGptOssMoE",
     "CrossdiffMoE",
     "Preset",
     "TrainedModels",
@@ -31,6 +34,7 @@ __all__ = [
     "moe_aux_loss",
     "moe_config",
     "save_model",
+    "swap_in_crossdiff_moe",
     "train_language_models",
     "unigram_cross_entropy",
 ]

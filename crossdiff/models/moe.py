@@ -35,13 +35,19 @@ DEFAULT_Z_LOSS_COEF = 0.001
 class CrossdiffMoE(CanBeUsedAsMLP):
     """Top-k routed gated-MLP experts.
 
-    Hooks (per block L, under `blocks.L.mlp.`):
+    Hooks (per block L, under `blocks.L.mlp.`). The two stock names carry stock TransformerLens's
+    tensors; crossdiff's extra quantities have names of their own:
       hook_router_logits  [batch, pos, num_experts]  router logits before the softmax
-      hook_expert_weights [batch, pos, top_k]        routing weight of each selected expert
-      hook_expert_indices [batch, pos, top_k]        which experts were selected
+      hook_expert_weights [batch*pos, num_experts]   stock: softmax over all experts (float32)
+      hook_expert_indices [batch*pos, top_k]         stock: which experts were selected
+      hook_topk_weights   [batch, pos, top_k]        routing weight of each selected expert
+                                                     (after `norm_topk_prob`), as used
+      hook_topk_indices   [batch, pos, top_k]        the selected experts, per token
       hook_expert_out     [batch, pos, top_k, d_model] each selected expert's weighted output;
                                                      the block's output is their sum over top_k
-    Patching weights or indices changes the routing; patching expert_out changes the output.
+    They fire in that order and each value is used after its hook, so patching the softmax
+    re-selects experts (as in stock), patching indices or top-k weights re-routes, and patching
+    expert_out changes the output.
 
     After every forward, `last_load_balance_loss`, `last_z_loss` (unweighted) and `last_aux_loss`
     (weighted sum) hold the auxiliary losses of that call; `moe_aux_loss(model)` adds them up.
@@ -69,8 +75,11 @@ class CrossdiffMoE(CanBeUsedAsMLP):
         self.W_gate = nn.Linear(self.cfg.d_model, n, bias=False)  # the router
 
         self.hook_router_logits = HookPoint()  # [batch, pos, num_experts]
-        self.hook_expert_weights = HookPoint()  # [batch, pos, top_k]
-        self.hook_expert_indices = HookPoint()  # [batch, pos, top_k]
+        # stock TransformerLens names and tensors (see RESEARCH.md: the softmax, not the top-k)
+        self.hook_expert_weights = HookPoint()  # [batch*pos, num_experts]
+        self.hook_expert_indices = HookPoint()  # [batch*pos, top_k]
+        self.hook_topk_weights = HookPoint()  # [batch, pos, top_k]
+        self.hook_topk_indices = HookPoint()  # [batch, pos, top_k]
         self.hook_expert_out = HookPoint()  # [batch, pos, top_k, d_model]
 
         self.last_load_balance_loss: Tensor | None = None
@@ -83,12 +92,9 @@ class CrossdiffMoE(CanBeUsedAsMLP):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         batch, pos, d_model = x.shape
         router_logits = self.hook_router_logits(self.W_gate(x))
-        probs = F.softmax(router_logits, dim=-1, dtype=torch.float)
-        weights, indices = torch.topk(probs, self.experts_per_token, dim=-1)
-        if self.cfg.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = self.hook_expert_weights(weights.to(x.dtype))
-        indices = self.hook_expert_indices(indices)
+        weights, indices, probs = self._route(router_logits, x.dtype)
+        weights = self.hook_topk_weights(weights.view(batch, pos, self.experts_per_token))
+        indices = self.hook_topk_indices(indices.view(batch, pos, self.experts_per_token))
 
         slot_experts = indices.reshape(-1)
         order = torch.argsort(slot_experts, stable=True)  # slots grouped by expert
@@ -105,6 +111,22 @@ class CrossdiffMoE(CanBeUsedAsMLP):
         expert_out = self.hook_expert_out(expert_out * weights.unsqueeze(-1))
         self._record_aux_losses(router_logits, probs, counts)
         return expert_out.sum(dim=2)
+
+    def _route(
+        self, router_logits: Float[Tensor, "batch pos experts"], dtype: torch.dtype
+    ) -> tuple[
+        Float[Tensor, "tokens top_k"], Int[Tensor, "tokens top_k"], Float[Tensor, "tokens experts"]
+    ]:
+        """Stock TransformerLens routing: softmax over all experts in float32 (hooked as
+        `hook_expert_weights`), its top-k, optional renormalisation. Returns the top-k weights in
+        `dtype`, the selected experts and the softmax (for the load-balancing loss)."""
+        probs = F.softmax(router_logits.reshape(-1, self.num_experts), dim=-1, dtype=torch.float)
+        probs = self.hook_expert_weights(probs)
+        weights, indices = torch.topk(probs, self.experts_per_token, dim=-1)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        indices = self.hook_expert_indices(indices)
+        return weights.to(dtype), indices, probs
 
     def _fast_path_ok(self, x: Tensor, expert_weights: list[Tensor]) -> bool:
         """`_GroupedSwiGLU` computes SiLU experts without calling their modules, in x's dtype,
@@ -135,7 +157,7 @@ class CrossdiffMoE(CanBeUsedAsMLP):
     def _record_aux_losses(
         self,
         router_logits: Float[Tensor, "batch pos experts"],
-        probs: Float[Tensor, "batch pos experts"],
+        probs: Float[Tensor, "tokens experts"],
         counts: Int[Tensor, " experts"],
     ) -> None:
         # Switch Transformer load balancing: E * sum_i (share of slots routed to i) * (mean
