@@ -77,7 +77,7 @@ _REPLACEMENTS: dict[type, tuple[type, type[CrossdiffMoE]]] = {
 
 
 def swap_in_crossdiff_moe(
-    model: HookedTransformer,
+    model: nn.Module,
     *,
     load_balance_coef: float = DEFAULT_LOAD_BALANCE_COEF,
     z_loss_coef: float = DEFAULT_Z_LOSS_COEF,
@@ -98,15 +98,18 @@ def swap_in_crossdiff_moe(
             "(a TransformerBridge runs Hugging Face's own MoE modules, which have no place for "
             "crossdiff's hooks)"
         )
+    planned = []  # everything is checked before anything is replaced
     for layer, block in enumerate(model.blocks):
         mlp = getattr(block, "mlp", None)
         if mlp is None or isinstance(mlp, CrossdiffMoE):
             continue
         target = _replacement(mlp, layer)
-        if target is None:
-            continue
+        if target is not None:
+            _refuse_attached_hooks(mlp, layer)
+            planned.append((layer, block, target))
+    for layer, block, target in planned:
         ours = _build_on_meta(target, model.cfg, load_balance_coef, z_loss_coef)
-        block.mlp = _take_over(mlp, ours, layer)
+        block.mlp = _take_over(block.mlp, ours, layer)
     if not any(isinstance(getattr(block, "mlp", None), CrossdiffMoE) for block in model.blocks):
         raise CrossdiffError(
             f"model {model.cfg.model_name!r} has no Mixture-of-Experts block to swap "
@@ -140,8 +143,7 @@ def _replacement(mlp: nn.Module, layer: int) -> type[CrossdiffMoE] | None:
     return target
 
 
-def _take_over(stock: nn.Module, ours: CrossdiffMoE, layer: int) -> CrossdiffMoE:
-    """`ours` (built on the meta device) holding `stock`'s parameter objects."""
+def _refuse_attached_hooks(stock: nn.Module, layer: int) -> None:
     hooked = [
         name
         for name, module in stock.named_modules()
@@ -152,6 +154,10 @@ def _take_over(stock: nn.Module, ours: CrossdiffMoE, layer: int) -> CrossdiffMoE
             f"blocks.{layer}.mlp has hooks attached at {hooked}; they would be lost when the "
             "block is replaced. Remove them (model.reset_hooks()) before swap_in_crossdiff_moe"
         )
+
+
+def _take_over(stock: nn.Module, ours: CrossdiffMoE, layer: int) -> CrossdiffMoE:
+    """`ours` (built on the meta device) holding `stock`'s parameter objects."""
     requires_grad = {name: p.requires_grad for name, p in stock.named_parameters()}
     try:
         ours.load_state_dict(stock.state_dict(keep_vars=True), strict=True, assign=True)
