@@ -4,7 +4,10 @@ a `paper` harvest, and clean errors for what it cannot swap."""
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import warnings
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -17,6 +20,7 @@ from transformer_lens.components.mlps.moe import MoE
 import crossdiff
 from crossdiff.activations import harvest
 from crossdiff.common import CrossdiffError
+from crossdiff.data.tokens import TokenSet
 from crossdiff.models import CrossdiffGptOssMoE, CrossdiffMoE, swap_in_crossdiff_moe
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -35,13 +39,14 @@ _HF_SIZES = dict(
 
 
 def _hf_config(arch: str, **extra) -> transformers.PretrainedConfig:
+    sizes = {**_HF_SIZES, **extra}
     if arch == "mixtral":
         return transformers.MixtralConfig(
-            num_local_experts=N_EXPERTS, architectures=["MixtralForCausalLM"], **_HF_SIZES
+            num_local_experts=N_EXPERTS, architectures=["MixtralForCausalLM"], **sizes
         )
     if arch == "olmoe":
         return transformers.OlmoeConfig(
-            num_experts=N_EXPERTS, architectures=["OlmoeForCausalLM"], **_HF_SIZES, **extra
+            num_experts=N_EXPERTS, architectures=["OlmoeForCausalLM"], **sizes
         )
     assert arch == "gpt-oss"
     return transformers.GptOssConfig(
@@ -50,7 +55,7 @@ def _hf_config(arch: str, **extra) -> transformers.PretrainedConfig:
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         architectures=["GptOssForCausalLM"],
-        **_HF_SIZES,
+        **sizes,
     )
 
 
@@ -269,3 +274,46 @@ def test_attached_hooks_are_refused_rather_than_dropped():
 def test_a_non_hooked_transformer_is_refused():
     with pytest.raises(CrossdiffError, match="HookedTransformer.from_pretrained"):
         swap_in_crossdiff_moe(torch.nn.Linear(2, 2))
+
+
+def _load_example():
+    path = Path(__file__).parents[1] / "examples" / "pretrained_dense_vs_moe.py"
+    spec = importlib.util.spec_from_file_location("pretrained_dense_vs_moe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # about 25 s on the shared 2-core CPU (crosscoder, diff pass, report figures)
+def test_the_olmo_vs_olmoe_example_runs_on_tiny_models_of_the_same_architectures(tmp_path):
+    """The example's non-hub part (harvest with hooks/olmo-vs-olmoe.toml, crosscoder, report) on
+    8-layer random models: an OLMoE built by TransformerLens's conversion and a dense model like
+    OLMo-1B (TransformerLens hard-codes OLMo-1B's full-size config, so it is made by hand)."""
+    example = _load_example()
+    dense_cfg = HookedTransformerConfig(
+        n_layers=8, d_model=D_MODEL, n_ctx=64, d_head=8, n_heads=4, d_mlp=32, d_vocab=D_VOCAB,
+        act_fn="silu", gated_mlp=True, normalization_type="LNPre",
+        positional_embedding_type="rotary", dtype=torch.float32,
+    )  # fmt: skip
+    dense = stock_model(dense_cfg, seed=5)
+    moe = swap_in_crossdiff_moe(stock_model(tl_config("olmoe", num_hidden_layers=8), seed=6))
+    n_seq, seq_len = 24, 16
+    g = torch.Generator().manual_seed(7)
+    tokens = TokenSet(
+        tokens=torch.randint(1, D_VOCAB, (n_seq, seq_len), generator=g),
+        doc_ids=torch.arange(n_seq).unsqueeze(1).expand(n_seq, seq_len).clone(),
+        doc_positions=torch.arange(seq_len).unsqueeze(0).expand(n_seq, seq_len).clone(),
+        domains=torch.arange(n_seq) % 3,
+    )
+    result = example.diff_pair(
+        dense, moe, tokens, tmp_path, expansion=4, k=8, cc_steps=30, cc_batch_size=64,
+        progress=False,
+    )  # fmt: skip
+    store = result["store"]
+    assert store.manifest["experts"]["hooks"] == ["blocks.7.mlp.hook_expert_indices"]
+    assert store.manifest["experts"]["model"] == "olmoe"
+    experts = store.read_metadata()["experts"]
+    assert experts.shape[1] == TOP_K and int(experts.min()) >= 0 and int(experts.max()) < N_EXPERTS
+    assert math.isfinite(result["metrics"]["fve"])  # 30 steps: a smoke run, not a good fit
+    assert sum(result["summary"]["class_counts"].values()) == 4 * D_MODEL
+    assert result["paths"]["html"].exists()
