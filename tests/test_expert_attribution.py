@@ -193,7 +193,7 @@ def test_all_layers_harvest_writes_the_map_and_diff_reports_every_pair(tmp_path)
     _, cache = moe.run_with_cache(tokens.tokens)
     recorded = store.read_metadata()["experts"]
     for e in layout:
-        want = cache[e["hook"]][:, 1:].reshape(-1, 2)
+        want = cache[e["hook"]].reshape(12, 10, 2)[:, 1:].reshape(-1, 2)  # stock: [batch*pos, k]
         assert torch.equal(recorded[:, slice(*e["columns"])], want)
 
     cc = train_crosscoder(
