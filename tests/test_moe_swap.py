@@ -133,6 +133,8 @@ def test_swap_keeps_logits_weights_and_stock_hooks(case, tokens):
     assert all(type(block.mlp) is expected for block in model.blocks), stock_class
     # the very same parameter objects, under the same names
     assert {name: p for name, p in model.named_parameters()} == stock_params
+    # without hooks inside the experts (SiLU: the grouped path) and with every hook cached
+    torch.testing.assert_close(model(tokens), stock_logits, atol=1e-5, rtol=0)
     logits, cache = model.run_with_cache(tokens)
     torch.testing.assert_close(logits, stock_logits, atol=1e-5, rtol=0)
 
