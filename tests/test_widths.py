@@ -5,6 +5,7 @@ d_model 32 and 48."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from test_harvest import tiny_model, tiny_token_set
 
 import crossdiff
+import crossdiff.crosscoder.commands as commands
 from crossdiff.activations import harvest
 from crossdiff.analysis import diff_features
 from crossdiff.common import CrossdiffError
@@ -234,3 +236,22 @@ def test_harvest_train_evaluate_diff_report_with_d_model_32_and_48(tmp_path):
     with pytest.raises(CrossdiffError, match="cannot share one basis"):
         diff_features(loaded, store, same_basis=True, show_progress=False)
     assert crossdiff.CrossCoderConfig is CrossCoderConfig
+
+
+def test_train_crosscoder_command_reads_the_store_widths(tmp_path, monkeypatch):
+    """`crossdiff train-crosscoder` on a store of widths 48 and 32 trains a padded crosscoder."""
+    acts, _ = planted_crosscoder_data(1024, 48, 6, 3, 3, densities=(0.1, 0.3), seed=0,
+                                      d_models=(48, 32))  # fmt: skip
+    monkeypatch.setattr(commands, "_open_store", lambda p: InMemoryStore(acts, d_models=(48, 32)))
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "cc"
+    args = parser.parse_args(
+        ["train-crosscoder", "--store", "s", "--out", str(out), "--d-sae", "24", "--k", "2",
+         "--steps", "20", "--batch-size", "64", "--device", "cpu"]
+    )  # fmt: skip
+    assert args.func(args) == 0
+    cc = CrossCoder.load(out)
+    assert cc.cfg.widths == (48, 32) and cc.padding_max_abs() == 0.0
+    record = json.loads((out / "training.json").read_text())
+    assert record["config"]["d_models"] == [48, 32]
