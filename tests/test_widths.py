@@ -174,6 +174,10 @@ def test_padding_errors_are_refused(tmp_path):
     bad[:, 1, 40] = 1.0
     with pytest.raises(CrossdiffError, match=r"non-zero values in columns 32..47"):
         train_crosscoder(bad, cfg, steps=2, batch_size=64)
+    with pytest.raises(CrossdiffError, match=r"non-zero values in columns 32..47"):
+        evaluate_crosscoder(CrossCoder(cfg), bad)
+    with pytest.raises(CrossdiffError, match=r"non-zero values in columns 32..47"):
+        diff_features(CrossCoder(cfg), bad, show_progress=False)
     store = InMemoryStore(acts, d_models=(48, 32))
     with pytest.raises(CrossdiffError, match=r"d_models=\[48, 32\].*CrossCoderConfig\(d_models"):
         train_crosscoder(store, CrossCoderConfig(d_model=48, d_sae=16, k=2), steps=2)

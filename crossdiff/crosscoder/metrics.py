@@ -128,6 +128,20 @@ def check_finite(batch: Tensor, where: str) -> None:
         )
 
 
+def check_zero_padding(acts: Tensor, cfg: Any) -> None:
+    """Models narrower than d_model must be padded with zeros (the crosscoder never reads or
+    writes those coordinates, and a non-zero one would count as unexplainable error)."""
+    if acts.ndim != 3 or tuple(acts.shape[1:]) != (len(cfg.widths), cfg.d_model):
+        return  # a shape error, reported with the shape by the caller's own check
+    for m, width in enumerate(cfg.widths):
+        if width < cfg.d_model and bool(acts[:, m, width:].ne(0).any()):
+            raise CrossdiffError(
+                f"model {m} has width {width} (d_models={list(cfg.widths)}) but its activations "
+                f"have non-zero values in columns {width}..{cfg.d_model - 1}; put its activation "
+                f"in acts[:, {m}, :{width}] and leave the rest zero"
+            )
+
+
 @torch.no_grad()
 def evaluate_crosscoder(
     cc: Any,
@@ -171,6 +185,8 @@ def evaluate_crosscoder(
     topk_active_total = 0
     fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
     device = cc.W_enc.device
+    if isinstance(acts_or_store, Tensor) and getattr(cfg, "padded", False):
+        check_zero_padding(acts_or_store, cfg)
     for i, batch in enumerate(
         _eval_batches(acts_or_store, cfg.n_models, cfg.d_model, batch_size, max_tokens)
     ):

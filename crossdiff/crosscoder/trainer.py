@@ -38,7 +38,7 @@ from crossdiff.crosscoder.checkpoint import (
     write_checkpoint,
 )
 from crossdiff.crosscoder.config import CrossCoderConfig, TrainingCrossCoderConfig, default_lr
-from crossdiff.crosscoder.metrics import check_finite, evaluate_crosscoder
+from crossdiff.crosscoder.metrics import check_finite, check_zero_padding, evaluate_crosscoder
 from crossdiff.crosscoder.model import CrossCoder
 from crossdiff.crosscoder.prefetch import prefetch_to_device
 from crossdiff.crosscoder.training import TrainingCrossCoder
@@ -119,18 +119,6 @@ class _TensorSource:
                 rows = shard_rows(perm[j * batch_size : (j + 1) * batch_size], part)
                 yield (self.acts[rows].to(torch.float32) * scale).cpu()
             step = (epoch + 1) * per_epoch
-
-
-def check_zero_padding(acts: Tensor, cfg: CrossCoderConfig) -> None:
-    """Models narrower than d_model must be padded with zeros (the crosscoder never reads or
-    writes those coordinates, and a non-zero one would count as unexplainable error)."""
-    for m, width in enumerate(cfg.widths):
-        if width < cfg.d_model and bool(acts[:, m, width:].ne(0).any()):
-            raise CrossdiffError(
-                f"model {m} has width {width} (d_models={list(cfg.widths)}) but its activations "
-                f"have non-zero values in columns {width}..{cfg.d_model - 1}; put its activation "
-                f"in acts[:, {m}, :{width}] and leave the rest zero"
-            )
 
 
 class _StoreSource:
