@@ -172,6 +172,7 @@ def _run_stages(
     from crossdiff.activations import ActivationStore, harvest, load_pairing
     from crossdiff.analysis import diff_features
     from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, train_crosscoder
+    from crossdiff.crosscoder.config import store_widths
     from crossdiff.data import prepare_data
     from crossdiff.distributed import barrier, dist_info, main_process_first
     from crossdiff.models import load_model, train_language_models
@@ -290,6 +291,7 @@ def _run_stages(
         cfg = CrossCoderConfig(
             n_models=store.n_models,
             d_model=store.d_model,
+            d_models=store_widths(store),
             d_sae=int(expansion * store.d_model),
             k=cc_kwargs.pop("k"),
             n_shared=cc_kwargs.pop("n_shared", 0),

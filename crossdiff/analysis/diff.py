@@ -37,7 +37,7 @@ from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.summary import domain_lift, summarize
 from crossdiff.analysis.summary import finite as _finite
 from crossdiff.common import CrossdiffError
-from crossdiff.crosscoder.metrics import normalized_unit_factors
+from crossdiff.crosscoder.metrics import check_zero_padding, normalized_unit_factors
 
 
 @dataclass
@@ -215,6 +215,14 @@ def diff_features(
     else:
         same_basis = bool(same_basis)
         basis_reason = f"same_basis={same_basis} set by the caller"
+    widths = tuple(getattr(cfg, "widths", None) or (d_model,) * n_models_cc)
+    if same_basis and len(set(widths)) > 1:
+        raise CrossdiffError(
+            f"same_basis=True but the models have different widths {list(widths)}: their "
+            "activations cannot share one basis; leave same_basis out"
+        )
+    if len(set(widths)) > 1 and isinstance(acts_or_store, torch.Tensor):
+        check_zero_padding(acts_or_store, cfg)
 
     norms_t = (
         cc.decoder_norms().detach() if hasattr(cc, "decoder_norms") else w_dec.norm(dim=-1)
@@ -303,6 +311,7 @@ def diff_features(
         domain_shares=domain_shares,
         scaling_summary=scaling_summary,
         k=getattr(cfg, "k", None),
+        widths=widths,
     )
     if attribution is not None:
         summary["experts"] = expert_summary(

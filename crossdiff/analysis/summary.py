@@ -39,18 +39,21 @@ def _fve(sse: np.ndarray, sst: np.ndarray) -> tuple[float | None, list[float | N
 
 
 def reconstruction(
-    stats: PassStats, model_names: tuple[str, ...], d_model: int, dead_fraction: float,
-    k: float | int | None,
+    stats: PassStats, model_names: tuple[str, ...], d_model: int | tuple[int, ...],
+    dead_fraction: float, k: float | int | None,
 ) -> dict[str, Any]:  # fmt: skip
     """FVE, MSE and L0 with the inference threshold, and with BatchTopK at k when the
-    crosscoder has `encode_topk` (None otherwise)."""
+    crosscoder has `encode_topk` (None otherwise). `d_model`: one width, or one per model (MSE
+    is per element of each model's own width)."""
     n = stats.n_tokens
+    widths = d_model if isinstance(d_model, tuple) else (d_model,) * len(model_names)
     fve, per_model = _fve(stats.sse, stats.sst)
     out: dict[str, Any] = {
         "fve": fve,
         "fve_per_model": dict(zip(model_names, per_model, strict=True)),
         "mse_per_model": {
-            name: float(v / (n * d_model)) for name, v in zip(model_names, stats.sse, strict=True)
+            name: float(v / (n * w))
+            for name, v, w in zip(model_names, stats.sse, widths, strict=True)
         },
         "l0": stats.l0_sum / n,
         "k": k,
@@ -159,6 +162,7 @@ def summarize(
     domain_shares: np.ndarray | None,
     scaling_summary: dict[str, Any],
     k: float | int | None = None,
+    widths: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     classes = class_names(name_a, name_b)
     class_a, class_b = f"{name_a}-only", f"{name_b}-only"
@@ -170,7 +174,9 @@ def summarize(
     claims, claims_method = evaluate_claims(density, labels, name_a, name_b, artifact)
     d_model = int(source.read_acts(0, 1).shape[-1])
     d_sae = len(table)
-    rec = reconstruction(stats, tuple(source.model_names), d_model, counts[DEAD] / d_sae, k)
+    rec = reconstruction(
+        stats, tuple(source.model_names), widths or d_model, counts[DEAD] / d_sae, k
+    )
     warnings = l0_warnings(rec)
     shared_cos = table.loc[np.isin(labels, [SHARED, DESIGNATED]), "decoder_cosine"].to_numpy()
     split_name, lo, hi = split

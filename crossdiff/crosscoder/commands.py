@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, out: Path) -> int:
     from crossdiff.crosscoder import CrossCoderConfig, evaluate_crosscoder, train_crosscoder
+    from crossdiff.crosscoder.config import store_widths
 
     info = dist_info()
 
@@ -207,6 +208,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
     cfg = CrossCoderConfig(
         n_models=store.n_models,
         d_model=store.d_model,
+        d_models=store_widths(store),
         d_sae=d_sae,
         k=args.k,
         n_shared=args.n_shared,

@@ -3,11 +3,16 @@
 `CrossCoderConfig` is a `sae_lens.SAEConfig` (what `cfg.json` holds); `TrainingCrossCoderConfig`
 adds what only training needs (auxiliary loss, threshold moving average, k annealing). SAELens's
 `d_in` is derived: `n_models * d_model`.
+
+Models of different widths: `d_models=(48, 32)` gives each model its own width; `d_model` is then
+the widest, and every per-model tensor is padded to it with coordinates that stay exactly zero
+(see model.py and docs/crosscoder.md, "Widths").
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +25,8 @@ SHARED_DECODER_MODES = ("free", "tied")
 
 @dataclass(kw_only=True)
 class CrossCoderConfig(SAEConfig):
-    """A BatchTopK crosscoder over `n_models` activation spaces of width `d_model`.
+    """A BatchTopK crosscoder over `n_models` activation spaces of width `d_model`, or of
+    widths `d_models` (one per model; `d_model` is then their maximum, filled in if left out).
 
     The first `n_shared` latents are shared by design. With `shared_decoder="tied"` each of them
     has one decoder vector used for every model; with `"free"` each model keeps its own vector
@@ -32,6 +38,7 @@ class CrossCoderConfig(SAEConfig):
     d_sae: int = 0
     n_models: int = 2
     d_model: int = 0
+    d_models: tuple[int, ...] | list[int] | None = None  # None: every model has width d_model
     k: int | float = 32
     n_shared: int = 0
     shared_decoder: str = "free"
@@ -52,6 +59,8 @@ class CrossCoderConfig(SAEConfig):
                 f"n_models={self.n_models}: a crosscoder reads at least 2 models; "
                 "for one model use an ordinary SAE"
             )
+        if self.d_models is not None:
+            self._check_d_models()
         if self.d_model < 1:
             raise CrossdiffError(
                 f"d_model={self.d_model}: pass the activation width of the models, "
@@ -86,6 +95,51 @@ class CrossCoderConfig(SAEConfig):
                 f"shared_penalty_ratio={self.shared_penalty_ratio} must be a positive number "
                 "(paper: 0.7; Anthropic: 0.1-0.2; 1.0 = no preference)"
             )
+
+    def _check_d_models(self) -> None:
+        widths = list(self.d_models or ())
+        if len(widths) != self.n_models or not all(
+            isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1 for w in widths
+        ):
+            raise CrossdiffError(
+                f"d_models={self.d_models}: give one positive integer width per model "
+                f"(n_models={self.n_models}), e.g. d_models=(48, 32)"
+            )
+        if self.d_model == 0:
+            self.d_model = max(widths)
+        elif self.d_model != max(widths):
+            raise CrossdiffError(
+                f"d_model={self.d_model} but the widest of d_models={widths} is {max(widths)}; "
+                "d_model is the padded width, the largest of d_models: leave it out"
+            )
+        self.d_models = tuple(int(w) for w in widths)
+        if self.shared_decoder == "tied" and len(set(widths)) > 1:
+            raise CrossdiffError(
+                f"shared_decoder='tied' needs one activation space for all models, but "
+                f"d_models={widths} differ; use shared_decoder='free' (each model keeps its own "
+                "decoder vector of its own width)"
+            )
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Each model's own activation width (d_model for every model unless d_models says)."""
+        if self.d_models is None:
+            return (self.d_model,) * self.n_models
+        return tuple(self.d_models)
+
+    @property
+    def padded(self) -> bool:
+        """Whether some model is narrower than d_model (its extra coordinates are held at 0)."""
+        return any(w != self.d_model for w in self.widths)
+
+    def to_dict(self) -> dict[str, Any]:
+        # equal widths: cfg.json and run identities stay exactly what they were before d_models
+        out = super().to_dict()
+        if out.get("d_models") is None:
+            out.pop("d_models", None)
+        else:
+            out["d_models"] = list(out["d_models"])
+        return out
 
     @property
     def n_tied(self) -> int:
@@ -136,6 +190,13 @@ class TrainingCrossCoderConfig(CrossCoderConfig, TrainingSAEConfig):
         fields = {k: v for k, v in cfg.to_dict().items() if k not in ("architecture", "metadata")}
         metadata = SAEMetadata(**cfg.metadata.to_dict())
         return cls(**fields, metadata=metadata, **training)  # type: ignore[arg-type]
+
+
+def store_widths(store: Any) -> tuple[int, ...] | None:
+    """A store's per-model widths for `CrossCoderConfig(d_models=...)`: None when they are equal
+    (so an equal-width config, its cfg.json and its run identity stay as they always were)."""
+    widths = tuple(int(w) for w in (getattr(store, "d_models", None) or ()))
+    return widths if len(set(widths)) > 1 else None
 
 
 def default_lr(d_sae: int) -> float:

@@ -5,8 +5,9 @@ pools both sums over models. Not averaged per token, not variance about zero.
 
 Pooled in raw units, the model with the larger activations dominates the overall FVE, so it is
 also given in each model's normalized units: fve_pooled_normalized = 1 - sum_m SSE_m s_m^2 /
-sum_m SST_m s_m^2, with s_m the factor that brings model m's mean norm to sqrt(d_model) (the
-store's scaling factors, estimated on its training part).
+sum_m SST_m s_m^2, with s_m the factor that brings model m's mean norm to sqrt(d_m), its own
+width (the store's scaling factors, estimated on its training part). Models of different widths
+are padded to the widest; every sum here covers only each model's own width.
 """
 
 from __future__ import annotations
@@ -27,8 +28,14 @@ from crossdiff.integrity import check_finite_module
 class ReconstructionMeter:
     """Running sums for FVE and MSE per model (float64, so the variance is exact enough)."""
 
-    def __init__(self, n_models: int, d_model: int):
+    def __init__(self, n_models: int, d_model: int, widths: Sequence[int] | None = None):
         self.d_model = d_model
+        # each model's own width: MSE per element and sqrt(width) normalization use it, and the
+        # padding beyond it (zero for a sound store and crosscoder) is left out of every sum
+        self.widths = torch.tensor(list(widths or [d_model] * n_models), dtype=torch.float64)
+        self.mask = None
+        if widths is not None and any(w != d_model for w in widths):
+            self.mask = (torch.arange(d_model)[None, :] < self.widths[:, None]).to(torch.float64)
         self.n_tokens = 0
         self.sq_error = torch.zeros(n_models, dtype=torch.float64)
         self.sum_x = torch.zeros(n_models, d_model, dtype=torch.float64)
@@ -42,7 +49,10 @@ class ReconstructionMeter:
         x_hat: Float[Tensor, "batch n_models d_model"],
     ) -> None:
         x64 = x.detach().to("cpu", torch.float64)
-        err = (x_hat.detach().to("cpu", torch.float64) - x64).pow(2).sum(dim=(0, 2))
+        x_hat64 = x_hat.detach().to("cpu", torch.float64)
+        if self.mask is not None:
+            x64, x_hat64 = x64 * self.mask, x_hat64 * self.mask
+        err = (x_hat64 - x64).pow(2).sum(dim=(0, 2))
         self.sq_error += err
         self.sum_x += x64.sum(0)
         self.sum_sq_x += x64.pow(2).sum(dim=(0, 2))
@@ -63,19 +73,20 @@ class ReconstructionMeter:
 
     def fve_pooled_normalized(self, scaling_factors: Tensor | None = None) -> float:
         """1 - sum_m SSE_m s_m^2 / sum_m SST_m s_m^2: the pooled FVE in each model's normalized
-        units. Without `scaling_factors`, s_m = sqrt(d_model) / (model m's mean norm here)."""
+        units. Without `scaling_factors`, s_m = sqrt(width_m) / (model m's mean norm here)."""
         if scaling_factors is None:
             scaling_factors = self.scaling_factors()
         s2 = torch.as_tensor(scaling_factors, dtype=torch.float64).cpu().pow(2)
         return float(1 - (self.sq_error * s2).sum() / (self.total_variance() * s2).sum())
 
     def scaling_factors(self) -> Tensor:
-        """sqrt(d_model) / mean norm per model over the evaluated tokens (1 for a zero norm)."""
+        """sqrt(width) / mean norm per model over the evaluated tokens (1 for a zero norm)."""
         norms = self.sum_norm / max(self.n_tokens, 1)
-        return torch.where(norms > 0, self.d_model**0.5 / norms.clamp_min(1e-30), 1.0)
+        return torch.where(norms > 0, self.widths.sqrt() / norms.clamp_min(1e-30), 1.0)
 
     def mse_per_model(self) -> list[float]:
-        return (self.sq_error / (self.n_tokens * self.d_model)).tolist()
+        """Mean squared error per element of each model's own width."""
+        return (self.sq_error / (self.n_tokens * self.widths)).tolist()
 
 
 def _eval_batches(
@@ -117,6 +128,20 @@ def check_finite(batch: Tensor, where: str) -> None:
         )
 
 
+def check_zero_padding(acts: Tensor, cfg: Any) -> None:
+    """Models narrower than d_model must be padded with zeros (the crosscoder never reads or
+    writes those coordinates, and a non-zero one would count as unexplainable error)."""
+    if acts.ndim != 3 or tuple(acts.shape[1:]) != (len(cfg.widths), cfg.d_model):
+        return  # a shape error, reported with the shape by the caller's own check
+    for m, width in enumerate(cfg.widths):
+        if width < cfg.d_model and bool(acts[:, m, width:].ne(0).any()):
+            raise CrossdiffError(
+                f"model {m} has width {width} (d_models={list(cfg.widths)}) but its activations "
+                f"have non-zero values in columns {width}..{cfg.d_model - 1}; put its activation "
+                f"in acts[:, {m}, :{width}] and leave the rest zero"
+            )
+
+
 @torch.no_grad()
 def evaluate_crosscoder(
     cc: Any,
@@ -153,12 +178,15 @@ def evaluate_crosscoder(
         check_finite_module(cc, "the crosscoder", "load or train an undamaged one")
     was_training = cc.training
     cc.eval()
-    threshold_meter = ReconstructionMeter(cfg.n_models, cfg.d_model)
-    topk_meter = ReconstructionMeter(cfg.n_models, cfg.d_model)
+    widths = getattr(cfg, "widths", None)
+    threshold_meter = ReconstructionMeter(cfg.n_models, cfg.d_model, widths)
+    topk_meter = ReconstructionMeter(cfg.n_models, cfg.d_model, widths)
     active_total = 0
     topk_active_total = 0
     fired = torch.zeros(cfg.d_sae, dtype=torch.bool)
     device = cc.W_enc.device
+    if isinstance(acts_or_store, Tensor) and getattr(cfg, "padded", False):
+        check_zero_padding(acts_or_store, cfg)
     for i, batch in enumerate(
         _eval_batches(acts_or_store, cfg.n_models, cfg.d_model, batch_size, max_tokens)
     ):

@@ -14,6 +14,13 @@ score above the learned global `threshold`.
 Decoder storage: `W_dec_untied` [d_sae - n_tied, n_models, d_model] holds per-model vectors;
 `W_dec_tied` [n_tied, d_model] holds one vector per tied shared latent, in the training
 (scaled) units, so the tie is exact. `W_dec` is the combined view in raw units.
+
+Models of different widths (`cfg.d_models`): every per-model tensor is padded to the widest,
+d_model, and the coordinates beyond model m's width are exactly zero in W_enc[m], W_dec[:, m] and
+b_dec[m]: zero at initialization, their gradients masked to zero (so Adam never moves them), and
+checked on save and load. The padded part of an input is then never read (W_enc is zero there)
+and the padded part of a reconstruction is exactly zero. Every consumer of W_dec [d_sae, n_models,
+d_model] (norms, relative norms, latent scaling, FVE) sees the model's own width only.
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ class CrossCoderWeights:
         init_norm = getattr(cfg, "decoder_init_norm", None) or 0.1
         tied = torch.randn(cfg.n_tied, cfg.d_model, **kw)
         untied = torch.randn(cfg.d_sae - cfg.n_tied, cfg.n_models, cfg.d_model, **kw)
+        if cfg.padded:
+            untied = untied * self.width_mask(untied)
         tied = tied / tied.norm(dim=-1, keepdim=True).clamp_min(1e-12) * init_norm
         untied = untied / untied.norm(dim=-1, keepdim=True).clamp_min(1e-12) * init_norm
         self.W_dec_tied = nn.Parameter(tied)
@@ -79,6 +88,48 @@ class CrossCoderWeights:
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
         self.b_dec = nn.Parameter(torch.zeros(cfg.n_models, cfg.d_model, **kw))
         self.register_buffer("threshold", torch.zeros((), **kw))
+        if cfg.padded:
+            self._mask_padding_gradients()
+
+    def width_mask(self, like: Tensor) -> Float[Tensor, "n_models d_model"]:
+        """1 on each model's own coordinates, 0 on its padding (built from cfg, on `like`'s
+        device and dtype: no buffer, so the state dict is that of an equal-width crosscoder)."""
+        return width_mask(self.cfg.widths, self.cfg.d_model, device=like.device, dtype=like.dtype)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+        if assign and self.cfg.padded:  # new Parameter objects (SAELens loads this way)
+            self._mask_padding_gradients()
+        return result
+
+    def _mask_padding_gradients(self) -> None:
+        """Zero the gradient of every padded coordinate, so no optimizer ever moves it."""
+        self.W_enc.register_hook(lambda g: g * self.width_mask(g)[:, :, None])
+        self.W_dec_untied.register_hook(lambda g: g * self.width_mask(g)[None])
+        self.b_dec.register_hook(lambda g: g * self.width_mask(g))
+
+    @torch.no_grad()
+    def padding_max_abs(self) -> float:
+        """The largest |value| in the padded coordinates of W_enc, W_dec and b_dec (0 when the
+        models have equal widths); it is exactly 0 for a sound crosscoder."""
+        if not self.cfg.padded:
+            return 0.0
+        pad = self.width_mask(self.b_dec) == 0
+        return max(
+            float(self.W_enc.detach().permute(2, 0, 1)[:, pad].abs().max()),
+            float(self.W_dec.detach()[:, pad].abs().max()),
+            float(self.b_dec.detach()[pad].abs().max()),
+        )
+
+    def check_padding(self, where: str, advice: str) -> None:
+        """Refuse weights whose padded coordinates (beyond a model's width) are not zero."""
+        worst = self.padding_max_abs()
+        if worst != 0:
+            raise CrossdiffError(
+                f"{where} has non-zero weights (largest |value| {worst:.3g}) beyond a model's "
+                f"width (d_models={list(self.cfg.widths)}, padded to {self.cfg.d_model}); "
+                f"those coordinates must be exactly zero. {advice}"
+            )
 
     @property
     def W_dec(self) -> Float[Tensor, "d_sae n_models d_model"]:
@@ -109,10 +160,15 @@ class CrossCoderWeights:
     def _check_input(self, x: Tensor) -> None:
         cfg = self.cfg
         if x.ndim != 3 or x.shape[1] != cfg.n_models or x.shape[2] != cfg.d_model:
+            padding = (
+                f" (widths {list(cfg.widths)}: pad each narrower model with zeros to {cfg.d_model})"
+                if cfg.padded
+                else ""
+            )
             raise CrossdiffError(
                 f"crosscoder input has shape {tuple(x.shape)}; expected "
-                f"[batch, n_models={cfg.n_models}, d_model={cfg.d_model}] (stack the models' "
-                "activations on dim 1)"
+                f"[batch, n_models={cfg.n_models}, d_model={cfg.d_model}]{padding} (stack the "
+                "models' activations on dim 1)"
             )
 
     def pre_activations(
@@ -303,6 +359,7 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
         """Write `path/cfg.json` and `path/sae_weights.safetensors` (SAELens names) and the
         weights' checksum `sae_weights.safetensors.sha256`, each file replaced atomically."""
         path = Path(path)
+        self.check_padding("the crosscoder", "It was changed by hand after training; retrain it")
         path.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".crosscoder.", dir=path))
         try:
@@ -359,4 +416,15 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
         if not isinstance(sae, CrossCoder):
             raise CrossdiffError(f"{path} holds a {type(sae).__name__}, not a crosscoder")
         check_finite_module(sae, f"the crosscoder in {path}", advice)
+        sae.check_padding(f"the crosscoder in {path}", advice)
         return sae
+
+
+def width_mask(
+    widths: tuple[int, ...], d_model: int, **kw: Any
+) -> Float[Tensor, "n_models d_model"]:
+    """1 on each model's own coordinates [0, width_m), 0 on its padding up to d_model."""
+    mask = torch.zeros(len(widths), d_model, **kw)
+    for m, width in enumerate(widths):
+        mask[m, :width] = 1
+    return mask

@@ -58,15 +58,23 @@ def planted_crosscoder_data(
     noise: float = 0.0,
     scales: tuple[float, float] = (1.0, 1.0),
     seed: int = 0,
+    d_models: tuple[int, int] | None = None,
 ) -> tuple[Float[Tensor, "n_tokens 2 d_model"], PlantedTruth]:
     """Paired activations [n_tokens, 2, d_model] and the planted truth (shared latents first).
 
     densities: (low, high) for densities log-uniform per latent, or {kind: density}.
     noise: standard deviation of the per-token noise vector's norm (spread over d_model).
+    d_models: models of different widths (d_model must be their maximum): model m's directions
+    and noise live in its first d_models[m] coordinates, the rest is zero padding.
     """
     n_latents = n_shared + n_a_only + n_b_only
     if min(n_tokens, d_model, n_latents) < 1 or min(n_shared, n_a_only, n_b_only) < 0:
         raise CrossdiffError("need n_tokens, d_model >= 1, counts >= 0 and at least one latent")
+    widths = tuple(d_models or (d_model, d_model))
+    if len(widths) != 2 or max(widths) != d_model or min(widths) < 1:
+        raise CrossdiffError(f"d_models={d_models} must be two widths whose maximum is d_model")
+    if aligned_bases and widths[0] != widths[1]:
+        raise CrossdiffError("aligned_bases needs one space: equal widths (d_models=None)")
     g = torch.Generator().manual_seed(seed)
     kinds = ("shared",) * n_shared + ("a_only",) * n_a_only + ("b_only",) * n_b_only
     directions = torch.zeros(n_latents, 2, d_model)
@@ -77,8 +85,8 @@ def planted_crosscoder_data(
         directions[a_idx, 0] = basis[a_idx]
         directions[b_idx, 1] = basis[b_idx]
     else:
-        directions[a_idx, 0] = _unit_directions(len(a_idx), d_model, g)
-        directions[b_idx, 1] = _unit_directions(len(b_idx), d_model, g)
+        directions[a_idx, 0, : widths[0]] = _unit_directions(len(a_idx), widths[0], g)
+        directions[b_idx, 1, : widths[1]] = _unit_directions(len(b_idx), widths[1], g)
     if isinstance(densities, dict):
         dens = torch.tensor([float(densities[k]) for k in kinds])
     else:
@@ -90,8 +98,11 @@ def planted_crosscoder_data(
     fires = torch.rand(n_tokens, n_latents, generator=g) < dens
     codes = fires * (0.5 + torch.rand(n_tokens, n_latents, generator=g))
     acts = torch.einsum("nl,lmd->nmd", codes, directions)
-    if noise:
+    if noise and d_models is None:
         acts += torch.randn(acts.shape, generator=g) * noise / d_model**0.5
+    elif noise:
+        for m, width in enumerate(widths):
+            acts[:, m, :width] += torch.randn(n_tokens, width, generator=g) * noise / width**0.5
     acts *= torch.tensor(scales, dtype=acts.dtype)[None, :, None]
     return acts, PlantedTruth(kinds=kinds, directions=directions, densities=dens)
 
@@ -172,7 +183,10 @@ class InMemoryStore:
         self.d_models = tuple(d_models or (self.d_model,) * self.n_models)
         self.model_names = tuple(model_names or [f"model_{m}" for m in range(self.n_models)])
         mean_norm = acts.float().norm(dim=-1).mean(0)
-        self.scaling_factors = self.d_model**0.5 / mean_norm
+        if len(set(self.d_models)) > 1:  # each model to mean norm sqrt(its own width)
+            self.scaling_factors = torch.tensor(self.d_models).float().sqrt() / mean_norm
+        else:
+            self.scaling_factors = self.d_model**0.5 / mean_norm
 
     def read_acts(self, start: int, stop: int, normalize: bool = False) -> Tensor:
         acts = self.acts[start:stop].float()

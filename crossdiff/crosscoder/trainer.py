@@ -1,6 +1,6 @@
 """train_crosscoder: SAELens's SAETrainer with crossdiff's data providers and checkpoints.
 
-Training runs on scaled activations (each model's mean norm brought to sqrt(d_model)); at the end
+Training runs on scaled activations (each model's mean norm brought to sqrt(its width)); at the end
 the factors are folded into the weights, so the returned CrossCoder works on raw activations.
 Checkpoints are safetensors + JSON (never pickle), written atomically; `resume=True` continues a
 run from the last one.
@@ -38,7 +38,7 @@ from crossdiff.crosscoder.checkpoint import (
     write_checkpoint,
 )
 from crossdiff.crosscoder.config import CrossCoderConfig, TrainingCrossCoderConfig, default_lr
-from crossdiff.crosscoder.metrics import check_finite, evaluate_crosscoder
+from crossdiff.crosscoder.metrics import check_finite, check_zero_padding, evaluate_crosscoder
 from crossdiff.crosscoder.model import CrossCoder
 from crossdiff.crosscoder.prefetch import prefetch_to_device
 from crossdiff.crosscoder.training import TrainingCrossCoder
@@ -85,6 +85,8 @@ class _TensorSource:
                 "or give more activations"
             )
         check_finite(acts, "the activations tensor")
+        check_zero_padding(acts, cfg)
+        self.widths = cfg.widths if cfg.padded else None
         self.acts = acts
         self.n_tokens = acts.shape[0]
 
@@ -98,6 +100,8 @@ class _TensorSource:
         mean_norm = sample.norm(dim=-1).mean(0)
         if bool((mean_norm == 0).any()):
             raise CrossdiffError("a model's activations are all zero; check the harvest")
+        if self.widths is not None:  # each model to mean norm sqrt(its own width)
+            return torch.tensor(self.widths, dtype=torch.float32).sqrt() / mean_norm
         return sample.shape[-1] ** 0.5 / mean_norm
 
     def batches(
@@ -122,12 +126,15 @@ class _StoreSource:
 
     def __init__(self, store: Any, cfg: CrossCoderConfig, batch_size: int):
         store = training_part(store)  # never the held-out part
-        widths = list(getattr(store, "d_models", None) or [store.d_model] * store.n_models)
-        if len(set(widths)) > 1:
+        widths = tuple(getattr(store, "d_models", None) or [store.d_model] * store.n_models)
+        if (store.n_models, store.d_model) == (cfg.n_models, cfg.d_model) and widths != tuple(
+            cfg.widths
+        ):
+            kind = "different widths" if len(set(widths)) > 1 else "equal widths"
             raise CrossdiffError(
-                f"the store's models have different widths {widths}; the store pads them to "
-                f"{store.d_model}, but a crosscoder needs equal widths. Pair hook points of "
-                "equal width (e.g. the residual stream of models with the same d_model)"
+                f"the store's models have {kind} d_models={list(widths)} (padded to "
+                f"{store.d_model}) but the config says d_models={list(cfg.widths)}; pass "
+                f"CrossCoderConfig(d_models={tuple(widths)}, ...)"
             )
         if (store.n_models, store.d_model) != (cfg.n_models, cfg.d_model):
             raise CrossdiffError(
@@ -397,7 +404,8 @@ def train_crosscoder(
     lr_decay_fraction of steps. k_anneal_*: BatchTopK k from k_anneal_start down to cfg.k over the
     first k_anneal_steps. dead_after_tokens: a latent that has not fired for this many tokens gets
     the auxiliary loss (default min(10M, total_tokens / 10)). normalize: scale a tensor's models
-    to mean norm sqrt(d_model) while training (a store always uses its own scaling factors).
+    to mean norm sqrt(d_model) while training, or sqrt(width) per model for cfg.d_models (a store
+    always uses its own scaling factors).
     checkpoint_dir: where to write checkpoints every `checkpoint_every` steps; with `resume`, an
     existing checkpoint there is continued. The summary of the run is in `cc.training_summary`.
     autocast: compute the dense encoder matmul in bfloat16 (torch.autocast; weights, optimizer

@@ -107,7 +107,7 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
         if dead is None or self.cfg.aux_loss_coefficient == 0:
             return pre.new_zeros((), dtype=torch.float32)
         dead = dead.to(pre.device)
-        k_aux_nominal = self.cfg.k_aux or self.cfg.d_in // 2
+        k_aux_nominal = self.cfg.k_aux or sum(self.cfg.widths) // 2  # d_in // 2 unpadded
         n_dead = dead.sum()
         if sync_free is None:
             sync_free = pre.device.type != "cpu"
