@@ -525,7 +525,13 @@ def train_crosscoder(
     trainer.data_provider = prefetch_to_device(batches, dev, depth=prefetch)
 
     if wandb:
-        import wandb as wandb_lib
+        try:
+            import wandb as wandb_lib
+        except ImportError as err:
+            raise CrossdiffError(
+                "wandb=True (--wandb) logs to Weights & Biases, but wandb is not installed; "
+                "install it with `pip install 'crossdiff[wandb]'` or leave logging off"
+            ) from err
 
         wandb_lib.init(project=wandb_project, config={"cfg": tcfg.to_dict(), **options})
     started = time.perf_counter()
