@@ -248,6 +248,7 @@ class CrossCoderTrainer(SAETrainer):
         # length of the call that name makes crossdiff's one bar instead (rank 0 only)
         def crosscoder_bar(*args: Any, **kwargs: Any) -> Any:
             kwargs |= {"desc": "crosscoder", "unit": "tok", "unit_scale": True}
+            kwargs["mininterval"] = 0.1 if sys.stderr.isatty() else 10.0  # a log: every 10 s
             if not dist_info().is_main:  # rank 0 leaves `disable` to tqdm (TQDM_DISABLE, ...)
                 kwargs["disable"] = True
             return tqdm(*args, **kwargs)
