@@ -1,7 +1,9 @@
 """crossdiff: sparse crosscoders that diff a dense transformer and a Mixture-of-Experts transformer.
 
-The public API is importable from the top level; see docs/api.md. Importing crossdiff registers the
-crosscoder with SAELens, so `sae_lens.SAE.load_from_disk(dir)` loads a saved crosscoder.
+The public API is importable from the top level; see docs/api.md. `import crossdiff` is light: it
+imports neither torch nor SAELens. It registers the crosscoder with SAELens at once if sae_lens is
+already imported, and otherwise right after sae_lens is imported (crossdiff/sae_lens_hook.py), so
+`sae_lens.SAE.load_from_disk(dir)` loads a saved crosscoder in either order.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from crossdiff import crosscoder as _crosscoder  # noqa: F401,E402
+from crossdiff import sae_lens_hook as _sae_lens_hook  # noqa: E402
+
+_sae_lens_hook.install()
 
 # name -> module that defines it. Loaded on first use so `import crossdiff` stays light.
 _PUBLIC: dict[str, str] = {
@@ -46,6 +50,7 @@ _PUBLIC: dict[str, str] = {
     "CrossCoderConfig": "crossdiff.crosscoder",
     "CrossCoder": "crossdiff.crosscoder",
     "train_crosscoder": "crossdiff.crosscoder",
+    "load_crosscoder": "crossdiff.crosscoder",
     "evaluate_crosscoder": "crossdiff.crosscoder",
     # analysis and report
     "diff_features": "crossdiff.analysis",

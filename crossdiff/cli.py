@@ -14,17 +14,39 @@ import tomllib
 import traceback
 from pathlib import Path
 
-from crossdiff.common import CrossdiffError, check_output_dir, resolve_device
-
-# (module, in the order a newcomer meets the stages)
-_COMMAND_MODULES = (
-    "crossdiff.pipeline",  # run
-    "crossdiff.data.commands",  # prepare-data
-    "crossdiff.models.commands",  # train-models
-    "crossdiff.activations.commands",  # harvest
-    "crossdiff.crosscoder.commands",  # train-crosscoder
-    "crossdiff.report.commands",  # report
+# (subcommand, module whose `register` adds it, its line in `crossdiff --help`), in the order a
+# newcomer meets the stages. Only the module of the command being run is imported, so
+# `crossdiff --help` and `--version` start without torch; the others are listed by name and help.
+_COMMANDS = (
+    ("run", "crossdiff.pipeline", "all stages, from the embedded corpus to report.html (resumes)"),
+    (
+        "prepare-data",
+        "crossdiff.data.commands",
+        "build the three-domain corpus, tokenizer and packed token sets",
+    ),
+    (
+        "train-models",
+        "crossdiff.models.commands",
+        "train a dense and an MoE language model on the same tokens",
+    ),
+    (
+        "harvest",
+        "crossdiff.activations.commands",
+        "record paired activations of two models into an on-disk store",
+    ),
+    (
+        "train-crosscoder",
+        "crossdiff.crosscoder.commands",
+        "train a BatchTopK crosscoder on an activation store",
+    ),
+    (
+        "report",
+        "crossdiff.report.commands",
+        "classify latents (shared / model-specific) and write report.html",
+    ),
 )
+_COMMAND_MODULES = tuple(dict.fromkeys(module for _, module, _ in _COMMANDS))
+ALL_COMMANDS = "*"
 
 _DESCRIPTION = """\
 Diff a dense transformer and a Mixture-of-Experts transformer with a sparse crosscoder.
@@ -42,7 +64,9 @@ set the flags' defaults; flags on the command line win.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = ALL_COMMANDS) -> argparse.ArgumentParser:
+    """The full parser (every stage's options) by default; with `command`, only that command's
+    module is imported and the other commands are listed by name (None: no module at all)."""
     parser = argparse.ArgumentParser(
         prog="crossdiff",
         description=_DESCRIPTION,
@@ -52,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"crossdiff {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in _COMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
+    wanted = {module for name, module, _ in _COMMANDS if command in (ALL_COMMANDS, name)}
+    for name, module_name, help_line in _COMMANDS:
+        if module_name in wanted:
+            wanted.discard(module_name)
+            importlib.import_module(module_name).register(subparsers)
+        elif name not in subparsers.choices:
+            subparsers.add_parser(name, help=help_line)
     for sub in subparsers.choices.values():
         sub.add_argument(
             "--config",
@@ -64,9 +93,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand `argv` names (None for `--help`/`--version` alone; ALL_COMMANDS when its
+    first word is not a known command, so argparse reports it against the full parser)."""
+    words = [a for a in argv if not a.startswith("-")]
+    if not words:
+        return None
+    known = {name for name, _, _ in _COMMANDS}
+    return words[0] if words[0] in known else ALL_COMMANDS
+
+
 def _apply_config_file(
     parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace
 ) -> argparse.Namespace:
+    from crossdiff.common import CrossdiffError
+
     if getattr(args, "config", None) is None:
         return args
     path: Path = args.config
@@ -92,6 +133,8 @@ def _apply_config_file(
 
 def _check_environment(args: argparse.Namespace) -> None:
     """Refuse an unknown --device and an unusable output folder before anything is written."""
+    from crossdiff.common import check_output_dir, resolve_device
+
     device = getattr(args, "device", None)
     if device is not None:
         resolve_device(device)
@@ -117,11 +160,12 @@ def _environment_message(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    from crossdiff.common import CrossdiffError
     from crossdiff.distributed import (
         abort_distributed,
         dist_info,

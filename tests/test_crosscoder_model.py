@@ -33,7 +33,7 @@ def random_crosscoder(seed=0, d_model=8, d_sae=32, k=3, **kw) -> CrossCoder:
 
 def test_config_derives_d_in_and_rejects_bad_values():
     cfg = CrossCoderConfig(d_model=8, d_sae=16, k=2)
-    assert cfg.d_in == 16 and cfg.n_models == 2 and cfg.architecture() == "crosscoder"
+    assert cfg.d_in == 16 and cfg.n_models == 2 and cfg.architecture() == "crossdiff.crosscoder"
     bad = [
         ({"d_model": 8, "d_sae": 16, "k": 2, "n_shared": 16}, "n_shared=16"),
         ({"d_model": 8, "d_sae": 16, "k": 17}, "k=17"),
@@ -150,7 +150,8 @@ def test_save_and_load_reconstruct_identically(tmp_path):
         "sae_weights.safetensors",
         "sae_weights.safetensors.sha256",
     ]
-    assert json.loads((tmp_path / "cc" / "cfg.json").read_text())["architecture"] == "crosscoder"
+    cfg_json = json.loads((tmp_path / "cc" / "cfg.json").read_text())
+    assert cfg_json["architecture"] == "crossdiff.crosscoder"
     x = torch.randn(32, 2, 8) * 2
     expected = cc(x)
     for loaded in (CrossCoder.load(tmp_path / "cc"), SAE.load_from_disk(tmp_path / "cc")):

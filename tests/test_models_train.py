@@ -249,3 +249,33 @@ def test_bfloat16_autocast_trains_with_float32_weights(tmp_path, data, cfgs):
         assert not torch.equal(curves[0], curves[1])
         torch.testing.assert_close(curves[1][:, 0], curves[0][:, 0], atol=0.05, rtol=0)
     assert plain.eval["training"]["autocast"] is False and mixed.eval["training"]["autocast"]
+
+
+def test_each_model_gets_one_progress_bar_with_its_eval_lines_above_it(
+    tmp_path, data, cfgs, monkeypatch
+):
+    bars, lines = [], []
+    real_tqdm = train_module.tqdm
+
+    class RecordingBar(real_tqdm):
+        def __init__(self, *args, **kwargs):
+            bars.append(kwargs)
+            super().__init__(*args, **kwargs | {"disable": True})
+
+        @classmethod
+        def write(cls, text, *args, **kwargs):
+            lines.append(text)
+
+    monkeypatch.setattr(train_module, "tqdm", RecordingBar)
+    run(tmp_path, data, cfgs, steps=4, eval_every=2)
+    assert [(b["desc"], b["total"], b["unit"]) for b in bars] == [
+        ("train dense", 4, "step"),
+        ("train moe", 4, "step"),
+    ]
+    assert all("disable" not in b for b in bars)  # rank 0 draws it, in a log file too
+    assert [line.split(":")[0] for line in lines] == [
+        "dense step 2",
+        "dense step 4",
+        "moe step 2",
+        "moe step 4",
+    ]

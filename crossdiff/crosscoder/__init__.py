@@ -1,28 +1,36 @@
 """The crosscoder stage: a BatchTopK crosscoder with designated shared latents, built on SAELens.
 
-Importing this module registers the architecture "crosscoder" with SAELens (inference and
-training registries), so `sae_lens.SAE.load_from_disk(dir)` loads a saved crosscoder.
+Importing this module registers the architecture "crossdiff.crosscoder" (and the pre-rename alias
+"crosscoder" where free) with SAELens's inference and training registries, so
+`sae_lens.SAE.load_from_disk(dir)` loads a saved crosscoder. The trainer and the metrics, which
+pull in the activation store and the data stage, load on first use.
 """
 
-from sae_lens.registry import (
-    SAE_CLASS_REGISTRY,
-    SAE_TRAINING_CLASS_REGISTRY,
-    register_sae_class,
-    register_sae_training_class,
-)
+from __future__ import annotations
 
-from crossdiff.crosscoder.config import CrossCoderConfig, TrainingCrossCoderConfig, default_lr
-from crossdiff.crosscoder.metrics import evaluate_crosscoder
+import importlib
+from typing import Any
+
+from crossdiff.crosscoder.config import (
+    ARCHITECTURE,
+    CrossCoderConfig,
+    TrainingCrossCoderConfig,
+    default_lr,
+)
 from crossdiff.crosscoder.model import CrossCoder
-from crossdiff.crosscoder.trainer import fold_scaling_factors, train_crosscoder
+from crossdiff.crosscoder.registration import load_crosscoder, register_with_sae_lens
 from crossdiff.crosscoder.training import TrainingCrossCoder
 
-if "crosscoder" not in SAE_CLASS_REGISTRY:
-    register_sae_class("crosscoder", CrossCoder, CrossCoderConfig)
-if "crosscoder" not in SAE_TRAINING_CLASS_REGISTRY:
-    register_sae_training_class("crosscoder", TrainingCrossCoder, TrainingCrossCoderConfig)
+register_with_sae_lens()
+
+_LAZY = {
+    "evaluate_crosscoder": "crossdiff.crosscoder.metrics",
+    "fold_scaling_factors": "crossdiff.crosscoder.trainer",
+    "train_crosscoder": "crossdiff.crosscoder.trainer",
+}
 
 __all__ = [
+    "ARCHITECTURE",
     "CrossCoder",
     "CrossCoderConfig",
     "TrainingCrossCoder",
@@ -30,5 +38,19 @@ __all__ = [
     "default_lr",
     "evaluate_crosscoder",
     "fold_scaling_factors",
+    "load_crosscoder",
+    "register_with_sae_lens",
     "train_crosscoder",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'crossdiff.crosscoder' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

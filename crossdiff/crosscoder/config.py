@@ -20,6 +20,9 @@ from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 
 from crossdiff.common import CrossdiffError
 
+# namespaced: "crosscoder" alone is generic enough for another plugin to claim it
+ARCHITECTURE = "crossdiff.crosscoder"
+
 SHARED_DECODER_MODES = ("free", "tied")
 
 
@@ -48,7 +51,7 @@ class CrossCoderConfig(SAEConfig):
 
     @classmethod
     def architecture(cls) -> str:
-        return "crosscoder"
+        return ARCHITECTURE
 
     def __post_init__(self) -> None:
         if isinstance(self.metadata, dict):

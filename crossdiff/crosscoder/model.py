@@ -402,9 +402,14 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
             n_weights = 2 * int(cfg.get("d_sae", 0)) * int(cfg.get("d_in", 0))
         except (TypeError, ValueError):
             n_weights = 0
+        # imported here: registration imports this module
+        from crossdiff.crosscoder.registration import crossdiff_disk_loader
+
         try:
             with allocation_guard(f"the crosscoder in {path}", 4 * n_weights):
-                sae = SAE.load_from_disk(path, device=device, dtype=dtype)
+                sae = SAE.load_from_disk(
+                    path, device=device, dtype=dtype, converter=crossdiff_disk_loader
+                )
         except CrossdiffError:
             raise
         except Exception as err:  # SAELens/safetensors/torch errors for a config that misfits

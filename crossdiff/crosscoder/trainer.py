@@ -14,7 +14,6 @@ checkpoints; one written by N ranks resumes on any number of processes.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -26,8 +25,10 @@ import torch
 from jaxtyping import Float
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata, TrainStepInput, TrainStepOutput
+from sae_lens.training import sae_trainer as sae_trainer_module
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from crossdiff.activations.store import training_part
 from crossdiff.common import CrossdiffError, allocation_guard, resolve_device, seed_everything
@@ -250,17 +251,21 @@ class CrossCoderTrainer(SAETrainer):
             write_checkpoint(self, self.checkpoint_dir, self.extra_state)
 
     def fit(self) -> Any:
-        if dist_info().is_main:
-            return super().fit()
-        previous = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"  # one progress bar per job, from rank 0
+        # SAETrainer.fit opens its own "Training SAE" bar through its module's `tqdm`; for the
+        # length of the call that name makes crossdiff's one bar instead (rank 0 only)
+        def crosscoder_bar(*args: Any, **kwargs: Any) -> Any:
+            kwargs |= {"desc": "crosscoder", "unit": "tok", "unit_scale": True}
+            kwargs["mininterval"] = 0.1 if sys.stderr.isatty() else 10.0  # a log: every 10 s
+            if not dist_info().is_main:  # rank 0 leaves `disable` to tqdm (TQDM_DISABLE, ...)
+                kwargs["disable"] = True
+            return tqdm(*args, **kwargs)
+
+        saelens_tqdm = sae_trainer_module.tqdm
+        sae_trainer_module.tqdm = crosscoder_bar
         try:
             return super().fit()
         finally:
-            if previous is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = previous
+            sae_trainer_module.tqdm = saelens_tqdm
 
     def step(self, batch: Tensor) -> TrainStepOutput:
         output = super().step(batch)
@@ -319,10 +324,6 @@ class CrossCoderTrainer(SAETrainer):
 
     @torch.no_grad()
     def _update_pbar(self, step_output: Any, pbar: Any, update_interval: int = 100) -> None:
-        # a disabled bar (TQDM_DISABLE=1, no terminal) has no `unit`; it still takes updates
-        if not getattr(pbar, "disable", False) and pbar.unit != "tok":
-            pbar.unit = "tok"
-            pbar.set_description("crosscoder")
         pbar.update(self.cfg.train_batch_size_samples)
         if self.n_training_steps % self.log_every and self.n_training_steps != 1:
             return
@@ -533,7 +534,13 @@ def train_crosscoder(
     trainer.data_provider = prefetch_to_device(batches, dev, depth=prefetch)
 
     if wandb:
-        import wandb as wandb_lib
+        try:
+            import wandb as wandb_lib
+        except ImportError as err:
+            raise CrossdiffError(
+                "wandb=True (--wandb) logs to Weights & Biases, but wandb is not installed; "
+                "install it with `pip install 'crossdiff[wandb]'` or leave logging off"
+            ) from err
 
         wandb_lib.init(project=wandb_project, config={"cfg": tcfg.to_dict(), **options})
     started = time.perf_counter()

@@ -527,6 +527,8 @@ def _train_model(
             moe.global_load_balance = True
 
     tokens_per_step = opts.batch_size * train.seq_len
+    # one bar per model with its rate and ETA, also in a log file (a line every 10 s there);
+    # TQDM_DISABLE=1 silences it, other ranks never draw one
     bar = tqdm(
         range(start, opts.steps),
         initial=start,
@@ -534,7 +536,8 @@ def _train_model(
         desc=f"train {name}",
         unit="step",
         position=position,
-        disable=None if info.is_main else True,
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
+        **({} if info.is_main else {"disable": True}),
     )
     started = time.perf_counter()
     for done, step in enumerate(bar, start=1):

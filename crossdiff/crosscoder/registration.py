@@ -1,0 +1,97 @@
+"""The crosscoder's place in SAELens's architecture registries, and loading a saved one.
+
+crossdiff registers under the namespaced name "crossdiff.crosscoder" (inference and training
+registries). Folders saved before the rename say "crosscoder" in cfg.json: that generic name is
+registered as an alias when no other plugin holds it, and `load_crosscoder` translates it on load
+either way, so old folders always load through crossdiff.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+
+from crossdiff.common import CrossdiffError
+from crossdiff.crosscoder.config import ARCHITECTURE, CrossCoderConfig, TrainingCrossCoderConfig
+from crossdiff.crosscoder.model import CrossCoder
+from crossdiff.crosscoder.training import TrainingCrossCoder
+
+LEGACY_ARCHITECTURE = "crosscoder"  # the name folders saved before the rename carry
+
+_IMPORT_NOTE = (
+    "`import crossdiff` (or crossdiff.crosscoder) registers the crosscoder with SAELens; run it "
+    "before `sae_lens.SAE.load_from_disk`, or load with `crossdiff.load_crosscoder(path)`"
+)
+
+
+def _same_class(held: type, ours: type) -> bool:
+    # a re-imported module (importlib.reload, a second copy on sys.path) makes a new class object
+    return held is ours or (
+        held.__module__ == ours.__module__ and held.__qualname__ == ours.__qualname__
+    )
+
+
+def _describe(pair: tuple[type, type]) -> str:
+    return f"{pair[0].__module__}.{pair[0].__qualname__}"
+
+
+def _register(
+    registry: dict[str, Any], name: str, pair: tuple[type, type], which: str, required: bool
+) -> None:
+    held = registry.get(name)
+    if held is None or _same_class(held[0], pair[0]):
+        registry[name] = pair
+        return
+    if required:
+        raise CrossdiffError(
+            f"SAELens's {which} registry already maps the architecture {name!r} to "
+            f"{_describe(held)}, so crossdiff cannot register its CrossCoder there; another "
+            "plugin took crossdiff's name: uninstall it or import it after crossdiff"
+        )
+    warnings.warn(
+        f"SAELens's {which} architecture {name!r} belongs to {_describe(held)}; folders saved "
+        f"by older crossdiff versions (architecture {name!r}) load with "
+        "crossdiff.load_crosscoder(path), not with SAE.load_from_disk",
+        stacklevel=3,
+    )
+
+
+def register_with_sae_lens() -> None:
+    """Put the crosscoder into SAELens's inference and training registries (idempotent)."""
+    inference = (CrossCoder, CrossCoderConfig)
+    training = (TrainingCrossCoder, TrainingCrossCoderConfig)
+    _register(SAE_CLASS_REGISTRY, ARCHITECTURE, inference, "inference", required=True)
+    _register(SAE_TRAINING_CLASS_REGISTRY, ARCHITECTURE, training, "training", required=True)
+    _register(SAE_CLASS_REGISTRY, LEGACY_ARCHITECTURE, inference, "inference", required=False)
+    _register(
+        SAE_TRAINING_CLASS_REGISTRY, LEGACY_ARCHITECTURE, training, "training", required=False
+    )
+
+
+def crossdiff_disk_loader(
+    path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SAELens's disk loader, with the pre-rename architecture name read as the current one."""
+    cfg_dict, state_dict = sae_lens_disk_loader(path, device, cfg_overrides=cfg_overrides)
+    architecture = cfg_dict.get("architecture")
+    if architecture == LEGACY_ARCHITECTURE:
+        cfg_dict["architecture"] = ARCHITECTURE
+    elif architecture != ARCHITECTURE:
+        raise CrossdiffError(
+            f"{path} holds an SAELens {architecture!r} SAE, not a crossdiff crosscoder "
+            f"(architecture {ARCHITECTURE!r}); load it with sae_lens.SAE.load_from_disk"
+        )
+    if ARCHITECTURE not in SAE_CLASS_REGISTRY:
+        raise CrossdiffError(f"the crosscoder is not registered with SAELens; {_IMPORT_NOTE}")
+    return cfg_dict, state_dict
+
+
+def load_crosscoder(path: str | Path, device: str = "cpu", dtype: str | None = None) -> CrossCoder:
+    """Load a crosscoder saved by `CrossCoder.save` or `crossdiff train-crosscoder` (also one
+    saved by an older crossdiff under the architecture name "crosscoder")."""
+    register_with_sae_lens()
+    return CrossCoder.load(path, device=device, dtype=dtype)
