@@ -216,6 +216,7 @@ def train_small(store: ActivationStore):
     return crossdiff.train_crosscoder(store, cfg, steps=300, batch_size=64, log_every=10_000)
 
 
+@pytest.mark.slow  # about 11 s: the report's figures
 def test_plain_tensor_without_domains_end_to_end(tmp_path):
     """A plain tensor, no domains: the store records none, and the diff and report have no
     domain columns (before: 'bincount only supports 1-d non-negative integral inputs'). Model B is
