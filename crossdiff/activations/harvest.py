@@ -554,7 +554,7 @@ def harvest(
     distributed: bool | None = None,
     heldout_fraction: float = 0.1,
     split_seed: int = 0,
-    domains: Tensor | list[int] | None = None,
+    domains: Tensor | Sequence[int] | None = None,
     domain_names: Sequence[str] | None = None,
 ) -> ActivationStore:
     """Record both models' activations at the pairing's hook points into a store at `out_dir`.
