@@ -399,8 +399,9 @@ def test_torchrun_crossdiff_harvest_writes_the_single_process_store(tmp_path):
     dense = models.load_model(tmp_path / "models" / "dense")
     moe = models.load_model(tmp_path / "models" / "moe")
     single = harvest(
-        dense, moe, ts, "paper", tmp_path / "one", n_tokens=60, batch_size=2, progress=False
-    )
+        dense, moe, ts, "paper", tmp_path / "one", n_tokens=60, batch_size=2, progress=False,
+        model_names=("dense", "moe"),  # the command's default names
+    )  # fmt: skip
     merged = ActivationStore(tmp_path / "two")
     assert_same_store(merged, single)
     assert_every_token_once(merged, ts, 60)

@@ -17,6 +17,7 @@ from crossdiff.data.tokens import TokenSet
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 D_VOCAB = 40
+NAMES = ("dense", "moe")  # harvest calls unnamed models "A" and "B"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -70,7 +71,9 @@ def shard_checksums(store: ActivationStore) -> list[tuple[int, str]]:
 def test_store_equals_run_with_cache_and_metadata_lines_up(tmp_path):
     dense, moe = tiny_pair()
     ts = tiny_token_set()
-    store = harvest(dense, moe, ts, "paper", tmp_path / "s", batch_size=3, shard_tokens=20)
+    store = harvest(
+        dense, moe, ts, "paper", tmp_path / "s", batch_size=3, shard_tokens=20, model_names=NAMES
+    )
     n_seq, seq_len = ts.tokens.shape
     assert store.n_tokens == n_seq * (seq_len - 1)
     assert store.d_models == [16, 24] and store.d_model == 24
@@ -281,7 +284,7 @@ def test_missing_hook_lists_close_matches(tmp_path):
     with pytest.raises(
         CrossdiffError, match=r"'moe' has no hook point.*blocks\.2\.hook_resid_post"
     ):
-        harvest(*tiny_pair(), tiny_token_set(), pairing, tmp_path / "s")
+        harvest(*tiny_pair(), tiny_token_set(), pairing, tmp_path / "s", model_names=NAMES)
 
 
 def test_hook_that_is_not_batch_pos_d_is_refused(tmp_path):
@@ -302,7 +305,9 @@ def test_nan_activations_name_model_hook_and_batch(tmp_path):
     with pytest.raises(
         CrossdiffError, match=r"'moe'.*NaN or Inf.*blocks\.2\.hook_resid_post.*rows 6"
     ):
-        harvest(dense, moe, ts, "paper", tmp_path / "s", batch_size=3, shard_tokens=8)
+        harvest(
+            dense, moe, ts, "paper", tmp_path / "s", batch_size=3, shard_tokens=8, model_names=NAMES
+        )
     store = ActivationStore(tmp_path / "s")
     assert store.n_tokens == 48  # only the clean rows 0..5, in full shards
     assert torch.isfinite(store.read_acts().float()).all()

@@ -4,6 +4,7 @@ default; the pooled FVE in each model's normalized units."""
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -330,6 +331,7 @@ def test_crossdiff_run_micro_trains_on_training_tokens_and_reports_heldout(
     inside = {"training": False, "reads_before": 0, "reads_after": 0}
     train = crosscoder_module.train_crosscoder
 
+    @functools.wraps(train)  # the run checks its options against train_crosscoder's signature
     def traced(*args, **kwargs):
         inside["reads_before"] = len(log.reads)
         try:

@@ -43,7 +43,9 @@ def run_dir(tmp_path_factory):
         doc_positions=(torch.arange(seq_len) - 1)[None].expand(n_seq, seq_len).clone(),
         domains=torch.arange(n_seq) % 3,
     )
-    store = harvest(tiny(0, False), tiny(1, True), ts, "paper", root / "store")
+    store = harvest(
+        tiny(0, False), tiny(1, True), ts, "paper", root / "store", model_names=("dense", "moe")
+    )
     torch.manual_seed(0)
     cfg = CrossCoderConfig(d_model=store.d_model, d_sae=48, k=6, n_shared=4)
     cc = CrossCoder(cfg)

@@ -205,7 +205,10 @@ def test_wrong_widths_models_and_tokens_are_clear_errors(models, heldout):
 def test_a_trained_crosscoder_recovers_most_of_the_loss(models, heldout, tmp_path):
     """Harvest the trained models, train a crosscoder, splice: trained (FVE ~0.98) it recovers
     about all the loss, after 5 steps far less; evaluate_crosscoder uses the store's pairing."""
-    store = harvest(*models, markov_rows(256, seed=5), "paper", tmp_path / "store", progress=False)
+    store = harvest(
+        *models, markov_rows(256, seed=5), "paper", tmp_path / "store", progress=False,
+        model_names=("dense", "moe"),
+    )  # fmt: skip
     cfg = crossdiff.CrossCoderConfig(n_models=2, d_model=16, d_sae=128, k=12)
     results = {}
     for steps in (5, 300):

@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.model_bridge import TransformerBridge
 
 from crossdiff.activations.pairing import Pairing, hook_layer, load_pairing
 from crossdiff.activations.store import (
@@ -38,6 +39,9 @@ from crossdiff.common import (
 from crossdiff.data.tokens import TokenSet
 from crossdiff.distributed import dist_info
 from crossdiff.lock import folder_lock
+
+# the models a harvest runs: anything TransformerLens runs with named hook points
+LensModel = HookedTransformer | TransformerBridge
 
 SHARD_BYTES = 64 * 2**20
 # manifest keys that must match for a harvest to continue an existing store
@@ -87,11 +91,7 @@ def _as_tokens(token_set: TokenSet | Tensor, drop_bos: bool) -> _Tokens:
             keep[:, 0] = False
             keep &= positions != -1
     elif isinstance(token_set, Tensor):
-        if token_set.ndim != 2 or token_set.dtype.is_floating_point or token_set.is_complex():
-            raise CrossdiffError(
-                f"tokens must be an integer tensor [n_seq, seq_len], got {token_set.dtype} of "
-                f"shape {tuple(token_set.shape)}; pass a TokenSet or a LongTensor of token ids"
-            )
+        _check_token_tensor(token_set)
         tokens = token_set.long().cpu()
         n_seq, seq_len = tokens.shape
         doc_ids = torch.arange(n_seq).unsqueeze(1).expand(n_seq, seq_len)
@@ -110,6 +110,55 @@ def _as_tokens(token_set: TokenSet | Tensor, drop_bos: bool) -> _Tokens:
     if len(tokens) and int(tokens.min()) < 0:
         raise CrossdiffError(f"token ids must be >= 0, found {int(tokens.min())}")
     return _Tokens(tokens, doc_ids, positions, domains, names, keep)
+
+
+def _check_token_tensor(tokens: Tensor) -> None:
+    if tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.is_complex():
+        raise CrossdiffError(
+            f"tokens must be an integer tensor [n_seq, seq_len], got {tokens.dtype} of "
+            f"shape {tuple(tokens.shape)}; pass a TokenSet or a LongTensor of token ids"
+        )
+
+
+def tokens_with_domains(
+    tokens: Int[Tensor, "n_seq seq_len"],
+    domains: Tensor | Sequence[int],
+    domain_names: Sequence[str] | None = None,
+) -> TokenSet:
+    """A plain token tensor and one domain per row as a TokenSet: each row is one document
+    (doc_ids = row index, positions = column index, as harvest records a plain tensor), its
+    domain `domain_names[domains[row]]`, and -1 for a row of no domain. Names default to
+    domain_0, domain_1, ..."""
+    _check_token_tensor(tokens)
+    n_seq, seq_len = tokens.shape
+    rows = torch.as_tensor(domains)
+    if rows.dtype.is_floating_point or rows.is_complex() or tuple(rows.shape) != (n_seq,):
+        raise CrossdiffError(
+            f"domains must be one integer per row of the tokens, shape ({n_seq},), got "
+            f"{rows.dtype} of shape {tuple(rows.shape)}; a row is one document and has one "
+            "domain (-1 for none)"
+        )
+    rows = rows.long().cpu()
+    top = int(rows.max()) if n_seq else -1
+    names = (
+        tuple(f"domain_{i}" for i in range(top + 1))
+        if domain_names is None
+        else tuple(str(n) for n in domain_names)
+    )
+    if len(set(names)) != len(names):
+        raise CrossdiffError(f"domain_names must be different names, got {list(names)}")
+    if n_seq and (int(rows.min()) < -1 or top >= len(names)):
+        raise CrossdiffError(
+            f"domains must lie in -1..{len(names) - 1} (an index into domain_names {list(names)},"
+            f" or -1 for none), got {int(rows.min())}..{top}"
+        )
+    return TokenSet(
+        tokens=tokens.long().cpu(),
+        doc_ids=torch.arange(n_seq).unsqueeze(1).expand(n_seq, seq_len).clone(),
+        doc_positions=torch.arange(seq_len).unsqueeze(0).expand(n_seq, seq_len).clone(),
+        domains=rows,
+        domain_names=names,
+    )
 
 
 def heldout_documents(
@@ -131,13 +180,13 @@ def heldout_documents(
     return docs[order[:n_heldout]].sort().values
 
 
-def config_hash(model: HookedTransformer) -> str:
+def config_hash(model: LensModel) -> str:
     fields = {k: v for k, v in model.cfg.to_dict().items() if k not in ("device", "n_devices")}
     text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def weights_hash(model: HookedTransformer) -> str:
+def weights_hash(model: LensModel) -> str:
     """A hash of every parameter and buffer, so a resume with other weights is refused."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -148,7 +197,7 @@ def weights_hash(model: HookedTransformer) -> str:
     return digest.hexdigest()[:16]
 
 
-def _vocab_fingerprint(model: HookedTransformer) -> str | None:
+def _vocab_fingerprint(model: LensModel) -> str | None:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return None
@@ -161,7 +210,7 @@ def _vocab_fingerprint(model: HookedTransformer) -> str | None:
 
 
 def _check_tokenizers(
-    models: tuple[HookedTransformer, HookedTransformer],
+    models: tuple[LensModel, LensModel],
     names: tuple[str, str],
     fingerprints: tuple[str | None, str | None] | None,
     tokens: Tensor,
@@ -197,10 +246,13 @@ def _check_tokenizers(
         )
 
 
-def _check_hooks(model: HookedTransformer, name: str, hooks: tuple[str, ...]) -> None:
+def _check_hooks(model: LensModel, name: str, hooks: tuple[str, ...]) -> None:
+    """Every hook is found by the name asked for: a HookedTransformer's own names, and on a
+    TransformerBridge its aliases too (`blocks.1.hook_resid_post` for `blocks.1.hook_out`)."""
+    known = model.hook_dict  # a property that a TransformerBridge rebuilds on each read
     for hook in hooks:
-        if hook not in model.hook_dict:
-            close = difflib.get_close_matches(hook, list(model.hook_dict), n=5, cutoff=0.6)
+        if hook not in known:
+            close = difflib.get_close_matches(hook, list(known), n=5, cutoff=0.6)
             hint = f"close matches: {close}" if close else "list them with `list(model.hook_dict)`"
             raise CrossdiffError(
                 f"model {name!r} has no hook point {hook!r} ({hint}); fix the pairing or pass "
@@ -208,14 +260,14 @@ def _check_hooks(model: HookedTransformer, name: str, hooks: tuple[str, ...]) ->
             )
 
 
-def _stop_layer(model: HookedTransformer, hooks: tuple[str, ...]) -> int | None:
+def _stop_layer(model: LensModel, hooks: tuple[str, ...]) -> int | None:
     layers = [hook_layer(h) for h in hooks]
     if any(layer is None for layer in layers):
         return None
     return min(max(layers) + 1, model.cfg.n_layers)  # type: ignore[type-var]
 
 
-def _expert_slot(pairing: Pairing, models: tuple[HookedTransformer, ...]) -> int | None:
+def _expert_slot(pairing: Pairing, models: tuple[LensModel, ...]) -> int | None:
     if not pairing.expert_indices:
         return None
     has = [all(h in m.hook_dict for h in pairing.expert_indices) for m in models]
@@ -225,7 +277,7 @@ def _expert_slot(pairing: Pairing, models: tuple[HookedTransformer, ...]) -> int
     return 1 if has[1] else (0 if has[0] else None)
 
 
-def _expert_layout(runner: _PairRunner, models: tuple[HookedTransformer, ...]) -> list[dict]:
+def _expert_layout(runner: _PairRunner, models: tuple[LensModel, ...]) -> list[dict]:
     """Which columns of the experts row each expert hook wrote (after the width probe)."""
     if runner.expert_slot is None:
         return []
@@ -247,12 +299,21 @@ def _incompatible_keys(manifest: dict[str, Any], header: dict[str, Any]) -> list
     return differ
 
 
+def _did_not_fire(hook: str, name: str) -> str:
+    return (
+        f"hook {hook!r} of model {name!r} did not fire during the forward: it exists but the "
+        "model does not compute it as configured (e.g. attn.hook_result needs "
+        "model.set_use_attn_result(True), split-QKV hooks model.set_use_split_qkv_input(True)); "
+        "enable it on the model or pair another hook"
+    )
+
+
 class _PairRunner:
     """Runs both models on a batch and returns their activations and the recorded experts."""
 
     def __init__(
         self,
-        models: tuple[HookedTransformer, HookedTransformer],
+        models: tuple[LensModel, LensModel],
         names: tuple[str, str],
         pairing: Pairing,
         expert_slot: int | None,
@@ -276,11 +337,30 @@ class _PairRunner:
         for slot, model in enumerate(self.models):
             store = self.captured[slot]
 
-            def save(tensor: Tensor, hook: Any, store: dict[str, Tensor] = store) -> None:
-                store[hook.name] = tensor.detach()
+            def saver(requested: str, store: dict[str, Tensor] = store) -> Any:
+                # kept under the name the pairing asked for: a TransformerBridge calls the hook
+                # with its canonical name (blocks.1.hook_out for blocks.1.hook_resid_post)
+                def save(tensor: Tensor, hook: Any) -> None:
+                    store[requested] = tensor.detach()
 
-            hooks = [(name, save) for name in self._read_by(slot)]
+                return save
+
+            hooks = [(name, saver(name)) for name in self._read_by(slot)]
             stack.enter_context(model.hooks(fwd_hooks=hooks))
+
+    def _forward(self, slot: int, tokens: Tensor) -> None:
+        """One forward pass up to the deepest block read. A model that cannot stop early (a
+        TransformerBridge over blocks not named `blocks`) runs the full pass from then on."""
+        model = self.models[slot]
+        device = next(model.parameters()).device
+        if self.stops[slot] is not None:
+            try:
+                model(tokens.to(device), return_type=None, stop_at_layer=self.stops[slot])
+                return
+            except NotImplementedError:
+                self.stops[slot] = None
+                self.captured[slot].clear()
+        model(tokens.to(device), return_type=None)
 
     def run(
         self, tokens: Int[Tensor, "batch pos"], first_row: int
@@ -288,10 +368,9 @@ class _PairRunner:
         batch, pos = tokens.shape
         acts: list[Tensor] = []
         experts = None
-        for slot, model in enumerate(self.models):
+        for slot in range(len(self.models)):
             self.captured[slot].clear()
-            device = next(model.parameters()).device
-            model(tokens.to(device), return_type=None, stop_at_layer=self.stops[slot])
+            self._forward(slot, tokens)
             parts = []
             for hook in self.hooks[slot]:
                 parts.append(self._checked(slot, hook, batch, pos, first_row))
@@ -306,7 +385,7 @@ class _PairRunner:
         x = self.captured[slot].get(hook)
         name = self.names[slot]
         if x is None:
-            raise CrossdiffError(f"hook {hook!r} of model {name!r} did not fire during the forward")
+            raise CrossdiffError(_did_not_fire(hook, name))
         if x.ndim != 3 or tuple(x.shape[:2]) != (batch, pos):
             raise CrossdiffError(
                 f"hook {hook!r} of model {name!r} outputs shape {tuple(x.shape)}, but a paired "
@@ -325,7 +404,7 @@ class _PairRunner:
         x = self.captured[slot].get(hook)
         name = self.names[slot]
         if x is None:
-            raise CrossdiffError(f"hook {hook!r} of model {name!r} did not fire during the forward")
+            raise CrossdiffError(_did_not_fire(hook, name))
         if x.ndim == 2 and x.shape[0] == batch * pos:  # stock TransformerLens MoE: [batch*pos, k]
             x = x.reshape(batch, pos, -1)
         if x.ndim != 3 or tuple(x.shape[:2]) != (batch, pos):
@@ -337,7 +416,7 @@ class _PairRunner:
 
 
 def _tokenizer_info(
-    tokenizer: Any, models: tuple[HookedTransformer, ...], fingerprints: Any
+    tokenizer: Any, models: tuple[LensModel, ...], fingerprints: Any
 ) -> dict[str, Any]:
     fingerprint = getattr(tokenizer, "fingerprint", None)
     if fingerprint is None and fingerprints:
@@ -352,7 +431,7 @@ def _tokenizer_info(
 
 
 @contextmanager
-def _eval_mode(models: tuple[HookedTransformer, ...]) -> Iterator[None]:
+def _eval_mode(models: tuple[LensModel, ...]) -> Iterator[None]:
     """Harvest in eval mode (no dropout or router noise), then give the models back as they were."""
     training = [m.training for m in models]
     for m in models:
@@ -456,8 +535,8 @@ def _open_store(
 
 
 def harvest(
-    model_a: HookedTransformer,
-    model_b: HookedTransformer,
+    model_a: LensModel,
+    model_b: LensModel,
     token_set: TokenSet | Tensor,
     pairing: Pairing | str | Path,
     out_dir: str | Path,
@@ -466,7 +545,7 @@ def harvest(
     batch_size: int = 32,
     dtype: str | torch.dtype = "float16",
     shard_tokens: int | None = None,
-    model_names: tuple[str, str] = ("dense", "moe"),
+    model_names: tuple[str, str] = ("A", "B"),
     device: str | torch.device | None = None,
     resume: bool = True,
     tokenizer: Any = None,
@@ -475,8 +554,17 @@ def harvest(
     distributed: bool | None = None,
     heldout_fraction: float = 0.1,
     split_seed: int = 0,
+    domains: Tensor | Sequence[int] | None = None,
+    domain_names: Sequence[str] | None = None,
 ) -> ActivationStore:
     """Record both models' activations at the pairing's hook points into a store at `out_dir`.
+
+    `model_a` and `model_b` are TransformerLens models: `HookedTransformer`s or
+    `TransformerBridge`s (a Bridge's hook aliases such as `blocks.1.hook_resid_post` work). Each
+    runs up to the deepest block the pairing reads. `token_set` is a crossdiff TokenSet or a
+    plain integer tensor [n_seq, seq_len], whose rows are then its documents; give such a tensor
+    one domain per row with `domains` (and `domain_names`), or none (the store then records no
+    domains). `model_names` name the two models in the store, the report and every message.
 
     The tokens of `heldout_fraction` of the token set's documents (chosen by `split_seed`, see
     heldout_documents) form the store's held-out part, which crosscoder training never reads
@@ -496,6 +584,15 @@ def harvest(
     (see docs/store.md). Such a run writes a new store or finishes its own interrupted one; it
     does not extend or append to an existing store.
     """
+    if domains is not None:
+        if not isinstance(token_set, Tensor):
+            raise CrossdiffError(
+                "domains= is for a plain token tensor; a TokenSet carries its own "
+                "(TokenSet.domains and domain_names)"
+            )
+        token_set = tokens_with_domains(token_set, domains, domain_names)
+    elif domain_names is not None:
+        raise CrossdiffError("domain_names= needs domains= (one domain index per token row)")
     info = dist_info()
     if distributed is None:
         distributed = info.enabled
@@ -543,8 +640,8 @@ class _Job:
 
 
 def _harvest(
-    model_a: HookedTransformer,
-    model_b: HookedTransformer,
+    model_a: LensModel,
+    model_b: LensModel,
     token_set: TokenSet | Tensor,
     pairing: Pairing | str | Path,
     out_dir: str | Path,
@@ -603,8 +700,8 @@ def _harvest(
 
 
 def _prepare(
-    model_a: HookedTransformer,
-    model_b: HookedTransformer,
+    model_a: LensModel,
+    model_b: LensModel,
     token_set: TokenSet | Tensor,
     pairing: Pairing | str | Path,
     *,

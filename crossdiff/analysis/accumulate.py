@@ -90,7 +90,7 @@ def run_pass(
     d_sae = int(cc.W_dec.shape[0])
     n_models, d_model = int(cc.W_dec.shape[1]), int(cc.W_dec.shape[2])
     n_domains = len(source.domain_names)
-    has_domains = "domains" in source.metadata_keys
+    has_domains = "domains" in source.metadata_keys and n_domains > 0
     has_experts = "experts" in source.metadata_keys
 
     f64 = dict(dtype=torch.float64, device=device)
@@ -171,13 +171,15 @@ def run_pass(
 
                 if has_domains or has_experts:
                     meta = source.read_metadata(start, stop)
-                if has_domains:
+                if has_domains:  # -1 (a token of no domain) counts in no domain's share
                     dom = meta["domains"].to(device=device, dtype=torch.int64)
-                    flat = cols * n_domains + dom[rows]
+                    known = (dom >= 0) & (dom < n_domains)
+                    entry = known[rows]
+                    flat = cols[entry] * n_domains + dom[rows[entry]]
                     domain_mass += torch.bincount(
-                        flat, weights=v64, minlength=d_sae * n_domains
+                        flat, weights=v64[entry], minlength=d_sae * n_domains
                     ).view(d_sae, n_domains)
-                    domain_tokens += torch.bincount(dom, minlength=n_domains).double()
+                    domain_tokens += torch.bincount(dom[known], minlength=n_domains).double()
                 if has_experts:
                     experts = meta["experts"].to(device=device, dtype=torch.int64)
                     if experts.ndim == 1:
@@ -190,6 +192,7 @@ def run_pass(
 
     n = float(total)
     sst = x_sq_sum - (x_sum**2).sum(-1) / n
+    has_domains = has_domains and float(domain_tokens.sum()) > 0  # else no token had a domain
     order = top_values.T.cpu().numpy()
     top_idx = top_indices.T.cpu().numpy()
     top_idx[order <= 0] = -1

@@ -40,7 +40,9 @@ class TokenSource:
             self.n_models = int(acts_or_store.n_models)
             self.manifest = dict(getattr(acts_or_store, "manifest", {}) or {})
             store_models = tuple(getattr(acts_or_store, "model_names", ()) or ()) or None
-            store_domains = tuple(getattr(acts_or_store, "domain_names", ()) or ()) or None
+            # a store's own list, empty when it recorded none (a plain token tensor's harvest)
+            store_domains = getattr(acts_or_store, "domain_names", None)
+            store_domains = None if store_domains is None else tuple(store_domains)
             probe = acts_or_store.read_metadata(0, min(1, self.n_tokens)) if self.n_tokens else {}
             self.metadata_keys = tuple(k for k in METADATA_KEYS if k in probe)
         else:
@@ -57,7 +59,12 @@ class TokenSource:
                 f"{len(self.model_names)} model names {self.model_names} for {self.n_models} "
                 "models in the activations; pass one name per model"
             )
-        self.domain_names = tuple(domain_names or store_domains or DEFAULT_DOMAIN_NAMES)
+        if domain_names:
+            self.domain_names = tuple(domain_names)
+        elif store_domains is not None:
+            self.domain_names = store_domains
+        else:
+            self.domain_names = DEFAULT_DOMAIN_NAMES
 
     def _init_tensor(self, acts: Tensor, metadata: dict[str, Tensor] | None) -> None:
         if acts.ndim != 3:
