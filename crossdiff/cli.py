@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "crossdiff.activations.commands",  # harvest
     "crossdiff.crosscoder.commands",  # train-crosscoder
     "crossdiff.report.commands",  # report
+    "crossdiff.report.inspect",  # inspect
 )
 
 _DESCRIPTION = """\
@@ -36,6 +37,7 @@ Stages (each writes a folder the next one reads; each can be run alone):
   train-crosscoder  train a BatchTopK crosscoder on a store
   report            classify latents (shared / model-specific) and write report.html
   run               all of the above, resuming whatever already exists
+  inspect           print one latent of a report: statistics, examples, logit effects
 
 Every subcommand takes --config FILE.toml: keys of its [section] (e.g. [harvest]) or top-level keys
 set the flags' defaults; flags on the command line win.

@@ -122,7 +122,8 @@ def run_report(args: argparse.Namespace) -> int:
     spliced = _spliced_loss(args, cc, store, device)
     if spliced is not None:
         diff.summary["spliced_loss"] = spliced
-    paths = write_report(diff, args.out)
+    models = args.models or args.store.resolve().parent / "models"  # for logit effects
+    paths = write_report(diff, args.out, models=models)
     print(format_summary(diff.summary))
     print(f"open the report: {paths['html']}")
     return 0
