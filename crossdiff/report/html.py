@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -136,9 +137,14 @@ def _panel(latent: int, row: dict[str, Any], detail: dict[str, Any], a: str, b: 
 
 
 def _figure(name: str, title: str, path: Path) -> str:
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    raw = path.read_bytes()
+    encoded = base64.b64encode(raw).decode("ascii")
+    # a figure with several panels (wider than 2:1) gets the page's full width
+    width, height = struct.unpack(">II", raw[16:24])
+    wide = ' class="wide"' if width > 2 * height else ""
     return (
-        f'<figure id="fig-{name}"><img alt="{_esc(title)}" src="data:image/png;base64,{encoded}">'
+        f'<figure id="fig-{name}"{wide}><img alt="{_esc(title)}" '
+        f'src="data:image/png;base64,{encoded}">'
         f"<figcaption>{_esc(title)}</figcaption></figure>"
     )
 
