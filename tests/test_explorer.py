@@ -123,9 +123,16 @@ def test_explorer_covers_every_live_latent_with_its_top_examples(trained):
         for ctx in entry["top"] + [c for band in entry["bands"] for c in band]:
             assert ctx["v"][ctx["c"]] == pytest.approx(ctx["a"], abs=1e-3)
             assert ctx["a"] == pytest.approx(float(f[ctx["i"], j]), abs=1e-3)
-            # the window never leaves the centre's document
+            # the window is the tokens around the centre, never outside its document
+            first = ctx["i"] - ctx["c"]
+            window = range(first, first + len(ctx["t"]))
             assert len(ctx["t"]) <= 7
-            assert metadata["token_ids"][ctx["i"]].item() == ctx["t"][ctx["c"]]
+            assert ctx["t"] == [int(metadata["token_ids"][t]) for t in window]
+            assert ctx["v"] == pytest.approx([float(f[t, j]) for t in window], abs=1e-3)
+            docs = {int(metadata["doc_ids"][t]) for t in window}
+            assert docs == {int(metadata["doc_ids"][ctx["i"]])}
+            if ctx["c"] < 3 and first > 0:  # cut short on the left only at a document start
+                assert metadata["doc_ids"][first - 1] != metadata["doc_ids"][first]
         assert sum(entry["hist"]) == fires
     # the per-class limit keeps the latents with the largest activation mass
     small = explore(diff, per_class=1, n_top=2, per_band=1)

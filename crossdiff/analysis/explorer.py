@@ -3,8 +3,8 @@ activation mass), its top-activating examples, examples from each activation ban
 histogram and (with the models) its logit effects.
 
 One extra pass over the analysed tokens draws the band examples and the histograms
-(`band_samples`); the top examples come from the diff's own pass. Contexts are read and encoded
-a chunk of latents at a time, so memory stays bounded by the chunk, not by d_sae.
+(`band_samples`); the top examples come from the diff's own pass. The examples' windows are then
+read and encoded once (`window_contexts`), so the cost is at most one more pass whatever d_sae.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from crossdiff.analysis.classes import DEAD
-from crossdiff.analysis.contexts import _token_text, band_samples, build_contexts
+from crossdiff.analysis.contexts import _merge_windows, _token_text, band_samples
 from crossdiff.analysis.logit_effects import load_residual_models, logit_effects
 from crossdiff.common import CrossdiffError
 
@@ -35,17 +36,86 @@ def explorer_latents(table: Any, per_class: int) -> list[int]:
     return sorted(out)
 
 
-def _compact(ctx: dict[str, Any], domains: list[str], vocab: dict[str, str]) -> dict[str, Any]:
-    for i, text in zip(ctx["token_ids"], ctx["tokens"], strict=True):
-        vocab.setdefault(str(i), text)
-    return {
-        "i": ctx["token_index"],
-        "a": round(float(ctx["activation"]), 4),
-        "d": domains.index(ctx["domain"]) if ctx["domain"] in domains else None,
-        "c": ctx["center"],
-        "t": ctx["token_ids"],
-        "v": [round(float(v), 3) for v in ctx["activations"]],
+def window_contexts(
+    cc: Any,
+    source: Any,
+    centers: list[tuple[int, int]],
+    *,
+    window: int,
+    batch_size: int = 1024,
+) -> list[dict[str, Any]]:
+    """One compact context per (latent, center token): each window token's id and the latent's
+    activation on it, the window cut at the center's document (same doc id, consecutive
+    positions). Every token of the union of the windows is read and encoded once, whatever the
+    number of latents; memory holds only the requested (token, latent) values."""
+    if not centers:
+        return []
+    n_tok = source.n_tokens
+    width = 2 * window + 1
+    lat = np.array([j for j, _ in centers], dtype=np.int64)
+    cen = np.array([c for _, c in centers], dtype=np.int64)
+    tokens = cen[:, None] + np.arange(-window, window + 1)[None, :]  # [n_ctx, width]
+    valid = (tokens >= 0) & (tokens < n_tok)
+    flat_tok = np.where(valid, tokens, -1).reshape(-1)
+    flat_lat = np.repeat(lat, width)
+    order = np.argsort(flat_tok, kind="stable")
+    order = order[flat_tok[order] >= 0]
+    sorted_tok = flat_tok[order]
+    values = np.zeros(len(flat_tok), dtype=np.float64)
+    blocks = _merge_windows(sorted(set(cen.tolist())), window, n_tok)
+    meta_parts: list[dict[str, np.ndarray]] = []
+    device, dtype = cc.W_dec.device, cc.W_dec.dtype
+    with torch.no_grad():
+        for block_start, block_stop in blocks:
+            meta = source.read_metadata(block_start, block_stop)
+            meta_parts.append({k: v.numpy() for k, v in meta.items() if v.ndim == 1})
+            for start in range(block_start, block_stop, batch_size):
+                stop = min(start + batch_size, block_stop)
+                lo, hi = np.searchsorted(sorted_tok, [start, stop])
+                if lo == hi:
+                    continue
+                x = source.read_acts(start, stop).to(device=device, dtype=dtype)
+                f = cc.encode(x).float().cpu().numpy()
+                pick = order[lo:hi]
+                values[pick] = f[flat_tok[pick] - start, flat_lat[pick]]
+    index = np.concatenate([np.arange(a, b) for a, b in blocks])
+    meta_all = {
+        k: np.concatenate([m[k] for m in meta_parts]) for k in (meta_parts[0] if meta_parts else {})
     }
+    values = values.reshape(len(centers), width)
+
+    def meta_of(key: str, t: np.ndarray) -> np.ndarray:
+        if key not in meta_all:
+            return np.full(len(t), -1, dtype=np.int64)
+        return meta_all[key][np.searchsorted(index, t)].astype(np.int64)
+
+    out = []
+    domains = source.domain_names
+    for row in range(len(centers)):
+        ok = valid[row]
+        t = tokens[row][ok]
+        docs, pos = meta_of("doc_ids", t), meta_of("positions", t)
+        c = int(np.nonzero(t == cen[row])[0][0])
+        same = (docs == docs[c]) & (pos - pos[c] == t - t[c])
+        first, last = c, c  # grow outwards from the center until the text changes
+        while first > 0 and same[first - 1]:
+            first -= 1
+        while last < len(t) - 1 and same[last + 1]:
+            last += 1
+        keep = slice(first, last + 1)
+        dom = int(meta_of("domains", t[c : c + 1])[0])
+        acts = values[row][ok][keep]
+        out.append(
+            {
+                "i": int(cen[row]),
+                "a": round(float(values[row][window]), 4),
+                "d": dom if 0 <= dom < len(domains) else None,
+                "c": c - first,
+                "t": [int(i) for i in meta_of("token_ids", t[keep])],
+                "v": [round(float(v), 3) for v in acts],
+            }
+        )
+    return out
 
 
 def explore(
@@ -58,7 +128,6 @@ def explore(
     n_bins: int = 24,
     models: dict[str, Any] | str | Path | None = None,
     n_logits: int = 10,
-    chunk: int = 64,
     seed: int = 0,
 ) -> dict[str, Any]:
     """The explorer data of a FeatureDiff that holds its crosscoder and tokens (JSON-ready).
@@ -82,35 +151,36 @@ def explore(
     window = int(diff.config["context_window"])
     max_act = diff.top_values[latents, 0] if latents else np.zeros(0)
     ranges = source.ranges(diff.config.get("max_tokens"))
+    batch_size = int(diff.config.get("batch_size", 1024))
     picks, hist = band_samples(
         cc, source, ranges, latents, max_act, n_bands=n_bands, per_band=per_band, n_bins=n_bins,
-        batch_size=int(diff.config.get("batch_size", 1024)), seed=seed,
+        batch_size=batch_size, seed=seed,
     )  # fmt: skip
-    domains = list(source.domain_names)
-    vocab: dict[str, str] = {}
+    requests: list[tuple[int, int]] = []
+    n_found_top: dict[int, int] = {}
+    for row, j in enumerate(latents):
+        top = [int(i) for i in diff.top_indices[j, :n_top] if i >= 0]
+        n_found_top[j] = len(top)
+        requests += [(j, c) for c in top]
+        requests += [(j, int(i)) for i in picks[row].reshape(-1) if i >= 0]
+    contexts = iter(window_contexts(cc, source, requests, window=window, batch_size=batch_size))
     entries: dict[str, Any] = {}
-    for lo in range(0, len(latents), chunk):
-        ids = latents[lo : lo + chunk]
-        centers: dict[int, list[int]] = {}
-        for row, j in enumerate(ids, start=lo):
-            top = [int(i) for i in diff.top_indices[j, :n_top] if i >= 0]
-            bands = [int(i) for i in picks[row].reshape(-1) if i >= 0]
-            centers[j] = top + bands
-        contexts = build_contexts(cc, source, centers, tokenizer=diff.tokenizer, window=window)
-        for row, j in enumerate(ids, start=lo):
-            found = [_compact(c, domains, vocab) for c in contexts.get(j, [])]
-            n_found_top = sum(1 for i in diff.top_indices[j, :n_top] if i >= 0)
-            top, rest = found[:n_found_top], iter(found[n_found_top:])
-            bands = []
-            for b in range(n_bands):
-                got = [next(rest) for i in picks[row, b] if i >= 0]
-                bands.append(sorted(got, key=lambda c: -c["a"]))
-            entries[str(j)] = {
-                "top": top,
-                "bands": bands,
-                "hist": hist[row].astype(int).tolist(),
-                "max": float(max_act[row]),
-            }
+    for row, j in enumerate(latents):
+        top = [next(contexts) for _ in range(n_found_top[j])]
+        bands = []
+        for b in range(n_bands):
+            got = [next(contexts) for i in picks[row, b] if i >= 0]
+            bands.append(sorted(got, key=lambda c: -c["a"]))
+        entries[str(j)] = {
+            "top": top,
+            "bands": bands,
+            "hist": hist[row].astype(int).tolist(),
+            "max": float(max_act[row]),
+        }
+    used = sorted({t for e in entries.values() for g in [e["top"], *e["bands"]] for c in g
+                   for t in c["t"]})  # fmt: skip
+    vocab = {str(t): _token_text(diff.tokenizer, t) for t in used}
+    domains = list(source.domain_names)
     names = list(source.model_names)
     loaded, hooks = load_residual_models(models, source.manifest, names)
     effects = logit_effects(
