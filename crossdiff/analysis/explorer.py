@@ -75,9 +75,10 @@ def window_contexts(
                 if lo == hi:
                     continue
                 x = source.read_acts(start, stop).to(device=device, dtype=dtype)
-                f = cc.encode(x).float().cpu().numpy()
                 pick = order[lo:hi]
-                values[pick] = f[flat_tok[pick] - start, flat_lat[pick]]
+                rows = torch.as_tensor(flat_tok[pick] - start, device=device)
+                cols = torch.as_tensor(flat_lat[pick], device=device)
+                values[pick] = cc.encode(x)[rows, cols].double().cpu().numpy()
     index = np.concatenate([np.arange(a, b) for a, b in blocks])
     meta_all = {
         k: np.concatenate([m[k] for m in meta_parts]) for k in (meta_parts[0] if meta_parts else {})
