@@ -170,7 +170,6 @@ def test_logit_effects_find_a_planted_unembedding_direction(trained, models):
     assert residual_models(manifest, ["dense", "moe"]) == {"dense": "blocks.0.hook_resid_post"}
 
 
-@pytest.mark.slow
 def test_write_report_and_inspect(trained, models, tmp_path, capsys):
     cc, acts, metadata, diff = trained
     diff.source.manifest = {"hook_points": {"dense": ["blocks.0.hook_resid_post"],

@@ -83,37 +83,36 @@ def window_contexts(
     meta_all = {
         k: np.concatenate([m[k] for m in meta_parts]) for k in (meta_parts[0] if meta_parts else {})
     }
-    values = values.reshape(len(centers), width)
+    values = np.round(values.reshape(len(centers), width), 3)
+    at = np.searchsorted(index, np.where(valid, tokens, index[0]))  # rows of meta_all
 
-    def meta_of(key: str, t: np.ndarray) -> np.ndarray:
+    def meta_of(key: str) -> np.ndarray:  # [n_ctx, width], -1 where unknown
         if key not in meta_all:
-            return np.full(len(t), -1, dtype=np.int64)
-        return meta_all[key][np.searchsorted(index, t)].astype(np.int64)
+            return np.full(tokens.shape, -1, dtype=np.int64)
+        return np.where(valid, meta_all[key][at].astype(np.int64), -1)
 
+    docs, pos, ids, doms = (meta_of(k) for k in ("doc_ids", "positions", "token_ids", "domains"))
+    offset = np.arange(-window, window + 1)[None, :]
+    same = valid & (docs == docs[:, window : window + 1])
+    same &= pos - pos[:, window : window + 1] == offset
+    # the run of same-text tokens through the center: cumulative products outwards from it
+    right = np.cumprod(same[:, window:], axis=1).astype(bool)
+    left = np.cumprod(same[:, : window + 1][:, ::-1], axis=1)[:, ::-1].astype(bool)
+    keep = np.concatenate([left[:, :-1], right], axis=1)
+    first = window - left.sum(1) + 1
+    n_domains = len(source.domain_names)
     out = []
-    domains = source.domain_names
     for row in range(len(centers)):
-        ok = valid[row]
-        t = tokens[row][ok]
-        docs, pos = meta_of("doc_ids", t), meta_of("positions", t)
-        c = int(np.nonzero(t == cen[row])[0][0])
-        same = (docs == docs[c]) & (pos - pos[c] == t - t[c])
-        first, last = c, c  # grow outwards from the center until the text changes
-        while first > 0 and same[first - 1]:
-            first -= 1
-        while last < len(t) - 1 and same[last + 1]:
-            last += 1
-        keep = slice(first, last + 1)
-        dom = int(meta_of("domains", t[c : c + 1])[0])
-        acts = values[row][ok][keep]
+        k = keep[row]
+        dom = int(doms[row, window])
         out.append(
             {
                 "i": int(cen[row]),
-                "a": round(float(values[row][window]), 4),
-                "d": dom if 0 <= dom < len(domains) else None,
-                "c": c - first,
-                "t": [int(i) for i in meta_of("token_ids", t[keep])],
-                "v": [round(float(v), 3) for v in acts],
+                "a": float(values[row, window]),
+                "d": dom if 0 <= dom < n_domains else None,
+                "c": int(window - first[row]),
+                "t": ids[row, k].tolist(),
+                "v": values[row, k].tolist(),
             }
         )
     return out
