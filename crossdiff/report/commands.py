@@ -18,7 +18,8 @@ def register(subparsers: Any) -> None:
             "Run a trained crosscoder over an activation store: class of every latent by relative "
             "decoder norm, density per class with the paper's two density tests, domain shares, "
             "routed experts, latent scaling and top contexts. Writes report.json, report.md, a "
-            "self-contained report.html and PNG figures to --out."
+            "self-contained report.html, explorer.json (every live latent's examples, histogram "
+            "and, with the models, logit effects) and PNG figures to --out."
         ),
     )
     parser.add_argument("--crosscoder", type=Path, required=True, help="saved crosscoder folder")
