@@ -44,6 +44,11 @@ _COMMANDS = (
         "crossdiff.report.commands",
         "classify latents (shared / model-specific) and write report.html",
     ),
+    (
+        "inspect",
+        "crossdiff.report.inspect",
+        "print one latent's class, statistics, examples and logit effects",
+    ),
 )
 _COMMAND_MODULES = tuple(dict.fromkeys(module for _, module, _ in _COMMANDS))
 ALL_COMMANDS = "*"
@@ -58,6 +63,7 @@ Stages (each writes a folder the next one reads; each can be run alone):
   train-crosscoder  train a BatchTopK crosscoder on a store
   report            classify latents (shared / model-specific) and write report.html
   run               all of the above, resuming whatever already exists
+  inspect           print one latent of a report: statistics, examples, logit effects
 
 Every subcommand takes --config FILE.toml: keys of its [section] (e.g. [harvest]) or top-level keys
 set the flags' defaults; flags on the command line win.

@@ -332,7 +332,7 @@ def _run_stages(
     spliced = _spliced_loss(crosscoder, store, models_dir, data.heldout, options, torch_device)
     if spliced is not None:
         diff.summary["spliced_loss"] = spliced
-    summary.report_paths = write_report(diff, report_dir)
+    summary.report_paths = write_report(diff, report_dir, models=models_dir)
     report_options = {**options["report"], "seed": seed}
     report_inputs = {up: outputs[up] for up in STAGE_INPUTS["report"]}
     report_key = stage_record.stage_key(report_options, report_inputs)

@@ -5,7 +5,9 @@ top-activating contexts.
     python examples/inspect_latent.py runs/tiny --latent 123      # any latent, with a fresh pass
 
 The report's panels (report.json) hold the contexts of the latents it shows; for any other latent
-`crossdiff.top_contexts` makes one streaming pass over the store.
+`crossdiff.top_contexts` makes one streaming pass over the store. Without Python,
+`crossdiff inspect runs/tiny 123` prints any live latent from the report's explorer.json (top and
+activation-band examples, histogram, logit effects) with no pass at all.
 """
 
 import argparse

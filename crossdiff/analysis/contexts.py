@@ -193,3 +193,77 @@ def top_contexts(
 
 def context_centers(top_indices: np.ndarray, latent: int, n: int) -> list[int]:
     return [int(i) for i in top_indices[latent, :n] if i >= 0]
+
+
+def band_samples(
+    cc: Any,
+    source: TokenSource,
+    ranges: list[tuple[int, int]],
+    latents: list[int],
+    max_act: np.ndarray,
+    *,
+    n_bands: int = 4,
+    per_band: int = 3,
+    n_bins: int = 24,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pass: for each latent, `per_band` tokens drawn uniformly at random from each of
+    `n_bands` equal-width activation bands over (0, max_act] (SAEDashboard's interval examples),
+    and a histogram of its nonzero activations in `n_bins` equal bins over (0, max_act].
+
+    Returns (centers [n_latents, n_bands, per_band], store index, -1 where the band has fewer
+    firings; histogram [n_latents, n_bins]). Memory: [n_latents, n_bands, per_band] plus a batch;
+    a fixed seed gives the same samples on every run.
+    """
+    n_lat = len(latents)
+    groups = n_lat * n_bands
+    keys = torch.full((groups, per_band), -1.0, dtype=torch.float64)
+    picks = torch.full((groups, per_band), -1, dtype=torch.int64)
+    hist = torch.zeros(n_lat * n_bins, dtype=torch.int64)
+    if n_lat == 0:
+        return picks.view(0, n_bands, per_band).numpy(), hist.view(0, n_bins).numpy()
+    device, dtype = cc.W_dec.device, cc.W_dec.dtype
+    columns = torch.as_tensor(latents, dtype=torch.int64, device=device)
+    top = torch.as_tensor(np.asarray(max_act, dtype=np.float64)).clamp_min(1e-30)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for range_start, range_stop in ranges:
+            for start in range(range_start, range_stop, batch_size):
+                stop = min(start + batch_size, range_stop)
+                x = source.read_acts(start, stop).to(device=device, dtype=dtype)
+                sub = cc.encode(x)[:, columns].double().cpu()
+                rows, cols = torch.nonzero(sub > 0, as_tuple=True)
+                if not len(rows):
+                    continue
+                rel = (sub[rows, cols] / top[cols]).clamp(0.0, 1.0)
+                bins = ((rel * n_bins).ceil().long() - 1).clamp(0, n_bins - 1)
+                hist += torch.bincount(cols * n_bins + bins, minlength=n_lat * n_bins)
+                band = ((rel * n_bands).ceil().long() - 1).clamp(0, n_bands - 1)
+                group = cols * n_bands + band
+                key = torch.rand(len(rows), generator=gen, dtype=torch.float64)
+                # reservoir by random priority: keep the per_band largest keys of each group
+                keep = key > keys[group].min(dim=1).values
+                if keep.any():
+                    _merge_samples(keys, picks, group[keep], key[keep], rows[keep] + start)
+    return picks.view(n_lat, n_bands, per_band).numpy(), hist.view(n_lat, n_bins).numpy()
+
+
+def _merge_samples(keys: Tensor, picks: Tensor, group: Tensor, key: Tensor, index: Tensor) -> None:
+    per = keys.shape[1]
+    touched = torch.unique(group)
+    old_keys, old_idx = keys[touched], picks[touched]
+    old_valid = old_keys >= 0
+    all_group = torch.cat([touched[:, None].expand(-1, per)[old_valid], group])
+    all_key = torch.cat([old_keys[old_valid], key])
+    all_idx = torch.cat([old_idx[old_valid], index])
+    order = torch.argsort(all_key, descending=True, stable=True)
+    order = order[torch.argsort(all_group[order], stable=True)]
+    g, kv, iv = all_group[order], all_key[order], all_idx[order]
+    first = torch.searchsorted(g, g, side="left")
+    rank = torch.arange(len(g)) - first
+    ok = rank < per
+    keys[touched] = -1.0
+    picks[touched] = -1
+    keys[g[ok], rank[ok]] = kv[ok]
+    picks[g[ok], rank[ok]] = iv[ok]

@@ -18,7 +18,8 @@ def register(subparsers: Any) -> None:
             "Run a trained crosscoder over an activation store: class of every latent by relative "
             "decoder norm, density per class with the paper's two density tests, domain shares, "
             "routed experts, latent scaling and top contexts. Writes report.json, report.md, a "
-            "self-contained report.html and PNG figures to --out."
+            "self-contained report.html, explorer.json (every live latent's examples, histogram "
+            "and, with the models, logit effects) and PNG figures to --out."
         ),
     )
     parser.add_argument("--crosscoder", type=Path, required=True, help="saved crosscoder folder")
@@ -122,7 +123,8 @@ def run_report(args: argparse.Namespace) -> int:
     spliced = _spliced_loss(args, cc, store, device)
     if spliced is not None:
         diff.summary["spliced_loss"] = spliced
-    paths = write_report(diff, args.out)
+    models = args.models or args.store.resolve().parent / "models"  # for logit effects
+    paths = write_report(diff, args.out, models=models)
     print(format_summary(diff.summary))
     print(f"open the report: {paths['html']}")
     return 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import html
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
+from crossdiff.analysis.explorer import VISIBLE_WHITESPACE, visible_whitespace
 from crossdiff.report.figures import class_colors
 from crossdiff.report.markdown import CLAIM_HEADER, claim_rows, fmt, fve_line
 
@@ -78,7 +80,7 @@ def _context_html(ctx: dict[str, Any]) -> str:
         cls = "tok center" if i == ctx["center"] else "tok"
         spans.append(
             f'<span class="{cls}" style="background:rgba(213,94,0,{alpha:.2f})" '
-            f'title="activation {fmt(act, 3)}">{_esc(tok)}</span>'
+            f'title="activation {fmt(act, 3)}">{_esc(visible_whitespace(tok))}</span>'
         )
     domain = f' <span class="domain">{_esc(ctx["domain"])}</span>' if ctx["domain"] else ""
     return (
@@ -135,9 +137,14 @@ def _panel(latent: int, row: dict[str, Any], detail: dict[str, Any], a: str, b: 
 
 
 def _figure(name: str, title: str, path: Path) -> str:
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    raw = path.read_bytes()
+    encoded = base64.b64encode(raw).decode("ascii")
+    # a figure with several panels (wider than 2:1) gets the page's full width
+    width, height = struct.unpack(">II", raw[16:24])
+    wide = ' class="wide"' if width > 2 * height else ""
     return (
-        f'<figure id="fig-{name}"><img alt="{_esc(title)}" src="data:image/png;base64,{encoded}">'
+        f'<figure id="fig-{name}"{wide}><img alt="{_esc(title)}" '
+        f'src="data:image/png;base64,{encoded}">'
         f"<figcaption>{_esc(title)}</figcaption></figure>"
     )
 
@@ -161,7 +168,36 @@ def _json_script(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":")).replace("</", "<\\/")
 
 
-def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
+EXPLORER_CHUNK = 64  # latents per lazily parsed <script type="application/json"> block
+
+
+def _explorer_blocks(explorer: dict[str, Any] | None) -> tuple[str, str]:
+    """(index JSON, one JSON script block per chunk of latents): the page parses a chunk only
+    when one of its latents is opened, and works from file:// (no fetch)."""
+    if not explorer:
+        return _json_script({"chunks": {}, "n_latents": 0}), ""
+    ids = sorted(int(k) for k in explorer["latents"])
+    chunk_of: dict[str, int] = {}
+    blocks = []
+    for n, lo in enumerate(range(0, len(ids), EXPLORER_CHUNK)):
+        part = ids[lo : lo + EXPLORER_CHUNK]
+        chunk_of.update({str(j): n for j in part})
+        body = {str(j): explorer["latents"][str(j)] for j in part}
+        blocks.append(
+            f'<script id="explorer-chunk-{n}" type="application/json">{_json_script(body)}</script>'
+        )
+    blocks.append(
+        f'<script id="explorer-vocab" type="application/json">'
+        f"{_json_script(explorer['vocab'])}</script>"
+    )
+    index = {k: v for k, v in explorer.items() if k not in ("latents", "vocab")}
+    index.update(chunks=chunk_of, whitespace=VISIBLE_WHITESPACE)
+    return _json_script(index), "".join(blocks)
+
+
+def render_html(
+    data: dict[str, Any], figures: dict[str, Path], explorer: dict[str, Any] | None = None
+) -> str:
     s = data["summary"]
     a, b = s["direction"]["A"], s["direction"]["B"]
     cols = _columns(data)
@@ -231,6 +267,7 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
     )
     options = "".join(f'<option value="{_esc(c)}">{_esc(c)}</option>' for c in s["classes"])
     colors = json.dumps(class_colors(s["classes"]))
+    explorer_index, explorer_blocks = _explorer_blocks(explorer)
     page = _TEMPLATE.read_text(encoding="utf-8")
     replacements = {
         "{{TITLE}}": _esc(f"crossdiff report: {a} vs {b}"),
@@ -248,6 +285,8 @@ def render_html(data: dict[str, Any], figures: dict[str, Path]) -> str:
         "{{ROWS_JSON}}": _json_script(rows),
         "{{PANEL_IDS_JSON}}": _json_script([int(k) for k in data["details"]]),
         "{{COLORS_JSON}}": colors,
+        "{{EXPLORER_INDEX_JSON}}": explorer_index,
+        "{{EXPLORER_BLOCKS}}": explorer_blocks,
     }
     for key, value in replacements.items():
         page = page.replace(key, value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import math
 import platform
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from crossdiff.analysis.diff import FeatureDiff
+from crossdiff.analysis.explorer import DEFAULT_PER_CLASS, explore
 from crossdiff.common import atomic_path, write_json_atomic
 from crossdiff.report.figures import FIGURES, make_figures
 from crossdiff.report.html import render_html
@@ -70,22 +72,47 @@ def report_data(diff: FeatureDiff, figures: dict[str, Path] | None = None) -> di
     )
 
 
-def write_report(diff: FeatureDiff, out_dir: str | Path, *, quiet: bool = False) -> dict[str, Path]:
-    """Write report.json, report.md, report.html (self-contained) and PNG figures to `out_dir`.
+def write_report(
+    diff: FeatureDiff,
+    out_dir: str | Path,
+    *,
+    quiet: bool = False,
+    models: dict[str, Any] | str | Path | None = None,
+    explorer_per_class: int = DEFAULT_PER_CLASS,
+) -> dict[str, Path]:
+    """Write report.json, report.md, report.html (self-contained), explorer.json and PNG figures.
 
-    Returns name -> path for every file written ('json', 'md', 'html' and one per figure).
-    Every file is written atomically, so an interrupted run leaves no half-written report.
+    Returns name -> path for every file written ('json', 'md', 'html', 'explorer' and one per
+    figure). explorer.json (also embedded in report.html, parsed lazily) holds each live latent's
+    top and activation-band examples, activation histogram and, with `models` (loaded models by
+    name, or a folder with one model folder per model name), logit effects; the
+    `explorer_per_class` latents of each class with the largest activation mass get one. A diff
+    loaded from JSON (no crosscoder or tokens) gets no explorer. Every file is written
+    atomically, so an interrupted run leaves no half-written report.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = make_figures(diff.table, diff.summary, out_dir)
+    explorer = None
+    if diff.crosscoder is not None and diff.source is not None:
+        explorer = to_jsonable(explore(diff, per_class=explorer_per_class, models=models))
     data = report_data(diff, figures)
+    if explorer is not None:
+        data["explorer"] = {
+            "file": "explorer.json",
+            "n_latents": explorer["n_latents"],
+            "logit_models": explorer["logit_models"],
+        }
     paths: dict[str, Path] = {"json": write_json_atomic(out_dir / "report.json", data)}
+    if explorer is not None:  # compact: it holds every explored latent's contexts
+        with atomic_path(out_dir / "explorer.json") as tmp:
+            tmp.write_text(json.dumps(explorer, separators=(",", ":")), encoding="utf-8")
+        paths["explorer"] = out_dir / "explorer.json"
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(render_markdown(data))
     paths["md"] = out_dir / "report.md"
     with atomic_path(out_dir / "report.html") as tmp:
-        tmp.write_text(render_html(data, figures), encoding="utf-8")
+        tmp.write_text(render_html(data, figures, explorer), encoding="utf-8")
     paths["html"] = out_dir / "report.html"
     paths.update(figures)
     if not quiet:
