@@ -4,12 +4,15 @@ the store path's, resumable to the same result, held-out documents never fed to 
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 from test_harvest import tiny_model
 from test_heldout import packed_token_set
 
-from crossdiff.activations import harvest
+from crossdiff.activations import RunningStats, harvest
 from crossdiff.activations.live import LiveActivations, store_bytes
 from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
 from crossdiff.crosscoder.checkpoint import read_checkpoint
@@ -17,6 +20,7 @@ from crossdiff.crosscoder.checkpoint import read_checkpoint
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 # small shards and chunks, so the shuffle crosses shards and chunks many times
 KW = dict(batch_size=4, shard_tokens=40, heldout_fraction=0.25, split_seed=3, dtype="float16")
+LIVE = dict(scale_tokens=None)  # scaling factors from all training tokens, as the store's
 CC = dict(steps=12, batch_size=32, lr=1e-3, log_every=4, prefetch=0)
 
 
@@ -38,7 +42,7 @@ def setup(tmp_path_factory):
 
 def live_source(setup, **kw) -> LiveActivations:
     models, tokens, _ = setup
-    return LiveActivations(*models, tokens, "paper", **(KW | kw))
+    return LiveActivations(*models, tokens, "paper", **(KW | LIVE | kw))
 
 
 def cfg() -> CrossCoderConfig:
@@ -59,6 +63,19 @@ def test_live_batches_equal_the_stores_row_for_row(setup):
     ordered = torch.cat(list(live.iter_batches(1, shuffle=False, loop=False, normalize=False)))
     assert torch.equal(ordered, train.read_acts())
     assert live.shards_computed == live.n_shards  # everything fit the cache: computed once
+
+
+def test_scaling_factors_come_from_a_first_slice_of_whole_shards(setup):
+    _, _, store = setup
+    live = live_source(setup, scale_tokens=50)
+    per_shard = [sum(hi - lo for lo, hi in pieces) for pieces in live._pieces]
+    n_shards = next(i + 1 for i in range(len(per_shard)) if sum(per_shard[: i + 1]) >= 50)
+    stats = RunningStats(live.d_models)
+    stats.update(store.part("train").read_acts(0, sum(per_shard[:n_shards])))
+    factors = live.scaling_factors
+    assert torch.allclose(factors, stats.scaling_factors().float(), rtol=1e-6, atol=0)
+    assert live.shards_computed == n_shards < live.n_shards  # only the slice ran the models
+    assert not torch.equal(factors, store.scaling_factors)
 
 
 def test_heldout_documents_are_never_fed_to_training(setup):
@@ -133,3 +150,59 @@ def test_a_resumed_live_run_equals_an_uninterrupted_one(setup, tmp_path):
 
 def test_store_bytes_estimate():
     assert store_bytes(1000, 2, 768, "bfloat16") == 1000 * 2 * 768 * 2
+
+
+# --- `crossdiff run --activations live` ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_micro_live_equals_the_store_path(tmp_path):
+    from crossdiff.cli import main
+    from crossdiff.crosscoder import CrossCoder
+
+    store_run = tmp_path / "store"
+    assert main(["run", "--preset", "micro", "--out", str(store_run), "--device", "cpu",
+                 "--activations", "store", "--splice-sequences", "0"]) == 0  # fmt: skip
+    live_run = tmp_path / "live"
+    shutil.copytree(store_run, live_run)  # the same data and models: those stages are reused
+    assert main(["run", "--preset", "micro", "--out", str(live_run), "--device", "cpu",
+                 "--activations", "live", "--splice-sequences", "0"]) == 0  # fmt: skip
+    a, b = CrossCoder.load(store_run / "crosscoder"), CrossCoder.load(live_run / "crosscoder")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert {k: v.shape for k, v in sa.items()} == {k: v.shape for k, v in sb.items()}
+    worst = max(float((sa[k].double() - sb[k].double()).abs().max()) for k in sa if sa[k].numel())
+    assert worst <= 1e-5, worst
+    record = json.loads((live_run / "store" / "stage.json").read_text())
+    assert record["options"]["activations"] == "live"
+    report = json.loads((live_run / "report" / "report.json").read_text())
+    assert report["summary"]  # the report read the small store's held-out part
+
+
+def test_default_activations_follow_the_disk_estimate(tmp_path, monkeypatch, capsys):
+    import shutil as shutil_module
+
+    from crossdiff.pipeline import choose_activations, resolve_options
+
+    options = resolve_options("paper")
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda _: usage._replace(free=64 * 2**30))
+    assert choose_activations(options, tmp_path, None, verbose=True) == "live"
+    assert "does not fit" in capsys.readouterr().out
+    assert choose_activations(resolve_options("micro"), tmp_path, None, verbose=False) == "store"
+    assert choose_activations(options, tmp_path, "store", verbose=False) == "store"
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_model_work_and_train_the_single_process_crosscoder(tmp_path):
+    from safetensors.torch import load_file
+    from test_distributed_training import launch
+
+    launch("train_live.py", tmp_path / "one", 10, nproc=1)
+    launch("train_live.py", tmp_path / "two", 10, nproc=2)
+    single = load_file(tmp_path / "one" / "rank_0.safetensors")
+    ranks = [load_file(tmp_path / "two" / f"rank_{r}.safetensors") for r in (0, 1)]
+    for key, value in single.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        torch.testing.assert_close(ranks[0][key], value, atol=1e-5, rtol=0, msg=key)
+    counts = json.loads((tmp_path / "two" / "rank_1.json").read_text())
+    assert counts["shards_computed"] == counts["n_shards"]  # each shard once, shared by the ranks

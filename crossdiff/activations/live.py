@@ -11,7 +11,8 @@ yields, in the same order, and a crosscoder trained from it equals one trained f
 Memory: the shuffle buffer (`shuffle_buffer` tokens of indices) and the computed shards kept in
 host memory, least recently used first out, up to `cache_bytes` (a shard is computed again if an
 evicted one is needed; a source whose shards all fit is computed once). The scaling factors come
-from the first `scale_tokens` training tokens (default: all, like the store's). Under torchrun the
+from the training tokens of the first shards, at least `scale_tokens` of them (default 2**20;
+None: all, as a store's; a source with fewer training tokens uses all). Under torchrun the
 ranks split the model work of each shard, gather it, and each takes its share of every batch.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
@@ -35,8 +37,10 @@ from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
 from crossdiff.activations.store import StoreWriter, mask_ranges
 from crossdiff.common import CrossdiffError, resolve_dtype
 from crossdiff.data.tokens import TokenSet
-from crossdiff.distributed import DistInfo, all_gather_cat, dist_info, shard_rows
+from crossdiff.distributed import DistInfo, dist_info, shard_rows
 from crossdiff.fingerprint import fingerprint
+
+SCALE_TOKENS = 2**20  # training tokens the scaling factors are estimated on (whole shards)
 
 
 def store_bytes(n_tokens: int, n_models: int, width: int, dtype: str | torch.dtype) -> int:
@@ -84,7 +88,7 @@ class LiveActivations:
         heldout_fraction: float = 0.1,
         split_seed: int = 0,
         tokenizer: Any = None,
-        scale_tokens: int | None = None,
+        scale_tokens: int | None = SCALE_TOKENS,
         cache_bytes: int = 2 * 2**30,
     ) -> None:
         if cache_bytes < 0:
@@ -116,6 +120,8 @@ class LiveActivations:
         self._scaling: Tensor | None = None
         self.shards_computed = 0  # model passes over a shard (a re-computed shard counts again)
         self.manifest_header = dict(job.header, segments=[dict(job.segment)])
+        # every rank builds the source, so every rank makes this group, in the same order
+        self._group = dist.new_group(backend="gloo") if info.enabled else None
 
     def _bounds(self, index: int) -> slice:
         lo = index * self.shard_tokens
@@ -169,7 +175,7 @@ class LiveActivations:
     @property
     def scaling_factors(self) -> Float[Tensor, " n_models"]:
         """Per-model factors bringing the mean norm to sqrt(d_m), from the training tokens of the
-        first shards (at least `scale_tokens`; all by default), accumulated as the store does."""
+        first shards (at least `scale_tokens`; None: all), accumulated as the store does."""
         if self._scaling is None:
             stats = RunningStats(self.d_models)
             seen = 0
@@ -282,14 +288,9 @@ class LiveActivations:
         self.shards_computed += 1
         if info.world_size == 1:
             return acts[:n]
-        gathered = all_gather_cat(acts.to(_comm_device()))
-        return gathered.cpu().reshape(-1, self.n_models, self.d_model)[:n]
-
-
-def _comm_device() -> torch.device:
-    """Where collectives need their tensors: the rank's GPU under NCCL, else the CPU."""
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        # as bytes over the source's own gloo group: any dtype, and the prefetch thread's
+        # collectives never interleave with the trainer's on the default group
+        raw = acts.view(torch.uint8)
+        parts = [torch.empty_like(raw) for _ in range(info.world_size)]
+        dist.all_gather(parts, raw, group=self._group)
+        return torch.cat(parts).view(self.dtype)[:n]
