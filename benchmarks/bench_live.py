@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -29,6 +30,7 @@ from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
 from crossdiff.models import build_model, dense_config, moe_config
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+os.environ.setdefault("TQDM_DISABLE", "1")
 OUT = Path(__file__).parent / "out" / "bench_live.json"
 SEQ_LEN = 128
 

@@ -409,7 +409,8 @@ def train_crosscoder(
 ) -> CrossCoder:
     """Train a crosscoder on paired activations; return it ready for raw activations.
 
-    acts: a tensor [n_tokens, n_models, d_model] (raw activations) or an ActivationStore.
+    acts: a tensor [n_tokens, n_models, d_model] (raw activations), an ActivationStore, or a
+    LiveActivations (the models run while it trains; the same crosscoder as from the store).
     steps / total_tokens: training length (default 3000 steps). lr: default 2e-4 / sqrt(d_sae /
     2**14). Warm-up over lr_warmup_steps (default 5% of steps), linear decay to 0 over the last
     lr_decay_fraction of steps. k_anneal_*: BatchTopK k from k_anneal_start down to cfg.k over the
