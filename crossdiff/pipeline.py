@@ -133,8 +133,14 @@ def run_pipeline(
     seed: int = 0,
     device: str = "auto",
     stop_after: str | None = None,
+    activations: str | None = None,
 ) -> RunSummary:
     """Run every stage into `out_dir`; see the module docstring for resume semantics.
+
+    activations: 'store' harvests the paired activations into a store on disk and trains from
+    it; 'live' trains from the models' activations computed on the fly (LiveActivations) and
+    harvests only a small store for the report (see _live_store_tokens); None chooses 'store'
+    when the estimated store fits in 90% of the free disk, else 'live', and says so.
 
     Under torchrun the language models, the harvest and the crosscoder run data-parallel over
     all processes (docs/distributed.md); rank 0 prepares the data first, writes the stage
@@ -151,6 +157,8 @@ def run_pipeline(
     out = Path(out_dir)
     check_output_dir(out)  # before the folder is made: a bad --out leaves nothing
     out.mkdir(parents=True, exist_ok=True)
+    if choose_activations(options, out, activations, verbose=info.is_main) == "live":
+        options["store"]["activations"] = "live"  # only then: store-path records keep their keys
     with folder_lock(out / "run.lock", f"run folder {out}", enabled=info.is_main):
         if info.is_main:  # written once the options are accepted and the folder is ours
             write_json_atomic(
@@ -159,6 +167,48 @@ def run_pipeline(
         return _run_stages(
             out, options, seed=seed, torch_device=torch_device, stop_after=stop_after
         )
+
+
+ACTIVATIONS = ("store", "live")
+
+
+def choose_activations(
+    options: dict[str, dict[str, Any]], out: Path, requested: str | None, *, verbose: bool
+) -> str:
+    """'store' or 'live': the one asked for, else 'store' if its estimated size fits in 90% of
+    the free disk under `out`, else 'live' (said aloud)."""
+    import shutil
+
+    from crossdiff.activations import load_pairing
+    from crossdiff.activations.live import store_bytes
+    from crossdiff.models.configs import get_preset
+
+    if requested is not None:
+        if requested not in ACTIVATIONS:
+            raise CrossdiffError(f"activations={requested!r}; expected one of {ACTIVATIONS}")
+        return requested
+    store = options["store"]
+    n_sites = len(load_pairing(store.get("pairing", "paper")).sites)
+    width = n_sites * int(get_preset(options["models"].get("preset", "tiny")).model["d_model"])
+    need = store_bytes(store["n_tokens"], 2, width, store.get("dtype", "float16"))
+    free = shutil.disk_usage(out).free
+    choice = "store" if need <= 0.9 * free else "live"
+    if verbose:
+        reason = "fits" if choice == "store" else "does not fit"
+        print(
+            f"[crossdiff] activations: {choice} (a store of {store['n_tokens']} tokens needs "
+            f"about {need / 2**30:.2f} GiB, which {reason} in 90% of the {free / 2**30:.1f} GiB "
+            f"free under {out}; choose with --activations store|live)"
+        )
+    return choice
+
+
+def _live_store_tokens(options: dict[str, dict[str, Any]]) -> int:
+    """Tokens of the small store a live run harvests for the report: its held-out part holds the
+    documents live training left out (the split depends on the whole token set, not on how many
+    tokens are harvested). Twice the report's max_tokens, at most the run's n_tokens."""
+    n_tokens = int(options["store"]["n_tokens"])
+    return min(n_tokens, 2 * int(options["report"].get("max_tokens", n_tokens)))
 
 
 def _run_stages(
@@ -256,6 +306,7 @@ def _run_stages(
     # 3. paired activations
     store_dir, store_opts, store_done = stage("store")
     t0 = time.perf_counter()
+    live = store_opts.get("activations") == "live"
     if not store_done:
         dense = load_model(models_dir / "dense", device=str(torch_device))
         moe = load_model(models_dir / "moe", device=str(torch_device))
@@ -265,7 +316,7 @@ def _run_stages(
             data.train,
             load_pairing(store_opts["pairing"]),
             store_dir,
-            n_tokens=store_opts["n_tokens"],
+            n_tokens=_live_store_tokens(options) if live else store_opts["n_tokens"],
             dtype=store_opts["dtype"],
             model_names=("dense", "moe"),
             device=str(torch_device),
@@ -304,7 +355,7 @@ def _run_stages(
             ),
         )
         crosscoder = train_crosscoder(
-            store,
+            _live_source(store_opts, data, models_dir, seed, torch_device) if live else store,
             cfg,
             seed=seed,
             device=str(torch_device),
@@ -349,6 +400,28 @@ def _run_stages(
         },
     )
     return summary
+
+
+def _live_source(
+    store_opts: dict[str, Any], data: Any, models_dir: Path, seed: int, device: Any
+) -> Any:
+    """The live activations of the store stage's harvest (same tokens, split and dtype)."""
+    from crossdiff.activations import load_pairing
+    from crossdiff.activations.live import LiveActivations
+    from crossdiff.models import load_model
+
+    return LiveActivations(
+        load_model(models_dir / "dense", device=str(device)),
+        load_model(models_dir / "moe", device=str(device)),
+        data.train,
+        load_pairing(store_opts["pairing"]),
+        n_tokens=store_opts["n_tokens"],
+        dtype=store_opts["dtype"],
+        model_names=("dense", "moe"),
+        device=str(device),
+        heldout_fraction=store_opts.get("heldout_fraction", 0.1),
+        split_seed=seed,
+    )
 
 
 def _spliced_loss(
@@ -441,6 +514,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--expansion", type=float, default=None, help="d_sae / d_model")
     parser.add_argument("--pairing", default=None, help="pairing preset name or TOML path")
     parser.add_argument(
+        "--activations",
+        choices=ACTIVATIONS,
+        default=None,
+        help=(
+            "store: harvest to disk, then train; live: train from the models' activations "
+            "computed on the fly (a small store is harvested for the report). Default: store "
+            "if it fits on the disk by an estimate, else live"
+        ),
+    )
+    parser.add_argument(
         "--splice-sequences",
         type=int,
         default=None,
@@ -473,6 +556,7 @@ def _main(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         stop_after=args.stop_after,
+        activations=args.activations,
     )
     from crossdiff.distributed import dist_info
 

@@ -1,6 +1,8 @@
-"""Paired activation harvesting into a sharded on-disk store, and activation normalization."""
+"""Paired activation harvesting into a sharded on-disk store (or live, with no store), and
+activation normalization."""
 
 from crossdiff.activations.harvest import harvest
+from crossdiff.activations.live import LiveActivations
 from crossdiff.activations.normalization import FoldedWeights, RunningStats, fold_scaling_factors
 from crossdiff.activations.pairing import Pairing, list_pairings, load_pairing
 from crossdiff.activations.store import ActivationStore
@@ -8,6 +10,7 @@ from crossdiff.activations.store import ActivationStore
 __all__ = [
     "ActivationStore",
     "FoldedWeights",
+    "LiveActivations",
     "Pairing",
     "RunningStats",
     "fold_scaling_factors",

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.pairing import hook_layer
+from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
 from crossdiff.common import (
     CrossdiffError,
     DiskFullError,
@@ -585,58 +586,29 @@ class ActivationStore:
                 f"batch_size {batch_size} is larger than the store's {self.n_tokens} tokens, so "
                 "one pass (loop=False) yields no full batch; use a smaller batch or loop=True"
             )
-        generator = torch.Generator().manual_seed(seed)
-        capacity = max(shuffle_buffer or max(16 * batch_size, 4 * chunk_tokens), 2 * batch_size)
+        capacity = buffer_capacity(batch_size, shuffle_buffer, chunk_tokens)
         scale = self.scaling_factors[None, :, None] if normalize else None
         expected = (batch_size, self.n_models, self.d_model)
-        pending: list[Tensor] = []
-        n_pending = 0
-
-        def emit(buffer: Tensor, n_out: int) -> Iterator[Tensor]:
-            for lo in range(0, n_out, batch_size):
-                batch = buffer[lo : lo + batch_size].to(torch.float32)
-                if scale is not None:
-                    batch = batch * scale
-                if tuple(batch.shape) != expected:
-                    raise CrossdiffError(
-                        f"internal error: batch of shape {tuple(batch.shape)}, expected {expected}"
-                    )
-                yield batch.to(device=device, dtype=dtype)
-
-        while True:
-            order = (
-                torch.randperm(self.n_shards, generator=generator)
-                if shuffle
-                else torch.arange(self.n_shards)
-            )
-            for index in order.tolist():
-                bounds = [
-                    (lo, min(lo + chunk_tokens, piece_hi))
-                    for piece_lo, piece_hi in self._pieces[index]
-                    for lo in range(piece_lo, piece_hi, chunk_tokens)
-                ]
-                if shuffle:
-                    bounds = [bounds[i] for i in torch.randperm(len(bounds), generator=generator)]
-                for lo, hi in bounds:
-                    pending.append(self._shard(index).get_slice("acts")[lo:hi])
-                    n_pending += hi - lo
-                    if n_pending < (capacity if shuffle else batch_size):
-                        continue
-                    buffer = torch.cat(pending)
-                    if shuffle:
-                        buffer = buffer[torch.randperm(len(buffer), generator=generator)]
-                        n_out = (len(buffer) - capacity // 2) // batch_size * batch_size
-                    else:
-                        n_out = len(buffer) // batch_size * batch_size
-                    yield from emit(buffer, n_out)
-                    pending, n_pending = [buffer[n_out:]], len(buffer) - n_out
-            if not loop:
-                break
-        if n_pending >= batch_size:
-            buffer = torch.cat(pending)
-            if shuffle:
-                buffer = buffer[torch.randperm(len(buffer), generator=generator)]
-            yield from emit(buffer, len(buffer) // batch_size * batch_size)
+        rows = shuffled_rows(
+            self.n_shards,
+            lambda index: self._pieces[index],
+            lambda index, lo, hi: self._shard(index).get_slice("acts")[lo:hi],
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            loop=loop,
+            capacity=capacity,
+            chunk_tokens=chunk_tokens,
+        )
+        for raw in rows:
+            batch = raw.to(torch.float32)
+            if scale is not None:
+                batch = batch * scale
+            if tuple(batch.shape) != expected:
+                raise CrossdiffError(
+                    f"internal error: batch of shape {tuple(batch.shape)}, expected {expected}"
+                )
+            yield batch.to(device=device, dtype=dtype)
 
 
 def training_part(acts_or_store: Any) -> Any:

@@ -30,6 +30,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from crossdiff.activations.live import LiveActivations
 from crossdiff.activations.store import training_part
 from crossdiff.common import CrossdiffError, allocation_guard, resolve_device, seed_everything
 from crossdiff.crosscoder.checkpoint import (
@@ -199,6 +200,23 @@ class _StoreSource:
                 f"{getattr(self.store, 'path', '')} is at {locate_nonfinite_in_store(self.store)}. "
                 "Harvest the store again (or remove those tokens) before training"
             ) from err
+
+
+class _LiveSource(_StoreSource):
+    """A LiveActivations source: the store's interface, but a resumed run skips the batches it
+    has trained on without running the models, and each rank computes only its rows."""
+
+    def batches(
+        self, batch_size: int, scale: Tensor, *, seed: int, start_step: int, part: DistInfo
+    ) -> Iterator[Tensor]:
+        """Scaled float32 batches on the CPU: this rank's slice of each global batch."""
+        it = self.store.iter_batches(
+            batch_size, seed=seed, shuffle=True, normalize=True, loop=True, skip=start_step,
+            part=part,
+        )  # fmt: skip
+        for i, batch in enumerate(it):
+            self.check_finite(batch, f"the live batch of training step {start_step + i}")
+            yield batch
 
 
 class CrossCoderTrainer(SAETrainer):
@@ -399,7 +417,8 @@ def train_crosscoder(
 ) -> CrossCoder:
     """Train a crosscoder on paired activations; return it ready for raw activations.
 
-    acts: a tensor [n_tokens, n_models, d_model] (raw activations) or an ActivationStore.
+    acts: a tensor [n_tokens, n_models, d_model] (raw activations), an ActivationStore, or a
+    LiveActivations (the models run while it trains; the same crosscoder as from the store).
     steps / total_tokens: training length (default 3000 steps). lr: default 2e-4 / sqrt(d_sae /
     2**14). Warm-up over lr_warmup_steps (default 5% of steps), linear decay to 0 over the last
     lr_decay_fraction of steps. k_anneal_*: BatchTopK k from k_anneal_start down to cfg.k over the
@@ -440,11 +459,12 @@ def train_crosscoder(
             "use a batch size divisible by the number of processes"
         )
     wandb = wandb and info.is_main
-    source = (
-        _TensorSource(acts, tcfg, batch_size)
-        if isinstance(acts, Tensor)
-        else _StoreSource(acts, tcfg, batch_size)
-    )
+    if isinstance(acts, Tensor):
+        source: Any = _TensorSource(acts, tcfg, batch_size)
+    elif isinstance(acts, LiveActivations):
+        source = _LiveSource(acts, tcfg, batch_size)
+    else:
+        source = _StoreSource(acts, tcfg, batch_size)
     lr = default_lr(tcfg.d_sae) if lr is None else lr
     total = steps * batch_size
     dead_tokens = dead_after_tokens or min(10_000_000, max(total // 10, batch_size))
@@ -488,6 +508,7 @@ def train_crosscoder(
     with allocation_guard(f"a crosscoder with d_sae={tcfg.d_sae}, d_in={tcfg.d_in}", n_bytes):
         sae = TrainingCrossCoder(tcfg).to(dev)
     is_store = not isinstance(acts, Tensor)
+    is_live = isinstance(acts, LiveActivations)
     scale = (
         source.raw_scaling_factors(seed) if (normalize or is_store) else torch.ones(tcfg.n_models)
     )
@@ -501,7 +522,10 @@ def train_crosscoder(
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
     extra_state: dict[str, Any] = {"options": options, "scaling_factors": scale.tolist()}
     if ckpt_dir is not None:  # what a checkpoint must match to be resumed
-        extra_state["identity"] = run_identity(tcfg, options, store_fingerprint(acts))
+        data_print = acts.fingerprint if is_live else store_fingerprint(acts)
+        extra_state["identity"] = run_identity(tcfg, options, data_print)
+    if is_live:  # the cursor: a resume replays the seeded shuffle of token indices to it
+        extra_state["live"] = {"shuffle_seed": seed, "tokens_per_step": batch_size}
     trainer = CrossCoderTrainer(
         trainer_cfg,
         sae,
@@ -529,7 +553,9 @@ def train_crosscoder(
         if info.is_main:
             print(f"crosscoder: resuming from {ckpt_dir} at step {start_step}/{steps}")
     if is_store:
-        trainer.data_description = f"store {getattr(acts, 'path', '(in memory)')}"
+        trainer.data_description = (
+            "the live activations" if is_live else f"store {getattr(acts, 'path', '(in memory)')}"
+        )
     batches = source.batches(batch_size, scale, seed=seed, start_step=start_step, part=info)
     trainer.data_provider = prefetch_to_device(batches, dev, depth=prefetch)
 

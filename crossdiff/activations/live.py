@@ -1,0 +1,296 @@
+"""LiveActivations: paired activations computed from the two models while the crosscoder trains,
+with no store on disk.
+
+A live source is the training part of the store `harvest` would write from the same arguments,
+computed on demand. It lays the kept tokens out in the same shards (`shard_tokens` each), holds
+out the same documents (`heldout_documents`), runs the models with the harvest's own code
+(`_prepare` and `_fill`, the same fixed model batches) and feeds the trainer through the store's
+shuffle (`shuffled_rows`, over token indices). So with the same seed it yields the rows a store
+yields, in the same order, and a crosscoder trained from it equals one trained from the store.
+
+Memory: the shuffle buffer (`shuffle_buffer` tokens of indices) and the computed shards kept in
+host memory, least recently used first out, up to `cache_bytes` (a shard is computed again if an
+evicted one is needed; a source whose shards all fit is computed once). The scaling factors come
+from the training tokens of the first shards, at least `scale_tokens` of them (default 2**20;
+None: all, as a store's; a source with fewer training tokens uses all). Under torchrun the
+ranks split the model work of each shard, gather it, and each takes its share of every batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from jaxtyping import Float
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from crossdiff.activations.harvest import _eval_mode, _fill, _Job, _prepare
+from crossdiff.activations.normalization import RunningStats
+from crossdiff.activations.pairing import Pairing
+from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
+from crossdiff.activations.store import StoreWriter, mask_ranges
+from crossdiff.common import CrossdiffError, resolve_dtype
+from crossdiff.data.tokens import TokenSet
+from crossdiff.distributed import DistInfo, dist_info, shard_rows
+from crossdiff.fingerprint import fingerprint
+
+SCALE_TOKENS = 2**20  # training tokens the scaling factors are estimated on (whole shards)
+
+
+def store_bytes(n_tokens: int, n_models: int, width: int, dtype: str | torch.dtype) -> int:
+    """Bytes of the activations of a store of `n_tokens` tokens (metadata and statistics add a
+    few percent): what `crossdiff run` compares with the free disk space."""
+    return int(n_tokens) * int(n_models) * int(width) * resolve_dtype(dtype).itemsize
+
+
+class _Capture(StoreWriter):
+    """A StoreWriter that keeps the one shard `_fill` writes in memory (no disk)."""
+
+    def __init__(self) -> None:  # no folder, manifest or statistics
+        self.tensors: dict[str, Tensor] | None = None
+
+    def write_shard(self, tensors: dict[str, Tensor]) -> None:
+        if self.tensors is not None:
+            raise CrossdiffError("internal error: a live shard was written twice")
+        self.tensors = tensors
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+class LiveActivations:
+    """The training part of a paired harvest, computed on demand (the store's reading interface:
+    n_tokens, n_models, d_model, d_models, scaling_factors, iter_batches)."""
+
+    part_name = "train"
+
+    def __init__(
+        self,
+        model_a: HookedTransformer,
+        model_b: HookedTransformer,
+        token_set: TokenSet | Tensor,
+        pairing: Pairing | str | Path,
+        *,
+        n_tokens: int | None = None,
+        batch_size: int = 32,
+        dtype: str | torch.dtype = "float16",
+        shard_tokens: int | None = None,
+        model_names: tuple[str, str] = ("dense", "moe"),
+        device: str | torch.device | None = None,
+        heldout_fraction: float = 0.1,
+        split_seed: int = 0,
+        tokenizer: Any = None,
+        scale_tokens: int | None = SCALE_TOKENS,
+        cache_bytes: int = 2 * 2**30,
+    ) -> None:
+        if cache_bytes < 0:
+            raise CrossdiffError(f"cache_bytes={cache_bytes} must be >= 0")
+        info = dist_info()
+        self.models = (model_a, model_b)
+        with _eval_mode(self.models):
+            self.job: _Job = _prepare(
+                model_a, model_b, token_set, pairing, n_tokens=n_tokens, batch_size=batch_size,
+                dtype=dtype, shard_tokens=shard_tokens, model_names=model_names, device=device,
+                tokenizer=tokenizer, tokenizer_fingerprints=None, verbose=info.is_main,
+                heldout_fraction=heldout_fraction, split_seed=split_seed,
+            )  # fmt: skip
+        job = self.job
+        # the kept tokens in harvest order (row by row), and which belong to held-out documents
+        kept_docs = job.rows.doc_ids[job.rows.keep][: job.target]
+        self.heldout: Tensor = torch.isin(kept_docs, job.heldout_docs)
+        self.shard_tokens = job.shard_tokens
+        self.total_tokens = job.target
+        self.n_shards = math.ceil(job.target / job.shard_tokens)
+        self._pieces = [
+            [(lo, hi) for lo, hi in mask_ranges(~self.heldout[self._bounds(i)])]
+            for i in range(self.n_shards)
+        ]
+        self._n_train = int((~self.heldout).sum())
+        self.scale_tokens = scale_tokens
+        self.cache_bytes = int(cache_bytes)
+        self._cache: OrderedDict[int, Tensor] = OrderedDict()
+        self._scaling: Tensor | None = None
+        self.shards_computed = 0  # model passes over a shard (a re-computed shard counts again)
+        self.manifest_header = dict(job.header, segments=[dict(job.segment)])
+        # every rank builds the source, so every rank makes this group, in the same order
+        self._group = dist.new_group(backend="gloo") if info.enabled else None
+
+    def _bounds(self, index: int) -> slice:
+        lo = index * self.shard_tokens
+        return slice(lo, min(lo + self.shard_tokens, self.total_tokens))
+
+    def __repr__(self) -> str:
+        return (
+            f"LiveActivations(n_tokens={self.n_tokens} training of {self.total_tokens}, "
+            f"models={self.model_names}, d_models={self.d_models}, shards={self.n_shards})"
+        )
+
+    # --- the store's reading interface ---------------------------------------------------------
+
+    @property
+    def n_tokens(self) -> int:
+        """Training tokens (the held-out documents' tokens are never read)."""
+        return self._n_train
+
+    @property
+    def n_models(self) -> int:
+        return 2
+
+    @property
+    def d_model(self) -> int:
+        return self.job.d_store
+
+    @property
+    def d_models(self) -> list[int]:
+        return list(self.job.widths)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.job.header["model_names"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.job.store_dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """What the activations depend on: models, pairing, token set, split, layout, scaling."""
+        return fingerprint(
+            {
+                "live": self.manifest_header,
+                "n_tokens": self.total_tokens,
+                "shard_tokens": self.shard_tokens,
+                "scale_tokens": self.scale_tokens,
+            }
+        )
+
+    @property
+    def scaling_factors(self) -> Float[Tensor, " n_models"]:
+        """Per-model factors bringing the mean norm to sqrt(d_m), from the training tokens of the
+        first shards (at least `scale_tokens`; None: all), accumulated as the store does."""
+        if self._scaling is None:
+            stats = RunningStats(self.d_models)
+            seen = 0
+            for index in range(self.n_shards):
+                if self.scale_tokens is not None and seen >= self.scale_tokens:
+                    break
+                train = ~self.heldout[self._bounds(index)]
+                stats = RunningStats.from_tensors(self.d_models, stats.to_tensors())
+                stats.update(self.shard_acts(index)[train])
+                seen += int(train.sum())
+            factors = [float(x) for x in stats.scaling_factors()]
+            self._scaling = torch.tensor(factors, dtype=torch.float32)
+        return self._scaling
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        normalize: bool = True,
+        loop: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        shuffle_buffer: int | None = None,
+        chunk_tokens: int = 4096,
+        skip: int = 0,
+        part: DistInfo | None = None,
+    ) -> Iterator[Float[Tensor, "batch n_models d_model"]]:
+        """The batches ActivationStore.iter_batches yields for the same arguments. `skip` passes
+        over the first batches without running the models (a resumed run); `part` gives this
+        rank's rows of each global batch (shard_rows), computing only the shards they need."""
+        if batch_size <= 0:
+            raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
+        if self.n_tokens == 0:
+            raise CrossdiffError("the live source has no training tokens; harvest more tokens")
+        if not loop and batch_size > self.n_tokens:
+            raise CrossdiffError(
+                f"batch_size {batch_size} is larger than the source's {self.n_tokens} training "
+                "tokens, so one pass (loop=False) yields no full batch; use a smaller batch"
+            )
+        scale = self.scaling_factors[None, :, None] if normalize else None
+        indices = shuffled_rows(
+            self.n_shards,
+            lambda index: self._pieces[index],
+            lambda index, lo, hi: torch.arange(lo, hi) + index * self.shard_tokens,
+            batch_size,
+            seed=seed,
+            shuffle=shuffle,
+            loop=loop,
+            capacity=buffer_capacity(batch_size, shuffle_buffer, chunk_tokens),
+            chunk_tokens=chunk_tokens,
+        )
+        for step, rows in enumerate(indices):
+            if step < skip:
+                continue
+            batch = self.gather(rows, part).to(torch.float32)
+            if scale is not None:
+                batch = batch * scale
+            yield batch.to(device=device, dtype=dtype)
+
+    def gather(
+        self, rows: Tensor, part: DistInfo | None = None
+    ) -> Float[Tensor, "n n_models d_model"]:
+        """Activations (store dtype) of kept tokens `rows` (or this rank's part of them)."""
+        shards = rows // self.shard_tokens
+        # every rank computes the shards of the whole global batch, in the same order, so the
+        # collectives of a computed shard line up
+        resident = {index: self.shard_acts(index) for index in torch.unique(shards).tolist()}
+        if part is not None:
+            rows, shards = shard_rows(rows, part), shard_rows(shards, part)
+        out = torch.empty(len(rows), self.n_models, self.d_model, dtype=self.dtype)
+        for index, acts in resident.items():
+            mask = shards == index
+            out[mask] = acts[rows[mask] - index * self.shard_tokens]
+        return out
+
+    # --- computing shards ----------------------------------------------------------------------
+
+    def shard_acts(self, index: int) -> Float[Tensor, "n n_models d_model"]:
+        """The activations of shard `index` (all its rows, store dtype), computed if not cached."""
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        acts = self._compute(index)
+        self._cache[index] = acts
+        while len(self._cache) > 1 and sum(a.nbytes for a in self._cache.values()) > (
+            self.cache_bytes
+        ):
+            self._cache.popitem(last=False)
+        return acts
+
+    def _compute(self, index: int) -> Tensor:
+        """Run the models on the tokens of shard `index`; under torchrun each rank runs its own
+        contiguous part of them and the parts are gathered (a harvest's batches, so the values
+        equal a single-process run's)."""
+        bounds = self._bounds(index)
+        info = dist_info()
+        n = bounds.stop - bounds.start
+        per_rank = math.ceil(n / info.world_size)
+        lo = bounds.start + min(n, info.rank * per_rank)
+        hi = bounds.start + min(n, (info.rank + 1) * per_rank)
+        acts = torch.zeros(per_rank, self.n_models, self.d_model, dtype=self.dtype)
+        if hi > lo:
+            capture = _Capture()
+            with _eval_mode(self.models):
+                _fill(self.job, capture, lo, hi, _NoBar())
+            assert capture.tensors is not None
+            acts[: hi - lo] = capture.tensors["acts"]
+        self.shards_computed += 1
+        if info.world_size == 1:
+            return acts[:n]
+        # as bytes over the source's own gloo group: any dtype, and the prefetch thread's
+        # collectives never interleave with the trainer's on the default group
+        raw = acts.view(torch.uint8)
+        parts = [torch.empty_like(raw) for _ in range(info.world_size)]
+        dist.all_gather(parts, raw, group=self._group)
+        return torch.cat(parts).view(self.dtype)[:n]
