@@ -1,4 +1,4 @@
-"""Bring your own models: diff a HookedTransformer and a Hugging Face model through TransformerBridge.
+"""Bring your own models: diff a HookedTransformer and a Hugging Face model via TransformerBridge.
 
 Any two TransformerLens models that share a tokenizer can be diffed: `HookedTransformer`s,
 `TransformerBridge`s (TransformerLens's wrapper around a Hugging Face model), or one of each. Here
@@ -53,9 +53,10 @@ def diff_your_models(
 ) -> dict[str, Path]:
     """Step 2: the README's "Bring your own models" snippet, line for line."""
     # --- README snippet begins
+    from transformer_lens.model_bridge import TransformerBridge
+
     import crossdiff
     from crossdiff.activations import Pairing, harvest
-    from transformer_lens.model_bridge import TransformerBridge
 
     # model_a: any HookedTransformer; model_b: any Hugging Face model (a local folder or a hub name)
     model_b = TransformerBridge.boot_transformers(str(hf_folder))
@@ -64,7 +65,7 @@ def diff_your_models(
     store = harvest(
         model_a, model_b, tokens, pairing, out / "store",
         model_names=("hooked", "hf"), domains=domains, domain_names=domain_names,
-    )
+    )  # fmt: skip
     cfg = crossdiff.CrossCoderConfig(d_model=store.d_model, d_sae=8 * store.d_model, k=16)
     cc = crossdiff.train_crosscoder(store, cfg, steps=steps, batch_size=256)
     diff = crossdiff.diff_features(cc, store, tokenizer=model_b.tokenizer)
