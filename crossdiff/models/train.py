@@ -76,13 +76,13 @@ from crossdiff.models.io import (
     read_model_header,
     save_model,
 )
+from crossdiff.models.lifetime import PARENT_PID_ENV, parent_death_signal
 from crossdiff.models.moe import (
     DEFAULT_LOAD_BALANCE_COEF,
     DEFAULT_Z_LOSS_COEF,
     moe_aux_loss,
     moe_modules,
 )
-from crossdiff.models.worker import PARENT_PID_ENV, parent_death_signal
 
 CHECKPOINT_FORMAT = "crossdiff.lm-checkpoint/1"
 MODEL_NAMES = ("dense", "moe")

@@ -9,42 +9,11 @@ by kill -9), so an interrupted run never leaves a worker writing into its checkp
 
 from __future__ import annotations
 
-import ctypes
-import os
-import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from crossdiff.common import CrossdiffError, read_json
-
-PARENT_PID_ENV = "CROSSDIFF_WORKER_PARENT"
-_PR_SET_PDEATHSIG = 1
-
-
-def parent_death_signal() -> Callable[[], None] | None:
-    """A `preexec_fn` for Popen that asks the kernel to send the child SIGTERM when its parent
-    ends (Linux; it survives the exec, so it holds while the child is still importing torch).
-    None where there is no prctl. The ctypes function is looked up here, before the fork."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    term = int(signal.SIGTERM)
-    return lambda: prctl(_PR_SET_PDEATHSIG, term, 0, 0, 0)
-
-
-def die_with_parent() -> None:
-    """Set the parent-death signal (again: the worker may be started by other code) and exit
-    now if the parent has already ended."""
-    request = parent_death_signal()
-    if request is not None:
-        request()
-    parent = os.environ.get(PARENT_PID_ENV)
-    if parent and os.getppid() != int(parent):  # the parent died before prctl took effect
-        raise SystemExit(143)
+from crossdiff.models.lifetime import die_with_parent
 
 
 def main(argv: list[str]) -> int:
