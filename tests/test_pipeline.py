@@ -58,6 +58,24 @@ def test_quickstart_writes_a_complete_report(micro_run: Path):
     assert (micro_run / "report" / "report.html").stat().st_size > 10_000
 
 
+def test_run_crosscoder_cfg_records_what_it_read(micro_run: Path):
+    """Provenance of `crossdiff run`: model and hook names, store and tokenizer fingerprints."""
+    from crossdiff.activations import ActivationStore
+    from crossdiff.data import load_tokenizer
+    from crossdiff.fingerprint import store_fingerprint
+
+    metadata = json.loads((micro_run / "crosscoder" / "cfg.json").read_text())["metadata"]
+    hook = "blocks.2.hook_resid_post"
+    assert metadata["model_names"] == ["dense", "moe"]
+    assert metadata["hook_points"] == {"dense": [hook], "moe": [hook]}
+    assert metadata["hook_name"] == hook and metadata["model_name"] == "dense+moe"
+    assert metadata["store_fingerprint"] == store_fingerprint(ActivationStore(micro_run / "store"))
+    tokenizer = load_tokenizer(micro_run / "data" / "tokenizer")
+    assert metadata["tokenizer_fingerprint"] == tokenizer.fingerprint
+    assert metadata["dataset_path"] == str((micro_run / "store").resolve())
+    assert metadata["context_size"] == 128
+
+
 def test_inspect_latent_example_reads_the_run(micro_run: Path):
     result = run_example("examples/inspect_latent.py", str(micro_run), "--contexts", "3")
     assert "class" in result.stdout and "top" in result.stdout

@@ -6,9 +6,20 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from crossdiff.cli_presets import add_preset_argument, apply_preset
 from crossdiff.common import CrossdiffError, add_runtime_arguments, read_json, resolve_dtype
 
 TOKENIZER_META = "crossdiff_tokenizer.json"
+
+# run-preset "store" option -> this subcommand's dest
+PRESET_DESTS = {
+    "pairing": "pairing",
+    "n_tokens": "tokens",
+    "dtype": "store_dtype",
+    "heldout_fraction": "heldout_fraction",
+    "batch_size": "batch_size",
+}
+DEFAULTS = {"pairing": "paper", "store_dtype": "float16", "heldout_fraction": 0.1, "batch_size": 32}
 
 
 def register(subparsers: Any) -> None:
@@ -26,8 +37,13 @@ def register(subparsers: Any) -> None:
         "--models", nargs=2, type=Path, required=True, metavar=("DIR_A", "DIR_B"),
         help="two model folders written by crossdiff (config.json + model.safetensors)",
     )  # fmt: skip
-    parser.add_argument("--pairing", default="paper", help="preset name or TOML path")
-    parser.add_argument("--tokens", type=int, default=None, help="tokens to harvest (default all)")
+    add_preset_argument(parser, None)
+    parser.add_argument(
+        "--pairing", default=None, help="pairing preset name or TOML path (default: paper)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="tokens to harvest (default: the preset's; all)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="store folder to write")
     parser.add_argument(
         "--token-set",
@@ -35,10 +51,12 @@ def register(subparsers: Any) -> None:
         default=None,
         help="token set file (default: DIR_A/../../data/tokens_train.safetensors)",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="rows per forward pass (default 32)"
+    )
     parser.add_argument(
         "--store-dtype",
-        default="float16",
+        default=None,
         choices=["float16", "bfloat16", "float32"],
         help="dtype of activations on disk (default: float16)",
     )
@@ -51,7 +69,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--heldout-fraction",
         type=float,
-        default=0.1,
+        default=None,
         help="fraction of the token set's documents kept out of training for evaluation "
         "(chosen by --seed; 0 = none; default 0.1)",
     )
@@ -83,6 +101,7 @@ def run_harvest(args: argparse.Namespace) -> int:
     from crossdiff.distributed import dist_info, rank_device
     from crossdiff.models import load_model
 
+    apply_preset(args, "store", PRESET_DESTS, DEFAULTS)
     seed_everything(args.seed)
     # under torchrun every rank reads the models and the token set (nothing here writes) and
     # harvests its own rows on its own device (`cuda` is cuda:LOCAL_RANK); rank 0 merges and talks

@@ -416,13 +416,18 @@ class _PairRunner:
 
 
 def _tokenizer_info(
-    tokenizer: Any, models: tuple[LensModel, ...], fingerprints: Any
+    tokenizer: Any,
+    models: tuple[LensModel, ...],
+    fingerprints: Any,
+    token_set_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     fingerprint = getattr(tokenizer, "fingerprint", None)
     if fingerprint is None and fingerprints:
         fingerprint = fingerprints[0] or fingerprints[1]
     if fingerprint is None:
         fingerprint = _vocab_fingerprint(models[0])
+    if fingerprint is None:  # the token set's (checked against the models' when they have one)
+        fingerprint = token_set_fingerprint
     return {
         "name": getattr(tokenizer, "name", None) or models[0].cfg.tokenizer_name,
         "fingerprint": fingerprint,
@@ -784,7 +789,12 @@ def _prepare(
             "width": max(expert_width, 1),
             "layout": _expert_layout(runner, models),
         },
-        "tokenizer": _tokenizer_info(tokenizer, models, tokenizer_fingerprints),
+        "tokenizer": _tokenizer_info(
+            tokenizer,
+            models,
+            tokenizer_fingerprints,
+            getattr(token_set, "tokenizer_fingerprint", None),
+        ),
         "domain_names": list(rows.domain_names),
         "split": {
             "unit": "document",

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from crossdiff.cli_presets import add_preset_argument, apply_preset
 from crossdiff.common import (
     CrossdiffError,
     add_runtime_arguments,
@@ -29,6 +30,28 @@ DEFAULT_K = 32
 DEFAULT_BATCH_SIZE = 1024
 DEFAULT_EVAL_TOKENS = 65536
 
+# run-preset "crosscoder" option -> this subcommand's dest
+PRESET_DESTS = {
+    key: key
+    for key in (
+        "expansion", "k", "n_shared", "shared_decoder", "shared_penalty_ratio", "steps",
+        "batch_size", "lr", "k_anneal_steps", "k_anneal_start", "aux_loss_coefficient",
+        "checkpoint_every", "eval_tokens",
+    )
+}  # fmt: skip
+DEFAULTS = {
+    "expansion": DEFAULT_EXPANSION,
+    "k": DEFAULT_K,
+    "n_shared": 0,
+    "shared_decoder": "free",
+    "shared_penalty_ratio": 0.7,
+    "steps": DEFAULT_STEPS,
+    "batch_size": DEFAULT_BATCH_SIZE,
+    "k_anneal_steps": 0,
+    "checkpoint_every": 500,
+    "eval_tokens": DEFAULT_EVAL_TOKENS,
+}
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -43,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--nproc_per_node N -m crossdiff train-crosscoder ... (--batch-size is global)."
         ),
     )
+    add_preset_argument(p, None)
     p.add_argument("--store", type=Path, required=True, help="activation store folder")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     width = p.add_mutually_exclusive_group()
@@ -50,50 +74,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     width.add_argument(
         "--expansion",
         type=float,
-        default=DEFAULT_EXPANSION,
+        default=None,
         help=f"d_sae = expansion * d_model (default {DEFAULT_EXPANSION})",
     )
     p.add_argument(
         "--k",
         type=float,
-        default=DEFAULT_K,
+        default=None,
         help=f"mean active latents per token (default {DEFAULT_K})",
     )
-    p.add_argument("--n-shared", type=int, default=0, help="designated shared latents (default 0)")
+    p.add_argument(
+        "--n-shared", type=int, default=None, help="designated shared latents (default 0)"
+    )
     p.add_argument(
         "--shared-decoder",
         choices=("free", "tied"),
-        default="free",
+        default=None,
         help="free: a decoder vector per model; tied: one for all models (default free)",
     )
     p.add_argument(
         "--shared-penalty-ratio",
         type=float,
-        default=0.7,
+        default=None,
         help="selection cost of shared latents relative to the others (default 0.7)",
     )
     p.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})"
+        "--steps", type=int, default=None, help=f"training steps (default {DEFAULT_STEPS})"
     )
     p.add_argument(
         "--batch-size",
         type=int,
-        default=DEFAULT_BATCH_SIZE,
+        default=None,
         help=f"tokens per step (default {DEFAULT_BATCH_SIZE})",
     )
     p.add_argument(
         "--lr", type=float, default=None, help="learning rate (default 2e-4 / sqrt(d_sae / 2**14))"
     )
-    p.add_argument("--k-anneal-steps", type=int, default=0, help="anneal k over these first steps")
+    p.add_argument(
+        "--k-anneal-steps", type=int, default=None, help="anneal k over these first steps"
+    )
     p.add_argument("--k-anneal-start", type=float, default=None, help="k at step 0 when annealing")
     p.add_argument(
         "--aux-loss-coefficient", type=float, default=None, help="dead-latent loss weight (1/32)"
     )
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=None, help="steps between checkpoints (500)"
+    )
     p.add_argument(
         "--eval-tokens",
         type=int,
-        default=DEFAULT_EVAL_TOKENS,
+        default=None,
         help=f"tokens for the final evaluation (default {DEFAULT_EVAL_TOKENS})",
     )
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
@@ -191,6 +221,7 @@ def _start_over(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_preset(args, "crosscoder", PRESET_DESTS, DEFAULTS)
     check_arguments(args)
     out: Path = args.out
     with folder_lock(out / ".train.lock", f"crosscoder folder {out}", enabled=dist_info().is_main):
@@ -241,10 +272,6 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         _start_over(out)
         print(f"crosscoder: --overwrite: removed the crosscoder and checkpoint in {out}")
     barrier()
-    for key in ("model_names", "hook_points"):
-        value = getattr(store, key, None)
-        if value is not None:
-            cfg.metadata[key] = list(value)
     cc = train_crosscoder(
         store,
         cfg,

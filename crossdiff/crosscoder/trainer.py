@@ -43,6 +43,7 @@ from crossdiff.crosscoder.config import CrossCoderConfig, TrainingCrossCoderConf
 from crossdiff.crosscoder.metrics import check_finite, check_zero_padding, evaluate_crosscoder
 from crossdiff.crosscoder.model import CrossCoder
 from crossdiff.crosscoder.prefetch import prefetch_to_device
+from crossdiff.crosscoder.provenance import record_provenance
 from crossdiff.crosscoder.training import TrainingCrossCoder
 from crossdiff.distributed import (
     DistInfo,
@@ -596,5 +597,6 @@ def train_crosscoder(
         "n_train_tokens": source.n_tokens,
     }
     cc.cfg.metadata.crossdiff_training = summary
+    record_provenance(cc.cfg.metadata, acts)  # model and hook names, store and tokenizer
     cc.training_summary = {**summary, "history": trainer.history}
     return cc

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
+from crossdiff.cli_presets import add_preset_argument, apply_preset, resolve_out
 from crossdiff.common import CrossdiffError, add_runtime_arguments
 from crossdiff.data.hf import DomainSource
 
@@ -43,22 +45,40 @@ def _proportions(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers like 1,1,1, got {text!r}") from err
 
 
+# run-preset "data" option -> this subcommand's dest
+PRESET_DESTS = {
+    "source": "source",
+    "preset": "data_preset",
+    "n_chars_per_domain": "n_chars_per_domain",
+    "vocab_size": "vocab_size",
+    "seq_len": "seq_len",
+    "heldout_fraction": "heldout_fraction",
+    "tokenizer": "tokenizer",
+}
+
+
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """prepare_data's keyword options for these arguments (after apply_preset), the same that
+    `crossdiff run` passes for the preset, so either one reuses the other's folder."""
+    keys = ("source", "n_chars_per_domain", "vocab_size", "seq_len", "heldout_fraction")
+    options = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if getattr(args, "tokenizer", None) is not None:
+        options["tokenizer"] = args.tokenizer
+    return {"preset": args.data_preset, **options}
+
+
 def run(args: argparse.Namespace) -> int:
     from crossdiff.data.prepare import prepare_data
 
+    resolve_out(args, "prepare-data")
+    apply_preset(args, "data", PRESET_DESTS, {"data_preset": "tiny"})
     hf_sources = [parse_source(s) for s in args.hf_source] if args.hf_source else None
     prepared = prepare_data(
-        args.out_dir,
-        source=args.source,
-        preset=args.preset,
+        args.out,
         seed=args.seed,
-        n_chars_per_domain=args.n_chars_per_domain,
-        vocab_size=args.vocab_size,
-        seq_len=args.seq_len,
-        heldout_fraction=args.heldout_fraction,
         hf_sources=hf_sources,
         proportions=args.proportions,
-        tokenizer=args.tokenizer,
+        **data_options(args),
     )
     print(f"data ready in {prepared.paths['dir']}")
     return 0
@@ -71,18 +91,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Build the corpus (embedded offline default, or Hugging Face datasets), train or load "
             "the tokenizer, and write tokenizer/, tokens_train.safetensors, "
-            "tokens_heldout.safetensors and data.json into OUT_DIR. A folder that already holds "
+            "tokens_heldout.safetensors and data.json into --out DIR. A folder that already holds "
             "data for the same options is loaded, not rebuilt."
         ),
     )
-    parser.add_argument("out_dir", type=Path, help="folder to write (e.g. runs/tiny/data)")
-    parser.add_argument("--preset", default="tiny", help="tiny or paper (default: tiny)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder to write (e.g. runs/tiny/data)"
+    )
+    parser.add_argument(
+        "out_dir", type=Path, nargs="?", default=None, help="deprecated: the same as --out DIR"
+    )
+    add_preset_argument(parser, "tiny")
     parser.add_argument("--source", choices=("embedded", "hf"), default=None)
     parser.add_argument("--n-chars-per-domain", type=int, default=None)
     parser.add_argument("--vocab-size", type=int, default=None, help="train a BPE of this size")
     parser.add_argument("--tokenizer", default=None, help="saved folder or Hugging Face name")
     parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--heldout-fraction", type=float, default=0.05)
+    parser.add_argument(
+        "--heldout-fraction", type=float, default=None, help="documents held out (default 0.05)"
+    )
     parser.add_argument(
         "--hf-source",
         action="append",

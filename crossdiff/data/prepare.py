@@ -293,3 +293,23 @@ def _print_summary(paths: dict[str, Path], stats: dict[str, Any]) -> None:
     print(f"wrote {stats['train_rows']:,} train rows to {paths['train']}")
     print(f"wrote {stats['heldout_rows']:,} held-out rows to {paths['heldout']}")
     print(f"wrote {paths['data_json']}")
+
+
+def load_prepared_data(folder: str | Path) -> PreparedData:
+    """A folder written by `prepare_data` (any options), loaded and checked as it is."""
+    folder = Path(folder)
+    if not (folder / DATA_JSON).exists():
+        raise CrossdiffError(
+            f"{folder} holds no prepared data (no {DATA_JSON}); write it with "
+            f"`crossdiff prepare-data --out {folder}` or give another folder"
+        )
+    paths = {
+        "dir": folder,
+        "tokenizer_dir": folder / TOKENIZER_DIR,
+        "tokenizer": folder / TOKENIZER_DIR / "tokenizer.json",
+        "train": folder / TRAIN_FILE,
+        "heldout": folder / HELDOUT_FILE,
+        "data_json": folder / DATA_JSON,
+    }
+    options = read_json(paths["data_json"], "data manifest").get("options")
+    return _load_existing(folder, paths, options)

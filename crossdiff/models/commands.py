@@ -5,30 +5,69 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
-from crossdiff.common import add_runtime_arguments, resolve_dtype
+from crossdiff.cli_presets import (
+    PRESET_NAMES,
+    add_preset_argument,
+    apply_preset,
+    preset_options,
+)
+from crossdiff.common import CrossdiffError, add_runtime_arguments, resolve_dtype
+
+# run-preset "models" option -> this subcommand's dest
+PRESET_DESTS = {
+    "preset": "model_preset",
+    "steps": "steps",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "warmup": "warmup",
+    "eval_every": "eval_every",
+    "checkpoint_every": "checkpoint_every",
+    "eval_rows": "eval_rows",
+}
+
+
+def _load_data(args: argparse.Namespace) -> Any:
+    """--data DIR: any prepared folder as it is; otherwise OUT/data with the preset's options
+    (prepared now if absent; `prepare-data --preset P --out OUT/data` makes the same folder)."""
+    from crossdiff.data import prepare_data
+    from crossdiff.data.prepare import load_prepared_data
+    from crossdiff.distributed import main_process_first
+
+    if args.data is not None:
+        if args.corpus is not None:
+            raise CrossdiffError(
+                f"train-models: --corpus {args.corpus} chooses how OUT/data is prepared, but "
+                f"--data {args.data} is already prepared; give one of them"
+            )
+        return load_prepared_data(args.data)
+    options = preset_options(args.preset, "data") or {"preset": "tiny"}
+    if args.corpus is not None:
+        options["source"] = args.corpus
+    with main_process_first():  # under torchrun rank 0 prepares; the others then reuse it
+        return prepare_data(args.out / "data", seed=args.seed, **options)
 
 
 def run(args: argparse.Namespace) -> int:
-    from crossdiff.data import prepare_data
-    from crossdiff.distributed import dist_info, main_process_first
+    from crossdiff.distributed import dist_info
     from crossdiff.models.configs import get_preset, matched_configs
     from crossdiff.models.train import train_language_models
 
-    get_preset(args.preset)  # fail on a bad name before any data work
+    if args.preset not in PRESET_NAMES:
+        get_preset(args.preset)  # the error names the model presets (each is a run preset too)
+    apply_preset(args, "models", PRESET_DESTS, {"model_preset": "tiny", "eval_rows": 64})
+    get_preset(args.model_preset)  # fail on a bad name before any data work
     started = time.perf_counter()
-    with main_process_first():  # under torchrun rank 0 prepares; the others then reuse it
-        data = prepare_data(
-            args.out / "data", source=args.corpus, preset=args.preset, seed=args.seed
-        )
+    data = _load_data(args)
     dense_cfg, moe_cfg = matched_configs(
-        args.preset, d_vocab=int(data.tokenizer.vocab_size), dtype=resolve_dtype(args.dtype)
+        args.model_preset, d_vocab=int(data.tokenizer.vocab_size), dtype=resolve_dtype(args.dtype)
     )
     result = train_language_models(
         data.train,
         data.heldout,
         args.out / "models",
-        preset=args.preset,
+        preset=args.model_preset,
         dense_cfg=dense_cfg,
         moe_cfg=moe_cfg,
         tokenizer=data.tokenizer,
@@ -40,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
+        eval_rows=args.eval_rows,
         threads=args.threads,
         parallel=args.parallel,
         autocast=args.autocast,
@@ -60,15 +100,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train-models",
         help="train a dense and an MoE language model on the same tokens",
         description=(
-            "Prepare the three-domain data in OUT/data (or reuse it), then train the dense and "
+            "Prepare the three-domain data in OUT/data with the preset's options (or reuse it; "
+            "--data DIR takes any prepared folder instead), then train the dense and "
             "the MoE model of a preset on the identical token stream into OUT/models (dense/, "
             "moe/, tokenizer/, eval.json). A rerun resumes from checkpoints and skips finished "
             "models. Data-parallel on N processes: torchrun --nproc_per_node N -m crossdiff "
             "train-models ..."
         ),
     )
-    parser.add_argument("--preset", default="tiny", help="model preset: tiny or paper")
-    parser.add_argument("--out", type=Path, required=True, help="run folder (e.g. runs/tiny)")
+    add_preset_argument(parser, "tiny")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="run folder: writes OUT/models (e.g. runs/tiny)"
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a folder written by `crossdiff prepare-data` to train on (default: OUT/data, "
+        "prepared with the preset's options if absent)",
+    )
     parser.add_argument(
         "--corpus",
         choices=("embedded", "hf"),
@@ -80,6 +130,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
     parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument(
+        "--eval-rows",
+        type=int,
+        default=None,
+        help="held-out rows per domain in the final evaluation (default 64)",
+    )
     parser.add_argument("--checkpoint-every", type=int, default=None)
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads per model (default: automatic)"

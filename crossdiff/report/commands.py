@@ -7,7 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.analysis.classes import SPLITS
+from crossdiff.cli_presets import add_preset_argument, apply_preset
 from crossdiff.common import CrossdiffError, add_runtime_arguments
+
+# run-preset "report" option -> this subcommand's dest
+PRESET_DESTS = {
+    "split": "split",
+    "max_tokens": "max_tokens",
+    "splice_sequences": "splice_sequences",
+    "batch_size": "batch_size",
+}
+DEFAULTS = {"split": "paper", "batch_size": 1024}
 
 
 def register(subparsers: Any) -> None:
@@ -22,12 +32,13 @@ def register(subparsers: Any) -> None:
             "and, with the models, logit effects) and PNG figures to --out."
         ),
     )
+    add_preset_argument(parser, None)
     parser.add_argument("--crosscoder", type=Path, required=True, help="saved crosscoder folder")
     parser.add_argument("--store", type=Path, required=True, help="activation store folder")
     parser.add_argument("--out", type=Path, required=True, help="folder to write the report to")
     parser.add_argument(
         "--split",
-        default="paper",
+        default=None,
         choices=sorted(SPLITS),
         help="class thresholds on the relative norm: paper = 0.3/0.7, anchors = 0.1/0.9",
     )
@@ -40,7 +51,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--max-tokens", type=int, default=None, help="analyse at most this many tokens"
     )
-    parser.add_argument("--batch-size", type=int, default=1024, help="tokens per batch")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="tokens per batch (default 1024)"
+    )
     parser.add_argument(
         "--part",
         default=None,
@@ -99,6 +112,7 @@ def run_report(args: argparse.Namespace) -> int:
     from crossdiff.data import load_tokenizer
     from crossdiff.report import write_report
 
+    apply_preset(args, "report", PRESET_DESTS, DEFAULTS)
     seed_everything(args.seed)
     device = resolve_device(args.device)
     store = ActivationStore(args.store)
