@@ -76,7 +76,7 @@ SKIPPED = {
      '"runs/tiny/models", preset="tiny",'):
         "trains the tiny preset's models (minutes); the README's Python block makes the same "
         "call at the micro size",
-    ("docs/user-guide.md", "from crossdiff.activations import harvest, load_pairing"):
+    ("docs/user-guide.md", "from crossdiff.activations import Pairing, harvest"):
         "model_a, model_b and tokens are the reader's own; examples/bring_your_own_models.py "
         "runs this end to end (tests/test_pipeline.py)",
     ("docs/store.md", "from crossdiff.activations import fold_scaling_factors"):
