@@ -150,6 +150,8 @@ def run_pipeline(
     validate_run_options(options, seed=seed, device=torch_device, world_size=info.world_size)
     out = Path(out_dir)
     check_output_dir(out)  # before the folder is made: a bad --out leaves nothing
+    if info.is_main:  # predicted time and disk; a store that cannot fit is refused here
+        _print_estimates(out, options, torch_device)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out / "run.lock", f"run folder {out}", enabled=info.is_main):
         if info.is_main:  # written once the options are accepted and the folder is ours
@@ -159,6 +161,16 @@ def run_pipeline(
         return _run_stages(
             out, options, seed=seed, torch_device=torch_device, stop_after=stop_after
         )
+
+
+def _print_estimates(out: Path, options: dict[str, dict[str, Any]], device: Any) -> None:
+    from crossdiff.estimate import check_disk, device_spec, estimate_lines, estimate_run
+
+    spec = device_spec(device)
+    estimates = estimate_run(options, spec)
+    for line in estimate_lines(estimates, spec):
+        print(f"[crossdiff] {line}")
+    check_disk(out, estimates)
 
 
 def _run_stages(
