@@ -283,6 +283,7 @@ def _run_stages(
             resume=True,
             heldout_fraction=store_opts.get("heldout_fraction", 0.1),
             split_seed=seed,
+            model_dtype=store_opts.get("model_dtype"),  # default: bfloat16 on CUDA
         )
         mark_done(store_dir, store_opts, time.perf_counter() - t0)
     store = ActivationStore(store_dir)
