@@ -135,7 +135,17 @@ def store_bytes(options: dict[str, dict[str, Any]]) -> int:
     return int(store["n_tokens"]) * per_token
 
 
-def _lm_stage(preset: Any, cfgs: tuple[Any, ...], options: dict[str, Any], dev: DeviceSpec):
+def _data_seq_len(options: dict[str, dict[str, Any]]) -> int:
+    from crossdiff.data.prepare import DATA_PRESETS
+
+    data = options["data"]
+    base = DATA_PRESETS.get(data.get("preset", "tiny"), DATA_PRESETS["tiny"])
+    return int(data.get("seq_len") or base["seq_len"])
+
+
+def _lm_stage(
+    preset: Any, cfgs: tuple[Any, ...], options: dict[str, Any], dev: DeviceSpec, seq_len: int
+):
     from crossdiff.models.configs import count_parameters
 
     steps = int(options.get("steps", preset.training["steps"]))
@@ -143,10 +153,11 @@ def _lm_stage(preset: Any, cfgs: tuple[Any, ...], options: dict[str, Any], dev: 
     flops = memory = disk = tokens = 0
     for cfg in cfgs:
         counts = count_parameters(cfg)
-        n_tokens = steps * batch * cfg.n_ctx
-        attention = 12 * cfg.n_layers * cfg.n_ctx * cfg.d_model
+        s = min(seq_len, cfg.n_ctx)  # the token rows' length
+        n_tokens = steps * batch * s
+        attention = 12 * cfg.n_layers * s * cfg.d_model
         flops += (6 * (counts["active"] - counts["embedding"]) + attention) * n_tokens
-        s, b, h, a = cfg.n_ctx, batch, cfg.d_model, cfg.n_heads
+        b, h, a = batch, cfg.d_model, cfg.n_heads
         activations = cfg.n_layers * s * b * h * (34 + 5 * a * s / h)
         memory = max(memory, 16 * counts["total"] + activations + s * b * cfg.d_vocab * 6)
         disk += 4 * counts["total"] + 16 * counts["total"]  # weights + a checkpoint with AdamW
@@ -216,16 +227,22 @@ def _data_stage(options: dict[str, dict[str, Any]]) -> StageEstimate:
 
 
 def estimate_run(
-    options: dict[str, dict[str, Any]], device: str | torch.device | DeviceSpec = "cpu"
+    options: dict[str, dict[str, Any]],
+    device: str | torch.device | DeviceSpec = "cpu",
+    configs: tuple[Any, Any] | None = None,
 ) -> dict[str, StageEstimate]:
     """Predicted time, GPU (or host) memory and disk of each stage of a run with `options`
-    (pipeline.resolve_options) on `device`, in pipeline order."""
+    (pipeline.resolve_options) on `device`, in pipeline order. `configs`: the (dense, MoE)
+    HookedTransformerConfigs if known (trained models), else the models preset's."""
     dev = device if isinstance(device, DeviceSpec) else device_spec(device)
     preset, dense, moe = _model_configs(options)
+    if configs is not None:
+        dense, moe = configs
     d_store = _store_width(options, dense.d_model)
+    seq_len = _data_seq_len(options)
     return {
         "data": _data_stage(options),
-        "models": _lm_stage(preset, (dense, moe), options["models"], dev),
+        "models": _lm_stage(preset, (dense, moe), options["models"], dev, seq_len),
         "store": _store_stage(options, (dense, moe), dev),
         "crosscoder": _crosscoder_stage(options["crosscoder"], d_store, dev),
         "report": _report_stage(options, d_store, dev),
