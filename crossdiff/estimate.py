@@ -296,7 +296,7 @@ def check_disk(out_dir: str | Path, estimates: dict[str, StageEstimate]) -> int:
     free = shutil.disk_usage(probe).free
     wanted = int(needed * (1 + DISK_MARGIN_FRACTION)) + DISK_MARGIN_BYTES
     if wanted > free:
-        store = estimates["store"].disk_bytes
+        store = estimates["store"].disk_bytes if "store" in estimates else 0
         raise CrossdiffError(
             f"the run needs about {needed / GB:.1f} GB more disk in {out} (store "
             f"{store / GB:.1f} GB; {wanted / GB:.1f} GB with the margin) but the disk has "

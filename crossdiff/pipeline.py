@@ -151,7 +151,7 @@ def run_pipeline(
     out = Path(out_dir)
     check_output_dir(out)  # before the folder is made: a bad --out leaves nothing
     if info.is_main:  # predicted time and disk; a store that cannot fit is refused here
-        _print_estimates(out, options, torch_device)
+        _print_estimates(out, options, torch_device, stop_after)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out / "run.lock", f"run folder {out}", enabled=info.is_main):
         if info.is_main:  # written once the options are accepted and the folder is ours
@@ -163,11 +163,14 @@ def run_pipeline(
         )
 
 
-def _print_estimates(out: Path, options: dict[str, dict[str, Any]], device: Any) -> None:
+def _print_estimates(
+    out: Path, options: dict[str, dict[str, Any]], device: Any, stop_after: str | None
+) -> None:
     from crossdiff.estimate import check_disk, device_spec, estimate_lines, estimate_run
 
     spec = device_spec(device)
-    estimates = estimate_run(options, spec)
+    last = STAGES.index(stop_after) if stop_after else len(STAGES) - 1
+    estimates = {k: v for k, v in estimate_run(options, spec).items() if k in STAGES[: last + 1]}
     for line in estimate_lines(estimates, spec):
         print(f"[crossdiff] {line}")
     check_disk(out, estimates)

@@ -86,3 +86,15 @@ def test_run_refuses_before_making_the_folder(tmp_path, monkeypatch, capsys):
     assert not out.exists()
     printed = capsys.readouterr().out
     assert "store" in printed and "309.60 GB" in printed  # the per-stage table came first
+
+
+def test_a_run_that_stops_before_the_store_needs_no_room_for_it(tmp_path, monkeypatch, capsys):
+    from crossdiff import pipeline
+
+    _disk_of(monkeypatch, 64 * GIB)
+    options = resolve_options("paper")
+    pipeline._print_estimates(tmp_path / "run", options, "cpu", "models")  # no error
+    printed = capsys.readouterr().out
+    assert "models" in printed and "309.60" not in printed
+    with pytest.raises(CrossdiffError, match="--activations live"):
+        pipeline._print_estimates(tmp_path / "run", options, "cpu", "store")
