@@ -43,16 +43,28 @@ from crossdiff.pipeline import STAGES, resolve_options, run_pipeline
 OUT = Path(__file__).parent / "out" / "gpu_check.json"
 
 
-def check_options(micro: bool, lm_steps: int, harvest_tokens: int, cc_steps: int) -> dict:
+def check_options(
+    micro: bool,
+    lm_steps: int,
+    harvest_tokens: int,
+    cc_steps: int,
+    lm_batch_size: int | None = None,
+    report_tokens: int = 100_000,
+) -> dict:
     if micro:
         return resolve_options("micro", {"report": {"splice_sequences": 4}})
     options = resolve_options(
         "paper",
         {
-            "models": {"steps": lm_steps, "eval_every": lm_steps, "checkpoint_every": lm_steps},
+            "models": {
+                "steps": lm_steps,
+                "batch_size": lm_batch_size,
+                "eval_every": lm_steps,
+                "checkpoint_every": lm_steps,
+            },
             "store": {"n_tokens": harvest_tokens},
             "crosscoder": {"steps": cc_steps, "checkpoint_every": cc_steps},
-            "report": {"max_tokens": 100_000, "splice_sequences": 8},
+            "report": {"max_tokens": report_tokens, "splice_sequences": 8},
         },
     )
     # embedded corpus, tokenizer trained here: nothing downloaded
@@ -189,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lm-steps", type=int, default=200)
     parser.add_argument("--harvest-tokens", type=int, default=1_000_000)
     parser.add_argument("--crosscoder-steps", type=int, default=500)
+    parser.add_argument("--lm-batch-size", type=int, default=None, help="default: the paper's 64")
+    parser.add_argument("--report-tokens", type=int, default=100_000)
     parser.add_argument("--moe-repeats", type=int, default=10)
     parser.add_argument("--work", type=Path, default=None, help="run folder (default: a temp one)")
     parser.add_argument("--json", type=Path, default=OUT, help="where to write the results")
@@ -197,7 +211,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.micro:
         device = args.device or "cpu"
     spec = estimate.device_spec(device)
-    options = check_options(args.micro, args.lm_steps, args.harvest_tokens, args.crosscoder_steps)
+    options = check_options(
+        args.micro,
+        args.lm_steps,
+        args.harvest_tokens,
+        args.crosscoder_steps,
+        args.lm_batch_size,
+        args.report_tokens,
+    )
     work = args.work or Path(tempfile.mkdtemp(prefix="crossdiff-gpu-check-"))
     started = time.perf_counter()
     try:
