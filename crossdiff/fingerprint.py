@@ -62,12 +62,16 @@ def store_fingerprint(store: Any) -> str:
     acts = getattr(store, "acts", None)
     if isinstance(acts, Tensor):
         return tensor_fingerprint(acts)
+    own = getattr(store, "fingerprint", None)  # a live source names its own inputs
+    if isinstance(own, str):
+        return own
+    factors = getattr(store, "scaling_factors", None)
     described = {
         "type": type(store).__name__,
         "n_tokens": getattr(store, "n_tokens", None),
         "n_models": getattr(store, "n_models", None),
         "d_model": getattr(store, "d_model", None),
-        "scaling_factors": [float(v) for v in getattr(store, "scaling_factors", []) or []],
+        "scaling_factors": [] if factors is None else [float(v) for v in factors],
     }
     return fingerprint(described)
 

@@ -156,9 +156,11 @@ def run_pipeline(
     validate_run_options(options, seed=seed, device=torch_device, world_size=info.world_size)
     out = Path(out_dir)
     check_output_dir(out)  # before the folder is made: a bad --out leaves nothing
-    out.mkdir(parents=True, exist_ok=True)
     if choose_activations(options, out, activations, verbose=info.is_main) == "live":
         options["store"]["activations"] = "live"  # only then: store-path records keep their keys
+    if info.is_main:  # predicted time and disk; a store that cannot fit is refused here
+        _print_estimates(out, options, torch_device, stop_after)
+    out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out / "run.lock", f"run folder {out}", enabled=info.is_main):
         if info.is_main:  # written once the options are accepted and the folder is ours
             write_json_atomic(
@@ -179,19 +181,16 @@ def choose_activations(
     the free disk under `out`, else 'live' (said aloud)."""
     import shutil
 
-    from crossdiff.activations import load_pairing
-    from crossdiff.activations.live import store_bytes
-    from crossdiff.models.configs import get_preset
+    from crossdiff.estimate import store_bytes
 
     if requested is not None:
         if requested not in ACTIVATIONS:
             raise CrossdiffError(f"activations={requested!r}; expected one of {ACTIVATIONS}")
         return requested
-    store = options["store"]
-    n_sites = len(load_pairing(store.get("pairing", "paper")).sites)
-    width = n_sites * int(get_preset(options["models"].get("preset", "tiny")).model["d_model"])
-    need = store_bytes(store["n_tokens"], 2, width, store.get("dtype", "float16"))
-    free = shutil.disk_usage(out).free
+    store = {k: v for k, v in options["store"].items() if k != "activations"}
+    need = store_bytes({**options, "store": store})
+    where = next(p for p in (out, *out.parents) if p.exists())  # out may not exist yet
+    free = shutil.disk_usage(where).free
     choice = "store" if need <= 0.9 * free else "live"
     if verbose:
         reason = "fits" if choice == "store" else "does not fit"
@@ -209,6 +208,19 @@ def _live_store_tokens(options: dict[str, dict[str, Any]]) -> int:
     tokens are harvested). Twice the report's max_tokens, at most the run's n_tokens."""
     n_tokens = int(options["store"]["n_tokens"])
     return min(n_tokens, 2 * int(options["report"].get("max_tokens", n_tokens)))
+
+
+def _print_estimates(
+    out: Path, options: dict[str, dict[str, Any]], device: Any, stop_after: str | None
+) -> None:
+    from crossdiff.estimate import check_disk, device_spec, estimate_lines, estimate_run
+
+    spec = device_spec(device)
+    last = STAGES.index(stop_after) if stop_after else len(STAGES) - 1
+    estimates = {k: v for k, v in estimate_run(options, spec).items() if k in STAGES[: last + 1]}
+    for line in estimate_lines(estimates, spec):
+        print(f"[crossdiff] {line}")
+    check_disk(out, estimates)
 
 
 def _run_stages(
@@ -323,6 +335,7 @@ def _run_stages(
             resume=True,
             heldout_fraction=store_opts.get("heldout_fraction", 0.1),
             split_seed=seed,
+            model_dtype=store_opts.get("model_dtype"),  # default: bfloat16 on CUDA
         )
         mark_done(store_dir, store_opts, time.perf_counter() - t0)
     store = ActivationStore(store_dir)

@@ -16,7 +16,7 @@ import torch
 from crossdiff.common import DTYPES, CrossdiffError, resolve_dtype
 
 GIB = 2**30
-STORE_OPTIONS = ("pairing", "n_tokens", "dtype", "heldout_fraction")
+STORE_OPTIONS = ("pairing", "n_tokens", "dtype", "heldout_fraction", "model_dtype")
 REPORT_OPTIONS = ("split", "max_tokens", "splice_sequences")
 CROSSCODER_CONFIG_OPTIONS = (
     "expansion",

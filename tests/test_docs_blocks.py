@@ -79,6 +79,11 @@ SKIPPED = {
     ("docs/user-guide.md", "from crossdiff.activations import Pairing, harvest"):
         "model_a, model_b and tokens are the reader's own; examples/bring_your_own_models.py "
         "runs this end to end (tests/test_pipeline.py)",
+    ("docs/benchmarks.md", "bash benchmarks/gpu_check.sh        # under 8 minutes on one H200; "
+     "nothing downloaded"): "a shortened paper run on a GPU; tests/test_gpu_check.py runs it at "
+     "the micro size",
+    ("docs/distributed.md", "bash benchmarks/gpu_check.sh"):
+        "a shortened paper run on a GPU; tests/test_gpu_check.py runs it at the micro size",
     ("docs/store.md", "from crossdiff.activations import fold_scaling_factors"):
         "W_enc, b_enc, W_dec, b_dec are the weights of the reader's own crosscoder",
 }  # fmt: skip

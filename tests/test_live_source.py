@@ -13,7 +13,7 @@ from test_harvest import tiny_model
 from test_heldout import packed_token_set
 
 from crossdiff.activations import RunningStats, harvest
-from crossdiff.activations.live import LiveActivations, store_bytes
+from crossdiff.activations.live import LiveActivations
 from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
 from crossdiff.crosscoder.checkpoint import read_checkpoint
 
@@ -146,10 +146,6 @@ def test_a_resumed_live_run_equals_an_uninterrupted_one(setup, tmp_path):
         assert torch.allclose(tensor, resumed.state_dict()[name], atol=1e-6, rtol=0), name
     # the skipped steps ran no model: only the shards of the sample and the last 4 steps
     assert resumed_live.shards_computed == resumed_live.n_shards
-
-
-def test_store_bytes_estimate():
-    assert store_bytes(1000, 2, 768, "bfloat16") == 1000 * 2 * 768 * 2
 
 
 # --- `crossdiff run --activations live` ---------------------------------------------------------

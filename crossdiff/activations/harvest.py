@@ -325,6 +325,7 @@ class _PairRunner:
         self.expert_top_k: list[int] = []  # columns per expert hook, set by run()
         self.captured: list[dict[str, Tensor]] = [{}, {}]
         self.stops = []
+        self.model_dtype = torch.float32  # the forward passes' precision (autocast below it)
         for slot, model in enumerate(models):
             names_read = self._read_by(slot)
             self.stops.append(_stop_layer(model, names_read))
@@ -370,7 +371,11 @@ class _PairRunner:
         experts = None
         for slot in range(len(self.models)):
             self.captured[slot].clear()
-            self._forward(slot, tokens)
+            model = self.models[slot]
+            device = next(model.parameters()).device
+            autocast = self.model_dtype != torch.float32
+            with torch.autocast(device.type, dtype=self.model_dtype, enabled=autocast):
+                self._forward(slot, tokens)
             parts = []
             for hook in self.hooks[slot]:
                 parts.append(self._checked(slot, hook, batch, pos, first_row))
@@ -413,6 +418,21 @@ class _PairRunner:
                 "expected [batch, pos, top_k] or [batch*pos, top_k]"
             )
         return x.long()
+
+
+def _model_dtype(
+    model_dtype: str | torch.dtype | None, models: tuple[HookedTransformer, ...]
+) -> torch.dtype:
+    """The forward passes' precision: as asked, else bfloat16 when a model is on CUDA."""
+    if model_dtype is not None:
+        dtype = resolve_dtype(model_dtype)
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise CrossdiffError(
+                f"model_dtype={model_dtype!r}; expected float32, bfloat16 or float16"
+            )
+        return dtype
+    on_cuda = any(next(m.parameters()).device.type == "cuda" for m in models)
+    return torch.bfloat16 if on_cuda else torch.float32
 
 
 def _tokenizer_info(
@@ -561,6 +581,7 @@ def harvest(
     split_seed: int = 0,
     domains: Tensor | Sequence[int] | None = None,
     domain_names: Sequence[str] | None = None,
+    model_dtype: str | torch.dtype | None = None,
 ) -> ActivationStore:
     """Record both models' activations at the pairing's hook points into a store at `out_dir`.
 
@@ -580,7 +601,9 @@ def harvest(
     otherwise) until `n_tokens` are stored (default: all). `batch_size` is in rows. Re-running
     with the same arguments continues an interrupted harvest; a larger `n_tokens` extends it; a
     different token set is appended as a new segment. The models run in eval mode, each on its
-    own device (or both moved to `device` if given).
+    own device (or both moved to `device` if given). `model_dtype` is the precision their
+    forward passes run in (torch.autocast; the weights stay as they are): default bfloat16 on
+    CUDA and float32 on the CPU; "float32" turns autocast off.
 
     Under torchrun (`distributed=None` detects a process group of more than one process; True
     requires one, False harvests as if alone) every process must make the same call: each
@@ -617,6 +640,7 @@ def harvest(
             model_names=model_names, device=device, resume=resume, tokenizer=tokenizer,
             tokenizer_fingerprints=tokenizer_fingerprints, progress=progress,
             distributed=distributed, heldout_fraction=heldout_fraction, split_seed=split_seed,
+            model_dtype=model_dtype,
         )  # fmt: skip
 
 
@@ -664,6 +688,7 @@ def _harvest(
     distributed: bool,
     heldout_fraction: float,
     split_seed: int,
+    model_dtype: str | torch.dtype | None = None,
 ) -> ActivationStore:
     out_dir = Path(out_dir)
 
@@ -673,7 +698,7 @@ def _harvest(
             dtype=dtype, shard_tokens=shard_tokens, model_names=model_names, device=device,
             tokenizer=tokenizer, tokenizer_fingerprints=tokenizer_fingerprints,
             verbose=not distributed or dist_info().is_main,
-            heldout_fraction=heldout_fraction, split_seed=split_seed,
+            heldout_fraction=heldout_fraction, split_seed=split_seed, model_dtype=model_dtype,
         )  # fmt: skip
 
     if distributed:
@@ -721,6 +746,7 @@ def _prepare(
     verbose: bool,
     heldout_fraction: float = 0.1,
     split_seed: int = 0,
+    model_dtype: str | torch.dtype | None = None,
 ) -> _Job:
     """Check the inputs, place the models, probe the widths and build the store's header."""
     pairing = load_pairing(pairing)
@@ -750,6 +776,7 @@ def _prepare(
             f"note: neither model has {list(pairing.expert_indices)}; experts are stored as -1",
         )
     runner = _PairRunner(models, names, pairing, expert_slot)
+    runner.model_dtype = _model_dtype(model_dtype, models)
 
     kept_per_row = rows.keep.sum(dim=1)
     cumulative = kept_per_row.cumsum(0)
@@ -781,6 +808,7 @@ def _prepare(
         "hook_points": {names[0]: list(pairing.hooks_a), names[1]: list(pairing.hooks_b)},
         "pairing": pairing.to_dict(),
         "dtype": dtype_name(store_dtype),
+        "model_dtype": dtype_name(runner.model_dtype),
         "d_model": d_store,
         "d_models": widths,
         "experts": {

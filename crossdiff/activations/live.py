@@ -35,18 +35,12 @@ from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.pairing import Pairing
 from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
 from crossdiff.activations.store import StoreWriter, mask_ranges
-from crossdiff.common import CrossdiffError, resolve_dtype
+from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
 from crossdiff.distributed import DistInfo, dist_info, shard_rows
 from crossdiff.fingerprint import fingerprint
 
 SCALE_TOKENS = 2**20  # training tokens the scaling factors are estimated on (whole shards)
-
-
-def store_bytes(n_tokens: int, n_models: int, width: int, dtype: str | torch.dtype) -> int:
-    """Bytes of the activations of a store of `n_tokens` tokens (metadata and statistics add a
-    few percent): what `crossdiff run` compares with the free disk space."""
-    return int(n_tokens) * int(n_models) * int(width) * resolve_dtype(dtype).itemsize
 
 
 class _Capture(StoreWriter):

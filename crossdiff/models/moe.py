@@ -5,7 +5,8 @@ Parameters have TransformerLens's names and shapes (`W_gate` is the router, `exp
 `.W_gate`, `.W_out` are `nn.Linear` without bias) and the routing math is the same (softmax over
 all experts in float32, top-k, optional renormalisation), so state dicts move both ways.
 
-Dispatch: token slots are sorted by expert and each expert runs once on its contiguous block. In
+Dispatch: token slots are sorted by expert and each expert runs once on its contiguous block. On
+CUDA in bfloat16 all experts run as three grouped matmuls (crossdiff.models.grouped_mm). In
 the common case (SiLU experts, nothing hooked inside an expert, no autocast) all experts run in
 one autograd Function with a hand-written backward (`_GroupedSwiGLU`); otherwise each expert
 module is called on its block, which runs its own hooks.
@@ -27,6 +28,7 @@ from transformer_lens.HookedTransformer import HookedTransformer
 
 from crossdiff.common import CrossdiffError
 from crossdiff.distributed import all_reduce_sum_
+from crossdiff.models.grouped_mm import grouped_mm_usable, try_grouped_swiglu
 
 DEFAULT_LOAD_BALANCE_COEF = 0.01
 DEFAULT_Z_LOSS_COEF = 0.001
@@ -101,11 +103,13 @@ class CrossdiffMoE(CanBeUsedAsMLP):
         counts = torch.bincount(slot_experts, minlength=self.num_experts)
         x_flat = x.reshape(-1, d_model)
         expert_weights = [w.weight for e in self.experts for w in (e.W_gate, e.W_in, e.W_out)]
-        if self._fast_path_ok(x, expert_weights):
+        # CUDA in bfloat16: torch's grouped matmul (crossdiff.models.grouped_mm); None elsewhere
+        slot_out = self._grouped_mm_experts(x_flat, order, counts, expert_weights)
+        if slot_out is None and self._fast_path_ok(x, expert_weights):
             slot_out = _GroupedSwiGLU.apply(
                 x_flat, order, counts.tolist(), self.experts_per_token, *expert_weights
             )
-        else:
+        elif slot_out is None:
             slot_out = self._run_expert_modules(x_flat, order, counts)
         expert_out = slot_out.view(batch, pos, self.experts_per_token, d_model)
         expert_out = self.hook_expert_out(expert_out * weights.unsqueeze(-1))
@@ -127,6 +131,29 @@ class CrossdiffMoE(CanBeUsedAsMLP):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         indices = self.hook_expert_indices(indices)
         return weights.to(dtype), indices, probs
+
+    def _grouped_mm_experts(
+        self,
+        x: Float[Tensor, "tokens d_model"],
+        order: Int[Tensor, " slots"],
+        counts: Int[Tensor, " experts"],
+        expert_weights: list[Tensor],
+    ) -> Float[Tensor, "slots d_model"] | None:
+        """The experts as three grouped matmuls when the kernel applies (CUDA, bfloat16, SiLU,
+        nothing hooked inside an expert; see grouped_mm_usable), else None."""
+        d_mlp = expert_weights[0].shape[0]
+        usable = grouped_mm_usable(x, expert_weights[0].dtype, x.shape[-1], d_mlp)
+        if not usable or self.experts[0].act_fn is not F.silu or self._expert_hooks_used():
+            return None
+        w_gate, w_in, w_out = (torch.stack(list(ws)) for ws in _per_kind(expert_weights))
+        return try_grouped_swiglu(x, order, counts, self.experts_per_token, w_gate, w_in, w_out)
+
+    def _expert_hooks_used(self) -> bool:
+        return any(
+            hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks
+            for expert in self.experts
+            for hp in (expert.hook_gate, expert.hook_pre, expert.hook_post)
+        )
 
     def _fast_path_ok(self, x: Tensor, expert_weights: list[Tensor]) -> bool:
         """`_GroupedSwiGLU` computes SiLU experts without calling their modules, in x's dtype,
