@@ -84,6 +84,12 @@ SKIPPED = {
      "the micro size",
     ("docs/distributed.md", "bash benchmarks/gpu_check.sh"):
         "a shortened paper run on a GPU; tests/test_gpu_check.py runs it at the micro size",
+    ("README.md", "from transformer_lens.model_bridge import TransformerBridge"):
+        "model_a, hf_folder and tokens are the reader's own; tests/test_any_models.py runs it as "
+        "written with tiny local models",
+    ("README.md", "# dense_48, moe_32: HookedTransformers of d_model 48 and 32 (e.g. "
+     "crossdiff.build_model("): "dense_48, moe_32 and data are the reader's own; "
+        "tests/test_widths.py runs it as written with tiny models",
     ("docs/store.md", "from crossdiff.activations import fold_scaling_factors"):
         "W_enc, b_enc, W_dec, b_dec are the weights of the reader's own crosscoder",
 }  # fmt: skip

@@ -259,3 +259,32 @@ def test_train_crosscoder_command_reads_the_store_widths(tmp_path, monkeypatch):
     assert cc.cfg.widths == (48, 32) and cc.padding_max_abs() == 0.0
     record = json.loads((out / "training.json").read_text())
     assert record["config"]["d_models"] == [48, 32]
+
+
+@pytest.mark.slow
+def test_readme_widths_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The README's two-width block, run as written with tiny models of d_model 48 and 32."""
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from crossdiff.activations import load_pairing
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("Models of different widths") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {
+        "crossdiff": crossdiff,
+        "harvest": harvest,
+        "load_pairing": load_pairing,
+        "dense_48": tiny_model(seed=0, d_model=48),
+        "moe_32": tiny_model(seed=1, d_model=32, moe=True),
+        "data": SimpleNamespace(train=tiny_token_set(n_seq=300, seq_len=16)),
+    }
+    exec(compile(code, "README.md", "exec"), namespace)
+    store, cc = namespace["store"], namespace["cc"]
+    assert store.d_models == [48, 32]
+    assert tuple(cc.cfg.d_models) == (48, 32) and cc.padding_max_abs() == 0.0
+    result = crossdiff.evaluate_crosscoder(cc, store)
+    assert all(v > 0 for v in result["fve_per_model"])  # better than each model's mean
