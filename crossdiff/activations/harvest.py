@@ -421,7 +421,7 @@ class _PairRunner:
 
 
 def _model_dtype(
-    model_dtype: str | torch.dtype | None, models: tuple[HookedTransformer, ...]
+    model_dtype: str | torch.dtype | None, models: tuple[LensModel, ...]
 ) -> torch.dtype:
     """The forward passes' precision: as asked, else bfloat16 when a model is on CUDA."""
     if model_dtype is not None:

@@ -28,9 +28,8 @@ import torch
 import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
-from crossdiff.activations.harvest import _eval_mode, _fill, _Job, _prepare
+from crossdiff.activations.harvest import LensModel, _eval_mode, _fill, _Job, _prepare
 from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.pairing import Pairing
 from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
@@ -68,8 +67,8 @@ class LiveActivations:
 
     def __init__(
         self,
-        model_a: HookedTransformer,
-        model_b: HookedTransformer,
+        model_a: LensModel,
+        model_b: LensModel,
         token_set: TokenSet | Tensor,
         pairing: Pairing | str | Path,
         *,
