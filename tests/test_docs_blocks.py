@@ -90,6 +90,9 @@ SKIPPED = {
     ("README.md", "# dense_48, moe_32: HookedTransformers of d_model 48 and 32 (e.g. "
      "crossdiff.build_model("): "dense_48, moe_32 and data are the reader's own; "
         "tests/test_widths.py runs it as written with tiny models",
+    ("docs/models.md", "from transformer_lens import HookedTransformer"):
+        "downloads OLMoE from the Hugging Face hub; tests/test_moe_swap.py checks the swap on "
+        "random-weight OLMoE, Mixtral and GPT-OSS configs",
     ("docs/store.md", "from crossdiff.activations import fold_scaling_factors"):
         "W_enc, b_enc, W_dec, b_dec are the weights of the reader's own crosscoder",
 }  # fmt: skip
