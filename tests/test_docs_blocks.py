@@ -93,6 +93,9 @@ SKIPPED = {
     ("docs/models.md", "from transformer_lens import HookedTransformer"):
         "downloads OLMoE from the Hugging Face hub; tests/test_moe_swap.py checks the swap on "
         "random-weight OLMoE, Mixtral and GPT-OSS configs",
+    ("docs/store.md", "from crossdiff.activations.live import LiveActivations"):
+        "the paper's size on a GPU; tests/test_live_source.py trains from a live source at a "
+        "small size",
     ("docs/store.md", "from crossdiff.activations import fold_scaling_factors"):
         "W_enc, b_enc, W_dec, b_dec are the weights of the reader's own crosscoder",
 }  # fmt: skip
