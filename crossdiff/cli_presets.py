@@ -15,11 +15,12 @@ from crossdiff.common import CrossdiffError
 
 # the names of crossdiff.pipeline.RUN_PRESETS (a test keeps them equal); listed here so that
 # building the parser does not import the pipeline
-PRESET_NAMES = ("micro", "paper", "tiny")
+PRESET_NAMES = ("micro", "paper", "small", "tiny")
 
 PRESET_HELP = (
-    "options of a `crossdiff run` preset for this stage: tiny (2-core CPU in minutes), micro "
-    "(seconds; tests) or paper (the seed paper on a GPU); flags given here override them"
+    "options of a `crossdiff run` preset for this stage: tiny (2-core CPU in minutes), small "
+    "(a larger pair; about an hour with controls), micro (seconds; tests) or paper (the seed "
+    "paper on a GPU); flags given here override them"
 )
 
 

@@ -26,7 +26,7 @@ import contextlib
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,13 +240,37 @@ def estimate_run(
         dense, moe = configs
     d_store = _store_width(options, dense.d_model)
     seq_len = _data_seq_len(options)
-    return {
-        "data": _data_stage(options),
-        "models": _lm_stage(preset, (dense, moe), options["models"], dev, seq_len),
-        "store": _store_stage(options, (dense, moe), dev),
-        "crosscoder": _crosscoder_stage(options["crosscoder"], d_store, dev),
-        "report": _report_stage(options, d_store, dev),
-    }
+    models = _lm_stage(preset, (dense, moe), options["models"], dev, seq_len)
+    store = _store_stage(options, (dense, moe), dev)
+    crosscoder = _crosscoder_stage(options["crosscoder"], d_store, dev)
+    out = {"data": _data_stage(options), "models": models, "store": store, "crosscoder": crosscoder}
+    n_seeds = int(options.get("replicates", {}).get("crosscoder_seeds", 1))
+    if n_seeds > 1:
+        out["cc seeds"] = _times(crosscoder, n_seeds - 1)
+    if options.get("controls", {}).get("enabled"):
+        # the control models are the main ones again; dense vs dense' and MoE vs MoE' cost about
+        # what dense vs MoE costs (same widths), each with every crosscoder seed
+        out |= {
+            "ctl models": models,
+            "ctl stores": _times(store, 2),
+            "ctl ccs": _times(crosscoder, 2 * n_seeds),
+        }
+    out["report"] = _report_stage(options, d_store, dev)
+    if n_seeds > 1 or options.get("controls", {}).get("enabled"):
+        n_diffs = n_seeds * (3 if options.get("controls", {}).get("enabled") else 1)
+        out["report"] = replace(_times(out["report"], n_diffs), disk_bytes=out["report"].disk_bytes)
+    return out
+
+
+def _times(stage: StageEstimate, n: int) -> StageEstimate:
+    """`stage` done n times over (time, disk, FLOPs and tokens; memory is that of one)."""
+    return replace(
+        stage,
+        seconds=None if stage.seconds is None else stage.seconds * n,
+        disk_bytes=stage.disk_bytes * n,
+        flops=stage.flops * n,
+        tokens=stage.tokens * n,
+    )
 
 
 def _human_time(seconds: float | None) -> str:

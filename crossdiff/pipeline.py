@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossdiff import stage_record
 from crossdiff.common import (
     CrossdiffError,
     add_runtime_arguments,
@@ -27,17 +26,16 @@ from crossdiff.common import (
     write_json_atomic,
 )
 from crossdiff.lock import folder_lock
+from crossdiff.stage_runner import (
+    BASE_STAGES,
+    StageRunner,
+    controls_enabled,
+    crosscoder_seeds,
+    stage_graph,
+)
 from crossdiff.validation import validate_run_options
 
-STAGES = ("data", "models", "store", "crosscoder", "report")
-# the stages whose output each stage reads (their output fingerprints are its inputs)
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "data": (),
-    "models": ("data",),
-    "store": ("data", "models"),
-    "crosscoder": ("store",),
-    "report": ("data", "store", "crosscoder"),
-}
+STAGES = BASE_STAGES  # the stages --stop-after names; see stage_runner for the whole graph
 
 # Options per preset and stage. `micro` is the reduced size the tests and CI examples run.
 RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -60,6 +58,29 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             # 1/32 (the anchors' weight) leaves a third of the latents dead in a run this short;
             # 0.25 brings that to about 4% at the same FVE (measured on the tiny store)
             "aux_loss_coefficient": 0.25,
+        },
+        "report": {"split": "paper", "max_tokens": 200_000},
+    },
+    # tiny's corpus and tokenizer, a larger and longer-trained pair (d_model 256), a 2,048-latent
+    # crosscoder: sized so that --controls --crosscoder-seeds 3 runs in about 60-90 minutes on a
+    # 2-core CPU (docs/findings.md)
+    "small": {
+        "data": {"source": "embedded", "preset": "tiny"},
+        "models": {"preset": "small"},
+        "store": {
+            "pairing": "paper",
+            "n_tokens": 300_000,
+            "dtype": "float16",
+            "heldout_fraction": 0.1,
+        },
+        "crosscoder": {
+            "expansion": 8,
+            "k": 32,
+            "n_shared": 0,
+            "shared_decoder": "free",
+            "steps": 1000,
+            "batch_size": 1024,
+            "aux_loss_coefficient": 0.25,  # as tiny: keeps the dead fraction low in a short run
         },
         "report": {"split": "paper", "max_tokens": 200_000},
     },
@@ -103,6 +124,13 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# run-wide sections next to the stages' options: extra crosscoder seeds, and the controls
+RUN_SECTIONS: dict[str, dict[str, Any]] = {
+    "replicates": {"crosscoder_seeds": 1},
+    "controls": {"enabled": False},
+}
+
+
 @dataclass
 class RunSummary:
     out_dir: Path
@@ -118,9 +146,14 @@ def resolve_options(
     if preset not in RUN_PRESETS:
         raise CrossdiffError(f"unknown preset {preset!r}; known presets: {sorted(RUN_PRESETS)}")
     options = copy.deepcopy(RUN_PRESETS[preset])
+    for section, defaults in RUN_SECTIONS.items():
+        options.setdefault(section, dict(defaults))
     for stage, values in (overrides or {}).items():
         if stage not in options:
-            raise CrossdiffError(f"unknown stage {stage!r} in overrides; stages are {STAGES}")
+            raise CrossdiffError(
+                f"unknown stage {stage!r} in overrides; stages are {STAGES} (and the sections "
+                f"{tuple(RUN_SECTIONS)})"
+            )
         options[stage].update({k: v for k, v in values.items() if v is not None})
     return options
 
@@ -139,8 +172,12 @@ def run_pipeline(
 
     activations: 'store' harvests the paired activations into a store on disk and trains from
     it; 'live' trains from the models' activations computed on the fly (LiveActivations) and
-    harvests only a small store for the report (see _live_store_tokens); None chooses 'store'
-    when the estimated store fits in 90% of the free disk, else 'live', and says so.
+    harvests only a small store for the report (see replication.live_store_tokens); None
+    chooses 'store' when the estimated store fits in 90% of the free disk, else 'live'.
+
+    options["replicates"]["crosscoder_seeds"] = N trains N crosscoders per pair (seeds seed ..
+    seed + N - 1); options["controls"]["enabled"] also trains the same-architecture controls
+    (see crossdiff.replication). The report then holds their comparison.
 
     Under torchrun the language models, the harvest and the crosscoder run data-parallel over
     all processes (docs/distributed.md); rank 0 prepares the data first, writes the stage
@@ -202,14 +239,6 @@ def choose_activations(
     return choice
 
 
-def _live_store_tokens(options: dict[str, dict[str, Any]]) -> int:
-    """Tokens of the small store a live run harvests for the report: its held-out part holds the
-    documents live training left out (the split depends on the whole token set, not on how many
-    tokens are harvested). Twice the report's max_tokens, at most the run's n_tokens."""
-    n_tokens = int(options["store"]["n_tokens"])
-    return min(n_tokens, 2 * int(options["report"].get("max_tokens", n_tokens)))
-
-
 def _print_estimates(
     out: Path, options: dict[str, dict[str, Any]], device: Any, stop_after: str | None
 ) -> None:
@@ -217,7 +246,13 @@ def _print_estimates(
 
     spec = device_spec(device)
     last = STAGES.index(stop_after) if stop_after else len(STAGES) - 1
-    estimates = {k: v for k, v in estimate_run(options, spec).items() if k in STAGES[: last + 1]}
+    wanted = set(STAGES[: last + 1])
+    # the extra seeds' and the controls' stages run with the crosscoder stage
+    estimates = {
+        k: v
+        for k, v in estimate_run(options, spec).items()
+        if k in wanted or (k not in STAGES and "crosscoder" in wanted)
+    }
     for line in estimate_lines(estimates, spec):
         print(f"[crossdiff] {line}")
     check_disk(out, estimates)
@@ -231,73 +266,30 @@ def _run_stages(
     torch_device: Any,
     stop_after: str | None,
 ) -> RunSummary:
-    from crossdiff.activations import ActivationStore, harvest, load_pairing
-    from crossdiff.analysis import diff_features
-    from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, train_crosscoder
-    from crossdiff.crosscoder.config import store_widths
     from crossdiff.data import prepare_data
     from crossdiff.distributed import barrier, dist_info, main_process_first
-    from crossdiff.models import load_model, train_language_models
-    from crossdiff.report import write_report
+    from crossdiff.models import train_language_models
+    from crossdiff.replication import harvest_pair, train_pair_crosscoder, train_replicates
 
     info = dist_info()
-    summary = RunSummary(out_dir=out)
-    outputs: dict[str, str] = {}  # stage -> its output fingerprint
-    started: dict[str, tuple[dict[str, str], str]] = {}  # stage -> (its inputs, its key)
-
-    def stage(name: str) -> tuple[Path, dict[str, Any], bool]:
-        stage_dir = out / name
-        stage_options = {**options[name], "seed": seed}
-        inputs = {up: outputs[up] for up in STAGE_INPUTS[name]}
-        later = list(STAGES[STAGES.index(name) + 1 :])
-        reused = all(up in summary.skipped for up in STAGE_INPUTS[name])
-        decision = stage_record.decide(
-            name, stage_dir, stage_options, inputs, later, inputs_reused=reused
-        )
-        barrier()  # every rank has read the records before rank 0 changes them
-        if info.is_main:
-            print(f"[crossdiff] {name}: {decision.message}")
-            if decision.action == "redo":
-                removed = stage_record.clear([stage_dir] + [out / s for s in later])
-                if removed:
-                    print(f"[crossdiff] removed {', '.join(str(p) for p in removed)}")
-            if decision.action == "adopt":  # give the older record its fingerprints
-                seconds = float(decision.record.get("seconds", 0.0))
-                stage_record.write_done(stage_dir, stage_options, inputs, decision.key, seconds)
-            if not decision.done:
-                stage_record.write_pending(stage_dir, stage_options, inputs, decision.key)
-        barrier()
-        if decision.done:
-            summary.skipped.append(name)
-            outputs[name] = stage_record.output_of(stage_dir)
-        started[name] = (inputs, decision.key)
-        return stage_dir, stage_options, decision.done
-
-    def mark_done(stage_dir: Path, stage_options: dict[str, Any], seconds: float) -> None:
-        name = stage_dir.name
-        inputs, key = started[name]
-        if info.is_main:
-            stage_record.write_done(stage_dir, stage_options, inputs, key, seconds)
-        barrier()  # the record (and its output fingerprint) is on disk for every rank
-        outputs[name] = stage_record.output_of(stage_dir)
+    runner = StageRunner(out, stage_graph(options), info.is_main, barrier)
+    summary = RunSummary(out_dir=out, skipped=runner.skipped)
 
     # 1. corpus, tokenizer, token sets (prepare_data resumes and checks its own options)
-    data_dir, data_opts, data_done = stage("data")
     t0 = time.perf_counter()
-    data_kwargs = {k: v for k, v in data_opts.items() if k != "seed"}
+    data_dir, data_done = runner.begin("data", {**options["data"], "seed": seed})
     with main_process_first():  # rank 0 builds the data; the other ranks then reuse it
-        data = prepare_data(data_dir, seed=seed, **data_kwargs)
+        data = prepare_data(data_dir, seed=seed, **options["data"])
     if not data_done:
-        mark_done(data_dir, data_opts, time.perf_counter() - t0)
+        runner.finish("data", time.perf_counter() - t0)
     summary.stage_seconds["data"] = time.perf_counter() - t0
     if stop_after == "data":
         return summary
 
     # 2. dense and MoE language models on the same tokens
-    models_dir, models_opts, models_done = stage("models")
     t0 = time.perf_counter()
+    models_dir, models_done = runner.begin("models", {**options["models"], "seed": seed})
     if not models_done:
-        model_kwargs = {k: v for k, v in models_opts.items() if k != "seed"}
         train_language_models(
             data.train,
             data.heldout,
@@ -305,9 +297,9 @@ def _run_stages(
             tokenizer=data.tokenizer,
             seed=seed,
             device=str(torch_device),
-            **model_kwargs,
+            **options["models"],
         )
-        mark_done(models_dir, models_opts, time.perf_counter() - t0)
+        runner.finish("models", time.perf_counter() - t0)
     summary.stage_seconds["models"] = time.perf_counter() - t0
     eval_path = models_dir / "eval.json"
     if eval_path.exists():
@@ -316,75 +308,49 @@ def _run_stages(
         return summary
 
     # 3. paired activations
-    store_dir, store_opts, store_done = stage("store")
     t0 = time.perf_counter()
-    live = store_opts.get("activations") == "live"
-    if not store_done:
-        dense = load_model(models_dir / "dense", device=str(torch_device))
-        moe = load_model(models_dir / "moe", device=str(torch_device))
-        harvest(
-            dense,
-            moe,
-            data.train,
-            load_pairing(store_opts["pairing"]),
-            store_dir,
-            n_tokens=_live_store_tokens(options) if live else store_opts["n_tokens"],
-            dtype=store_opts["dtype"],
-            model_names=("dense", "moe"),
-            device=str(torch_device),
-            resume=True,
-            heldout_fraction=store_opts.get("heldout_fraction", 0.1),
-            split_seed=seed,
-            model_dtype=store_opts.get("model_dtype"),  # default: bfloat16 on CUDA
-        )
-        mark_done(store_dir, store_opts, time.perf_counter() - t0)
-    store = ActivationStore(store_dir)
+    main_pair = ((models_dir / "dense", "dense"), (models_dir / "moe", "moe"))
+    store = harvest_pair(runner, "store", main_pair, options, data, seed, torch_device)
     summary.stage_seconds["store"] = time.perf_counter() - t0
     if stop_after == "store":
         return summary
 
-    # 4. crosscoder
-    cc_dir, cc_opts, cc_done = stage("crosscoder")
+    # 4. crosscoders: the main one, one per extra seed, and the controls' (with --controls)
     t0 = time.perf_counter()
-    if cc_done:
-        crosscoder = CrossCoder.load(cc_dir)
-    else:
-        cc_kwargs = dict(cc_opts)
-        cc_kwargs.pop("seed")
-        expansion = cc_kwargs.pop("expansion")
-        cfg = CrossCoderConfig(
-            n_models=store.n_models,
-            d_model=store.d_model,
-            d_models=store_widths(store),
-            d_sae=int(expansion * store.d_model),
-            k=cc_kwargs.pop("k"),
-            n_shared=cc_kwargs.pop("n_shared", 0),
-            shared_decoder=cc_kwargs.pop("shared_decoder", "free"),
-            dtype=cc_kwargs.pop("dtype", "float32"),
-            **(
-                {"shared_penalty_ratio": cc_kwargs.pop("shared_penalty_ratio")}
-                if "shared_penalty_ratio" in cc_kwargs
-                else {}
-            ),
-        )
-        crosscoder = train_crosscoder(
-            _live_source(store_opts, data, models_dir, seed, torch_device) if live else store,
-            cfg,
-            seed=seed,
-            device=str(torch_device),
-            checkpoint_dir=cc_dir / "checkpoints",
-            resume=True,
-            **cc_kwargs,
-        )
-        if info.is_main:
-            crosscoder.save(cc_dir)
-        mark_done(cc_dir, cc_opts, time.perf_counter() - t0)
+    crosscoder = train_pair_crosscoder(
+        runner, "crosscoder", store, main_pair, options, data, seed, torch_device
+    )
     summary.stage_seconds["crosscoder"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train_replicates(runner, store, main_pair, options, data, seed, torch_device)
+    if crosscoder_seeds(options) > 1:
+        summary.stage_seconds["crosscoder seeds"] = time.perf_counter() - t0
+    if controls_enabled(options):
+        from crossdiff.replication import run_controls
+
+        run_controls(runner, summary, models_dir, options, data, seed, torch_device)
     if stop_after == "crosscoder" or not info.is_main:
         return summary  # the report is one process's work
 
     # 5. feature diff and report (cheap: always redone, so it reflects the current code)
-    report_dir = out / "report"
+    _report(runner, summary, crosscoder, store, models_dir, options, data, seed, torch_device)
+    return summary
+
+
+def _report(
+    runner: StageRunner,
+    summary: RunSummary,
+    crosscoder: Any,
+    store: Any,
+    models_dir: Path,
+    options: dict[str, dict[str, Any]],
+    data: Any,
+    seed: int,
+    torch_device: Any,
+) -> None:
+    from crossdiff.analysis import diff_features
+    from crossdiff.report import write_report
+
     t0 = time.perf_counter()
     diff = diff_features(
         crosscoder,
@@ -396,44 +362,21 @@ def _run_stages(
     spliced = _spliced_loss(crosscoder, store, models_dir, data.heldout, options, torch_device)
     if spliced is not None:
         diff.summary["spliced_loss"] = spliced
-    summary.report_paths = write_report(diff, report_dir, models=models_dir)
-    report_options = {**options["report"], "seed": seed}
-    report_inputs = {up: outputs[up] for up in STAGE_INPUTS["report"]}
-    report_key = stage_record.stage_key(report_options, report_inputs)
-    seconds = time.perf_counter() - t0
-    stage_record.write_done(report_dir, report_options, report_inputs, report_key, seconds)
+    if crosscoder_seeds(options) > 1 or controls_enabled(options):
+        from crossdiff.replication import replication_summary
+
+        diff.summary.update(replication_summary(runner.out, diff, options, data, seed))
+    summary.report_paths = write_report(diff, runner.out / "report", models=models_dir)
+    runner.record_report({**options["report"], "seed": seed}, time.perf_counter() - t0)
     summary.stage_seconds["report"] = time.perf_counter() - t0
     summary.metrics["diff"] = diff.summary
     write_json_atomic(
-        out / "summary.json",
+        runner.out / "summary.json",
         {
             "stage_seconds": {k: round(v, 2) for k, v in summary.stage_seconds.items()},
             "skipped": summary.skipped,
             "report": {k: str(v) for k, v in summary.report_paths.items()},
         },
-    )
-    return summary
-
-
-def _live_source(
-    store_opts: dict[str, Any], data: Any, models_dir: Path, seed: int, device: Any
-) -> Any:
-    """The live activations of the store stage's harvest (same tokens, split and dtype)."""
-    from crossdiff.activations import load_pairing
-    from crossdiff.activations.live import LiveActivations
-    from crossdiff.models import load_model
-
-    return LiveActivations(
-        load_model(models_dir / "dense", device=str(device)),
-        load_model(models_dir / "moe", device=str(device)),
-        data.train,
-        load_pairing(store_opts["pairing"]),
-        n_tokens=store_opts["n_tokens"],
-        dtype=store_opts["dtype"],
-        model_names=("dense", "moe"),
-        device=str(device),
-        heldout_fraction=store_opts.get("heldout_fraction", 0.1),
-        split_seed=seed,
     )
 
 
@@ -516,7 +459,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         default="tiny",
         choices=sorted(RUN_PRESETS),
-        help="tiny: 2-core CPU in minutes; micro: seconds (tests); paper: the seed paper on a GPU",
+        help=(
+            "tiny: 2-core CPU in minutes; small: a larger pair (about an hour with --controls "
+            "--crosscoder-seeds 3); micro: seconds (tests); paper: the seed paper on a GPU"
+        ),
     )
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder")
     parser.add_argument("--stop-after", choices=STAGES, default=None, help="stop after this stage")
@@ -537,6 +483,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
+        "--controls",
+        action="store_true",
+        default=None,
+        help=(
+            "also train a second dense and a second MoE model (another init seed, the same "
+            "tokens in the same order) and crosscoders for dense vs dense' and MoE vs MoE'; the "
+            "report compares dense vs MoE with these same-architecture pairs"
+        ),
+    )
+    parser.add_argument(
+        "--crosscoder-seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train N crosscoders (seeds seed..seed+N-1) per pair; the report gives the spread",
+    )
+    parser.add_argument(
         "--splice-sequences",
         type=int,
         default=None,
@@ -554,6 +517,8 @@ def _main(args: argparse.Namespace) -> int:
         "models": {"steps": args.lm_steps},
         "store": {"n_tokens": args.harvest_tokens, "pairing": args.pairing},
         "report": {"splice_sequences": args.splice_sequences},
+        "replicates": {"crosscoder_seeds": args.crosscoder_seeds},
+        "controls": {"enabled": args.controls},
         "crosscoder": {
             "steps": args.crosscoder_steps,
             "k": args.k,

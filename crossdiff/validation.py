@@ -18,6 +18,9 @@ from crossdiff.common import DTYPES, CrossdiffError, resolve_dtype
 GIB = 2**30
 STORE_OPTIONS = ("pairing", "n_tokens", "dtype", "heldout_fraction", "model_dtype")
 REPORT_OPTIONS = ("split", "max_tokens", "splice_sequences")
+REPLICATES_OPTIONS = ("crosscoder_seeds",)
+CONTROLS_OPTIONS = ("enabled",)
+MAX_CROSSCODER_SEEDS = 32
 CROSSCODER_CONFIG_OPTIONS = (
     "expansion",
     "k",
@@ -49,6 +52,8 @@ def allowed_options() -> dict[str, set[str]]:
         "store": set(STORE_OPTIONS),
         "crosscoder": set(CROSSCODER_CONFIG_OPTIONS) | cc_training,
         "report": set(REPORT_OPTIONS),
+        "replicates": set(REPLICATES_OPTIONS),
+        "controls": set(CONTROLS_OPTIONS),
     }
 
 
@@ -176,6 +181,16 @@ def validate_run_options(
     held = store.get("heldout_fraction", 0.1)
     if not isinstance(held, int | float) or not 0 <= held <= 0.5:
         problems.append(f"store: heldout_fraction={held!r} must be in [0, 0.5]")
+
+    seeds = options.get("replicates", {}).get("crosscoder_seeds", 1)
+    if not (_is_int(seeds) and 1 <= seeds <= MAX_CROSSCODER_SEEDS):
+        problems.append(
+            f"replicates: crosscoder_seeds={seeds!r} must be an integer in "
+            f"[1, {MAX_CROSSCODER_SEEDS}] (--crosscoder-seeds N trains N crosscoders)"
+        )
+    enabled = options.get("controls", {}).get("enabled", False)
+    if not isinstance(enabled, bool):
+        problems.append(f"controls: enabled={enabled!r} must be true or false (--controls)")
 
     cc = options["crosscoder"]
     for key in ("steps", "batch_size"):

@@ -77,9 +77,11 @@ def test_more_experts_per_token_than_experts_is_an_error():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(CrossdiffError, match=r"unknown model preset 'huge'.*\['paper', 'tiny'\]"):
+    with pytest.raises(
+        CrossdiffError, match=r"unknown model preset 'huge'.*\['paper', 'small', 'tiny'\]"
+    ):
         dense_config("huge")
-    assert set(PRESETS) == {"tiny", "paper"}
+    assert set(PRESETS) == {"tiny", "small", "paper"}
 
 
 @pytest.mark.parametrize(
@@ -105,3 +107,10 @@ def test_dense_config_refuses_experts():
 
 def test_dtype_may_be_given_by_name():
     assert dense_config("tiny", dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_matched_configs_with_only_a_dense_width_keeps_the_presets_experts():
+    """d_mlp alone must not be checked against a default of one expert (it is the preset's 8)."""
+    dense, moe = matched_configs("tiny", d_mlp=1024)
+    assert dense.d_mlp == 1024
+    assert (moe.num_experts, moe.experts_per_token, moe.d_mlp) == (8, 2, 512)

@@ -56,6 +56,23 @@ PRESETS: dict[str, Preset] = {
             checkpoint_every=100,
         ),
     ),
+    # the largest pair whose `crossdiff run --preset small --controls --crosscoder-seeds 3` (four
+    # models, nine crosscoders) fits in about 60-90 minutes on a 2-core CPU (docs/findings.md)
+    "small": Preset(
+        description="a 2-core CPU in about 10 minutes per pair; d_model 256, vocab 4096",
+        model=_SHARED | dict(d_model=256, n_heads=4, d_head=64, n_ctx=256, d_vocab=4096),
+        d_mlp=1024,
+        num_experts=8,
+        experts_per_token=2,
+        training=dict(
+            steps=1200,
+            batch_size=8,
+            lr=3e-3,
+            warmup=60,
+            eval_every=200,
+            checkpoint_every=200,
+        ),
+    ),
     "paper": Preset(
         description="the seed paper's scale (GPU): d_model 768, GPT-2 vocabulary 50257",
         model=_SHARED | dict(d_model=768, n_heads=12, d_head=64, n_ctx=1024, d_vocab=50257),
@@ -123,8 +140,10 @@ def matched_configs(
     dense = dense_config(preset, **overrides)
     moe_overrides = overrides | moe_only
     if "d_mlp" in overrides:
-        k = moe_only.get("experts_per_token", get_preset(preset).experts_per_token)
-        _check_experts(dict(num_experts=moe_only.get("num_experts", 1), experts_per_token=k))
+        base = get_preset(preset)
+        k = moe_only.get("experts_per_token", base.experts_per_token)
+        n = moe_only.get("num_experts", base.num_experts)
+        _check_experts(dict(num_experts=n, experts_per_token=k))
         moe_overrides["d_mlp"] = max(1, overrides["d_mlp"] // k)
     return dense, moe_config(preset, **moe_overrides)
 

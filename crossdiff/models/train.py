@@ -104,9 +104,15 @@ class TrainOptions:
     load_balance_coef: float = DEFAULT_LOAD_BALANCE_COEF
     z_loss_coef: float = DEFAULT_Z_LOSS_COEF
     autocast: bool = False  # bfloat16 autocast of the forward (fp32 weights, AdamW and loss)
+    # the weights' initialization seed; None: `seed`, which also orders the batches. A control
+    # model (crossdiff run --controls) differs from its twin only by this.
+    init_seed: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self.__dict__))
+        out = json.loads(json.dumps(self.__dict__))
+        if out["init_seed"] is None:  # a model trained before init_seed keeps its settings
+            del out["init_seed"]
+        return out
 
 
 @dataclass
@@ -142,6 +148,7 @@ def train_language_models(
     threads: int | None = None,
     parallel: bool | None = None,
     autocast: bool | None = None,
+    init_seed: int | None = None,
 ) -> TrainedModels:
     """Train the dense and the MoE model of `preset` (or the given configs) on `train`, evaluate
     on `heldout`, and write everything under `out_dir` (see the module docstring).
@@ -164,6 +171,10 @@ def train_language_models(
 
     `autocast` (default: on for CUDA) runs the forward under bfloat16 autocast; weights, AdamW
     state, softmaxes and the loss stay float32.
+
+    `init_seed` (default: `seed`) seeds the weights' initialization only; `seed` still orders the
+    batches. Two runs that differ only in `init_seed` see the same tokens in the same order, which
+    is what a same-architecture control needs (`crossdiff run --controls`).
     """
     out_dir = Path(out_dir)
     info = dist_info()
@@ -185,6 +196,7 @@ def train_language_models(
         load_balance_coef=load_balance_coef,
         z_loss_coef=z_loss_coef,
         autocast=device.type == "cuda" if autocast is None else bool(autocast),
+        init_seed=init_seed,
     )
     _check_options(opts)
     if opts.batch_size % info.world_size:
@@ -511,7 +523,7 @@ def _train_model(
     info = dist_info()
     model_dir = out_dir / name
     settings = _run_settings(cfg, opts, train)
-    seed_everything(opts.seed)
+    seed_everything(opts.seed if opts.init_seed is None else opts.init_seed)
     cfg = _on_device(cfg, device)
     model = build_model(cfg, load_balance_coef=opts.load_balance_coef, z_loss_coef=opts.z_loss_coef)
     model.train()

@@ -1,0 +1,127 @@
+"""The stage bookkeeping of `crossdiff run`: which stages exist for a run's options, what each
+reads, and when each is reused, resumed or redone (records in crossdiff.stage_record).
+
+The stage graph is built from the options: the five base stages, plus, with
+`replicates.crosscoder_seeds` N > 1, one crosscoder stage per extra seed, and with
+`controls.enabled`, the control models, their paired stores and their crosscoders (one per seed).
+Redoing a stage redoes every stage that reads it, directly or not, and nothing else: changing the
+crosscoder's options retrains every crosscoder, never the control models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crossdiff import stage_record
+
+BASE_STAGES = ("data", "models", "store", "crosscoder", "report")
+# the same-architecture controls: (pair name, model of the main pair it doubles)
+CONTROL_PAIRS = (("dense", "dense"), ("moe", "moe"))
+
+
+def crosscoder_seeds(options: dict[str, dict[str, Any]]) -> int:
+    return int(options.get("replicates", {}).get("crosscoder_seeds", 1))
+
+
+def controls_enabled(options: dict[str, dict[str, Any]]) -> bool:
+    return bool(options.get("controls", {}).get("enabled", False))
+
+
+def seed_suffix(index: int) -> str:
+    """'' for the first crosscoder seed (its folder keeps the plain name), '-seed<i>' after."""
+    return "" if index == 0 else f"-seed{index}"
+
+
+def stage_graph(options: dict[str, dict[str, Any]]) -> dict[str, tuple[str, ...]]:
+    """Stage name -> the stages whose output it reads, in the order the stages run."""
+    n_seeds = crosscoder_seeds(options)
+    graph: dict[str, tuple[str, ...]] = {
+        "data": (),
+        "models": ("data",),
+        "store": ("data", "models"),
+    }
+    crosscoders = [f"crosscoder{seed_suffix(i)}" for i in range(n_seeds)]
+    graph.update({name: ("store",) for name in crosscoders})
+    stores = ["store"]
+    if controls_enabled(options):
+        graph["control-models"] = ("data",)
+        for pair, _ in CONTROL_PAIRS:
+            graph[f"control-store-{pair}"] = ("data", "models", "control-models")
+            stores.append(f"control-store-{pair}")
+            for i in range(n_seeds):
+                name = f"control-crosscoder-{pair}{seed_suffix(i)}"
+                graph[name] = (f"control-store-{pair}",)
+                crosscoders.append(name)
+    graph["report"] = ("data", *stores, *crosscoders)
+    return graph
+
+
+def dependents(graph: dict[str, tuple[str, ...]], name: str) -> list[str]:
+    """Every stage that reads `name`'s output, directly or through others, in run order."""
+    found: set[str] = set()
+    frontier = {name}
+    while frontier:
+        frontier = {s for s, ins in graph.items() if set(ins) & frontier and s not in found}
+        found |= frontier
+    return [s for s in graph if s in found]
+
+
+@dataclass
+class StageRunner:
+    """Decides each stage from its records and writes them; `outputs` holds the output
+    fingerprints of the stages finished or reused so far (the inputs of the later ones)."""
+
+    out: Path
+    graph: dict[str, tuple[str, ...]]
+    is_main: bool
+    barrier: Any
+    skipped: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    started: dict[str, tuple[dict[str, Any], dict[str, str], str]] = field(default_factory=dict)
+
+    def begin(self, name: str, stage_options: dict[str, Any]) -> tuple[Path, bool]:
+        """(the stage's folder, whether it is already done); clears it and what reads it when
+        its options or inputs changed."""
+        stage_dir = self.out / name
+        ins = self.graph[name]
+        inputs = {up: self.outputs[up] for up in ins}
+        later = dependents(self.graph, name)
+        reused = all(up in self.skipped for up in ins)
+        decision = stage_record.decide(
+            name, stage_dir, stage_options, inputs, later, inputs_reused=reused
+        )
+        self.barrier()  # every rank has read the records before rank 0 changes them
+        if self.is_main:
+            print(f"[crossdiff] {name}: {decision.message}")
+            if decision.action == "redo":
+                removed = stage_record.clear([stage_dir] + [self.out / s for s in later])
+                if removed:
+                    print(f"[crossdiff] removed {', '.join(str(p) for p in removed)}")
+            if decision.action == "adopt":  # give the older record its fingerprints
+                seconds = float(decision.record.get("seconds", 0.0))
+                stage_record.write_done(stage_dir, stage_options, inputs, decision.key, seconds)
+            if not decision.done:
+                stage_record.write_pending(stage_dir, stage_options, inputs, decision.key)
+        self.barrier()
+        if decision.done:
+            self.skipped.append(name)
+            self.outputs[name] = stage_record.output_of(stage_dir)
+        self.started[name] = (stage_options, inputs, decision.key)
+        return stage_dir, decision.done
+
+    def finish(self, name: str, seconds: float) -> None:
+        """Write the finished stage's record; its output fingerprint becomes an input."""
+        stage_options, inputs, key = self.started[name]
+        if self.is_main:
+            stage_record.write_done(self.out / name, stage_options, inputs, key, seconds)
+        self.barrier()  # the record (and its output fingerprint) is on disk for every rank
+        self.outputs[name] = stage_record.output_of(self.out / name)
+
+    def record_report(self, stage_options: dict[str, Any], seconds: float) -> None:
+        """The report is always redone (it is cheap and reflects the current code): its record
+        says what it was made from."""
+        inputs = {up: self.outputs[up] for up in self.graph["report"]}
+        key = stage_record.stage_key(stage_options, inputs)
+        stage_record.write_done(self.out / "report", stage_options, inputs, key, seconds)
