@@ -2,12 +2,15 @@
 formula pinned against a hand computation, the defaults pinned to today's behaviour, the options
 carried through cfg.json and the run identity, and a short run with all of them on planted data."""
 
+import argparse
 import json
 
 import pytest
 import torch
 from sae_lens.saes.sae import TrainStepInput
 
+import crossdiff.crosscoder.commands as commands
+from crossdiff.cli_presets import apply_preset
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import (
     CrossCoder,
@@ -18,9 +21,16 @@ from crossdiff.crosscoder import (
     train_crosscoder,
 )
 from crossdiff.crosscoder.checkpoint import run_identity
+from crossdiff.crosscoder.config import FORK_OPTION_NAMES
 from crossdiff.crosscoder.model import code_weights
-from crossdiff.crosscoder.synthetic import match_planted_latents, planted_crosscoder_data
+from crossdiff.crosscoder.synthetic import (
+    InMemoryStore,
+    match_planted_latents,
+    planted_crosscoder_data,
+)
 from crossdiff.crosscoder.trainer import geometric_median
+from crossdiff.pipeline import resolve_options
+from crossdiff.validation import allowed_options, validate_run_options
 
 FORK = {
     "code_normalization": "mixed",
@@ -294,3 +304,57 @@ def test_all_fork_options_together_still_recover_planted_latents():
     metrics = evaluate_crosscoder(cc, acts[:8192])
     assert metrics["fve"] >= 0.95
     assert float(cc.threshold) > 0
+
+
+def test_paper_preset_uses_the_fork_options_and_every_key_is_accepted():
+    options = resolve_options("paper")
+    cc = options["crosscoder"]
+    assert {k: cc[k] for k in FORK} == FORK
+    assert cc["shared_decoder"] == "tied" and cc["n_shared"] == int(0.1 * 32 * 768)
+    assert set(cc) <= allowed_options()["crosscoder"]
+    validate_run_options(options, seed=0, device=torch.device("cpu"))
+    # the pipeline puts these into CrossCoderConfig; train_crosscoder takes every other key
+    config_keys = {"expansion", "k", "n_shared", "shared_decoder", "dtype"}
+    tcfg = TrainingCrossCoderConfig(
+        d_model=768, d_sae=32 * 768, k=cc["k"], n_shared=cc["n_shared"], shared_decoder="tied",
+        **{k: v for k, v in cc.items() if k in TrainingCrossCoderConfig.__dataclass_fields__
+           and k not in config_keys},
+    )  # fmt: skip
+    assert tcfg.shared_sparsity_coefficient / tcfg.sparsity_coefficient == pytest.approx(0.7)
+    args = parse_cli(["train-crosscoder", "--preset", "paper", "--store", "s", "--out", "o"])
+    apply_preset(args, "crosscoder", commands.PRESET_DESTS, commands.DEFAULTS)
+    assert (args.threshold_schedule, args.b_dec_init, args.batch_size) == (
+        "ema",
+        "geometric_median",
+        2048,
+    )
+
+
+def parse_cli(argv):
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_cli_flags_reach_the_crosscoder_and_its_identity(tmp_path, monkeypatch):
+
+    assert set(commands.FORK_OPTIONS) == set(FORK_OPTION_NAMES)
+    acts, _ = planted_crosscoder_data(1024, 8, 6, 3, 3, densities=(0.1, 0.3), seed=0)
+    monkeypatch.setattr(commands, "_open_store", lambda path: InMemoryStore(acts))
+    argv = [
+        "train-crosscoder", "--store", "s", "--out", str(tmp_path / "o"), "--d-sae", "32",
+        "--k", "2", "--steps", "8", "--batch-size", "64", "--n-shared", "4",
+        "--code-normalization", "concat", "--shared-penalty", "sparsity",
+        "--threshold-schedule", "ema", "--threshold-start-step", "3", "--aux-loss", "fork",
+        "--recon-loss", "l2", "--b-dec-init", "geometric_median", "--lr-warmup-steps", "2",
+    ]  # fmt: skip
+    args = parse_cli(argv)
+    assert args.func(args) == 0
+    cc = CrossCoder.load(tmp_path / "o")
+    assert (cc.cfg.code_normalization, cc.cfg.shared_penalty) == ("concat", "sparsity")
+    record = json.loads((tmp_path / "o" / "training.json").read_text())
+    assert record["identity"]["options"]["threshold_schedule"] == "ema"
+    assert record["training"]["lr_warmup_steps"] == 2
+    with pytest.raises(CrossdiffError, match="other settings"):
+        args = parse_cli([*argv[:-2], "--lr-warmup-steps", "3"])
+        args.func(args)

@@ -53,6 +53,9 @@ _OPTIONAL_FIELDS: dict[str, Any] = {
     "b_dec_init": "mean",
 }
 
+# the names of those options (train_crosscoder keywords, run-preset keys, CLI flags)
+FORK_OPTION_NAMES = tuple(_OPTIONAL_FIELDS)
+
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...], what: str) -> None:
     if value not in choices:
