@@ -111,13 +111,33 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "dtype": "bfloat16",
             "heldout_fraction": 0.1,
         },
+        # the authors' fork of dictionary_learning (BatchTopKCrossCoderTrainer and its script);
+        # docs/crosscoder.md, "The paper's settings", lists each value and its source
         "crosscoder": {
             "expansion": 32,
             "k": 300,
-            "n_shared": 0,
-            "shared_decoder": "free",
-            "shared_penalty_ratio": 0.7,
+            # designated shared latents, one decoder vector for all models (the fork averages
+            # them after every step); the count is not published: 10% of d_sae = 32 * 768
+            "n_shared": 2457,
+            "shared_decoder": "tied",
+            "shared_penalty": "sparsity",
+            "sparsity_coefficient": 1 / 32,
+            "shared_sparsity_coefficient": 0.7 / 32,  # the paper's shared-to-exclusive 0.7
+            "code_normalization": "mixed",
+            "code_normalization_alpha": 0.7,
+            "threshold_schedule": "ema",
+            "threshold_beta": 0.999,
+            "threshold_start_step": 1000,
+            "aux_loss": "fork",
+            "aux_loss_coefficient": 1 / 32,
+            "dead_after_tokens": 10_000_000,
+            "recon_loss": "l2",
+            "b_dec_init": "geometric_median",
             "steps": 40_000,
+            "batch_size": 2048,
+            "lr": 1e-3,
+            "lr_warmup_steps": 1000,
+            "lr_decay_fraction": 0.0,
         },
         "report": {"split": "paper", "max_tokens": 2_000_000},
     },

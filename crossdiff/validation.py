@@ -145,7 +145,9 @@ def validate_run_options(
     problems found (nothing has run or been written when it is raised)."""
     from crossdiff.activations import load_pairing
     from crossdiff.analysis.classes import resolve_split
-    from crossdiff.crosscoder import CrossCoderConfig
+    from crossdiff.crosscoder import TrainingCrossCoderConfig
+    from crossdiff.crosscoder.config import FORK_OPTION_NAMES
+    from crossdiff.crosscoder.trainer import DEFAULT_STEPS
     from crossdiff.data.prepare import DATA_PRESETS
     from crossdiff.models.configs import get_preset
 
@@ -200,6 +202,13 @@ def validate_run_options(
     aux = cc.get("aux_loss_coefficient")
     if aux is not None and not (isinstance(aux, int | float) and aux >= 0 and math.isfinite(aux)):
         problems.append(f"crosscoder: aux_loss_coefficient={aux!r} must be a number >= 0")
+    start, steps = cc.get("threshold_start_step", 1000), cc.get("steps", DEFAULT_STEPS)
+    ema = cc.get("threshold_schedule") == "ema"
+    if ema and _is_int(start) and _is_int(steps) and start >= steps - 1:
+        problems.append(
+            f"crosscoder: threshold_schedule='ema' starts after step {start} of {steps}, so "
+            "the inference threshold would never be set; lower threshold_start_step"
+        )
     lr = cc.get("lr")
     if lr is not None and not (isinstance(lr, int | float) and lr > 0 and math.isfinite(lr)):
         problems.append(f"crosscoder: lr={lr!r} must be a positive number")
@@ -223,7 +232,8 @@ def validate_run_options(
         _problem(
             problems,
             "crosscoder",
-            CrossCoderConfig,
+            TrainingCrossCoderConfig,
+            **{k: cc[k] for k in FORK_OPTION_NAMES if cc.get(k) is not None},
             n_models=2,
             d_model=d_store,
             d_sae=max(d_sae, 1),

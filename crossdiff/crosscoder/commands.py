@@ -17,6 +17,14 @@ from crossdiff.common import (
     resolve_device,
     write_json_atomic,
 )
+from crossdiff.crosscoder.config import (
+    AUX_LOSSES,
+    B_DEC_INITS,
+    CODE_NORMALIZATIONS,
+    RECON_LOSSES,
+    SHARED_PENALTIES,
+    THRESHOLD_SCHEDULES,
+)
 from crossdiff.crosscoder.trainer import DEFAULT_STEPS
 from crossdiff.distributed import barrier, dist_info, rank_device
 from crossdiff.fingerprint import canonical, describe_changes, store_fingerprint
@@ -36,9 +44,34 @@ PRESET_DESTS = {
     for key in (
         "expansion", "k", "n_shared", "shared_decoder", "shared_penalty_ratio", "steps",
         "batch_size", "lr", "k_anneal_steps", "k_anneal_start", "aux_loss_coefficient",
-        "checkpoint_every", "eval_tokens",
+        "checkpoint_every", "eval_tokens", "lr_warmup_steps", "lr_decay_fraction",
+        "dead_after_tokens",
     )
 }  # fmt: skip
+# the seed paper fork's options (docs/crosscoder.md), passed to train_crosscoder when given:
+# option -> (type, choices or None, help)
+FORK_OPTIONS: dict[str, tuple[type, tuple[str, ...] | None, str]] = {
+    "code_normalization": (
+        str, CODE_NORMALIZATIONS, "decoder norms weighting selection: sum (default), concat, mixed"
+    ),
+    "code_normalization_alpha": (float, None, "weight of concat in mixed (default 0.7)"),
+    "shared_penalty": (
+        str, SHARED_PENALTIES,
+        "selection: divide shared latents' scores by the ratio (default); sparsity: the fork's "
+        "additive decoder-norm penalties",
+    ),
+    "shared_sparsity_coefficient": (float, None, "sparsity: lambda_s (default 0.15 * aux)"),
+    "sparsity_coefficient": (float, None, "sparsity: lambda_f (default the aux coefficient)"),
+    "threshold_schedule": (str, THRESHOLD_SCHEDULES, "rate (default) or ema (the fork's)"),
+    "threshold_beta": (float, None, "ema: beta (default 0.999)"),
+    "threshold_start_step": (int, None, "ema: first update after this step (default 1000)"),
+    "aux_loss": (str, AUX_LOSSES, "saelens (default) or fork (normalized aux-k)"),
+    "recon_loss": (str, RECON_LOSSES, "mse (default) or l2 (the fork's)"),
+    "b_dec_init": (str, B_DEC_INITS, "mean (default) or geometric_median"),
+}  # fmt: skip
+# options passed on only when given (train_crosscoder's own default otherwise)
+_PASSED_WHEN_GIVEN = ("lr_warmup_steps", "lr_decay_fraction", "dead_after_tokens", *FORK_OPTIONS)
+PRESET_DESTS |= {key: key for key in FORK_OPTIONS}
 DEFAULTS = {
     "expansion": DEFAULT_EXPANSION,
     "k": DEFAULT_K,
@@ -117,6 +150,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--aux-loss-coefficient", type=float, default=None, help="dead-latent loss weight (1/32)"
     )
+    p.add_argument(
+        "--lr-warmup-steps", type=int, default=None, help="lr warm-up steps (default 5%% of steps)"
+    )
+    p.add_argument(
+        "--lr-decay-fraction",
+        type=float,
+        default=None,
+        help="last fraction of steps with the lr decaying to 0 (default 0.2)",
+    )
+    p.add_argument(
+        "--dead-after-tokens",
+        type=int,
+        default=None,
+        help="tokens without firing that make a latent dead (default min(10M, tokens / 10))",
+    )
+    for name, (kind, choices, text) in FORK_OPTIONS.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=kind, choices=choices, default=None, help=text
+        )
     p.add_argument(
         "--checkpoint-every", type=int, default=None, help="steps between checkpoints (500)"
     )
@@ -200,6 +252,13 @@ def check_arguments(args: argparse.Namespace) -> None:
             problems.append(f"{flag} {value}: must be at least {minimum}")
     if args.lr is not None and not positive(args.lr):
         problems.append(f"--lr {args.lr}: must be a positive number")
+    for flag, value in (
+        ("--lr-warmup-steps", args.lr_warmup_steps),
+        ("--dead-after-tokens", args.dead_after_tokens),
+        ("--threshold-start-step", args.threshold_start_step),
+    ):
+        if value is not None and value < 0:
+            problems.append(f"{flag} {value}: must be at least 0")
     if args.aux_loss_coefficient is not None and not args.aux_loss_coefficient >= 0:
         problems.append(f"--aux-loss-coefficient {args.aux_loss_coefficient}: must be >= 0")
     if problems:
@@ -210,6 +269,8 @@ def _identity(cfg: Any, args: argparse.Namespace, store: Any) -> dict[str, Any]:
     """What a finished OUT must match to count as done: config, options, store fingerprint."""
     config = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "metadata")}
     options = {k: getattr(args, k) for k in _RESULT_OPTIONS}
+    # options added later count only when given, so earlier outputs keep their identity
+    options |= {k: getattr(args, k) for k in _PASSED_WHEN_GIVEN if getattr(args, k) is not None}
     return canonical({"config": config, "options": options, "store": store_fingerprint(store)})
 
 
@@ -289,6 +350,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         wandb=args.wandb,
         wandb_project=args.wandb_project,
         autocast=args.autocast,
+        **{k: getattr(args, k) for k in _PASSED_WHEN_GIVEN if getattr(args, k) is not None},
     )
     if not info.is_main:  # every rank holds the same crosscoder; rank 0 writes it
         return 0

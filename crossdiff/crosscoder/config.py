@@ -24,6 +24,42 @@ from crossdiff.common import CrossdiffError
 ARCHITECTURE = "crossdiff.crosscoder"
 
 SHARED_DECODER_MODES = ("free", "tied")
+# A latent's code weight (its selection score's factor) from its per-model decoder norms n_m:
+# "sum" = sum_m n_m (crosscoder), "concat" = sqrt(sum_m n_m^2) (the norm of the concatenated
+# decoder, as a plain SAE), "mixed" = alpha * concat + (1 - alpha) * sum.
+CODE_NORMALIZATIONS = ("sum", "concat", "mixed")
+# How designated shared latents are made cheaper: "selection" divides their selection score by
+# shared_penalty_ratio; "sparsity" adds the fork's decoder-norm penalties to the loss instead.
+SHARED_PENALTIES = ("selection", "sparsity")
+THRESHOLD_SCHEDULES = ("rate", "ema")
+AUX_LOSSES = ("saelens", "fork")
+RECON_LOSSES = ("mse", "l2")
+B_DEC_INITS = ("mean", "geometric_median")
+
+# Fields added after cfg.json's first format, with their defaults. They are written only when
+# they differ from the default, so the cfg.json and the run identity of a run that does not use
+# them stay exactly what they were (and a checkpoint written before them still resumes).
+_OPTIONAL_FIELDS: dict[str, Any] = {
+    "code_normalization": "sum",
+    "code_normalization_alpha": 0.7,
+    "shared_penalty": "selection",
+    "shared_sparsity_coefficient": None,
+    "sparsity_coefficient": None,
+    "threshold_schedule": "rate",
+    "threshold_beta": 0.999,
+    "threshold_start_step": 1000,
+    "aux_loss": "saelens",
+    "recon_loss": "mse",
+    "b_dec_init": "mean",
+}
+
+# the names of those options (train_crosscoder keywords, run-preset keys, CLI flags)
+FORK_OPTION_NAMES = tuple(_OPTIONAL_FIELDS)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise CrossdiffError(f"{name}={value!r}; expected one of {choices} ({what})")
 
 
 @dataclass(kw_only=True)
@@ -34,7 +70,13 @@ class CrossCoderConfig(SAEConfig):
     The first `n_shared` latents are shared by design. With `shared_decoder="tied"` each of them
     has one decoder vector used for every model; with `"free"` each model keeps its own vector
     and only the activation is shared. Their BatchTopK selection score is divided by
-    `shared_penalty_ratio` (see docs/crosscoder.md), so a ratio below 1 makes them cheaper.
+    `shared_penalty_ratio` (see docs/crosscoder.md), so a ratio below 1 makes them cheaper;
+    with `shared_penalty="sparsity"` their score is not divided and training adds decoder-norm
+    penalties instead (TrainingCrossCoderConfig).
+
+    code_normalization: how a latent's per-model decoder norms weight its selection score:
+    "sum" (crosscoder, the default), "concat" (norm of the concatenated decoder) or "mixed"
+    (code_normalization_alpha * concat + (1 - code_normalization_alpha) * sum).
     """
 
     d_in: int = 0  # derived: n_models * d_model
@@ -46,6 +88,9 @@ class CrossCoderConfig(SAEConfig):
     n_shared: int = 0
     shared_decoder: str = "free"
     shared_penalty_ratio: int | float = 0.7
+    shared_penalty: str = "selection"
+    code_normalization: str = "sum"
+    code_normalization_alpha: int | float = 0.7
     # SAELens's from_dict passes the metadata as a dict first and replaces it afterwards
     metadata: SAEMetadata | dict[str, Any] = field(default_factory=SAEMetadata)
 
@@ -98,6 +143,24 @@ class CrossCoderConfig(SAEConfig):
                 f"shared_penalty_ratio={self.shared_penalty_ratio} must be a positive number "
                 "(paper: 0.7; Anthropic: 0.1-0.2; 1.0 = no preference)"
             )
+        self._check_code_options()
+
+    def _check_code_options(self) -> None:
+        _check_choice(
+            "code_normalization", self.code_normalization, CODE_NORMALIZATIONS,
+            "how decoder norms weight a latent's selection score",
+        )  # fmt: skip
+        alpha = self.code_normalization_alpha
+        if not (isinstance(alpha, numbers.Real) and 0 <= alpha <= 1):
+            raise CrossdiffError(
+                f"code_normalization_alpha={alpha!r} must be in [0, 1]: the weight of the "
+                "concatenated-decoder norm in code_normalization='mixed' (the fork: 0.7)"
+            )
+        _check_choice(
+            "shared_penalty", self.shared_penalty, SHARED_PENALTIES,
+            "'selection' divides shared latents' scores by shared_penalty_ratio; 'sparsity' "
+            "adds the fork's decoder-norm penalties to the loss",
+        )  # fmt: skip
 
     def _check_d_models(self) -> None:
         widths = list(self.d_models or ())
@@ -142,6 +205,9 @@ class CrossCoderConfig(SAEConfig):
             out.pop("d_models", None)
         else:
             out["d_models"] = list(out["d_models"])
+        for name, default in _OPTIONAL_FIELDS.items():
+            if name in out and out[name] == default:
+                del out[name]
         return out
 
     @property
@@ -159,6 +225,22 @@ class TrainingCrossCoderConfig(CrossCoderConfig, TrainingSAEConfig):
     threshold_lr: moving-average rate of the inference threshold (smallest selected score).
     k_anneal_start, k_anneal_steps: BatchTopK k goes linearly from k_anneal_start to k over the
         first k_anneal_steps steps (0 = no annealing).
+
+    Options after the seed paper's fork of dictionary_learning (docs/crosscoder.md has the table);
+    each default is crossdiff's own behaviour:
+    shared_sparsity_coefficient, sparsity_coefficient: with shared_penalty="sparsity", the loss
+        adds lambda_s * sum_i f_i ||mean_m d_m,i|| over designated latents and lambda_f *
+        sum_i f_i sum_m ||d_m,i|| over the others (batch means); defaults 0.15 *
+        aux_loss_coefficient and aux_loss_coefficient, as the fork.
+    threshold_schedule: "rate" (moving average at threshold_lr from step 0) or "ema" (after step
+        threshold_start_step: first set to the smallest selected score, then threshold_beta *
+        threshold + (1 - threshold_beta) * smallest).
+    aux_loss: "saelens" (k_aux = d_in // 2, top pre-activations, scaled by min(n_dead / k_aux,
+        1)) or "fork" (k_aux = per-model width // 2, top code-weighted activations, divided by
+        the residual's variance).
+    recon_loss: "mse" (squared error summed over models and width, batch mean) or "l2" (the
+        fork: the L2 norm of each model's error, mean over tokens and models).
+    b_dec_init: "mean" or "geometric_median" of the sample that sets the decoder bias.
     """
 
     aux_loss_coefficient: int | float = 1 / 32
@@ -166,6 +248,14 @@ class TrainingCrossCoderConfig(CrossCoderConfig, TrainingSAEConfig):
     threshold_lr: int | float = 0.01
     k_anneal_start: int | float | None = None
     k_anneal_steps: int = 0
+    shared_sparsity_coefficient: int | float | None = None
+    sparsity_coefficient: int | float | None = None
+    threshold_schedule: str = "rate"
+    threshold_beta: int | float = 0.999
+    threshold_start_step: int = 1000
+    aux_loss: str = "saelens"
+    recon_loss: str = "mse"
+    b_dec_init: str = "mean"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,6 +266,43 @@ class TrainingCrossCoderConfig(CrossCoderConfig, TrainingSAEConfig):
             raise CrossdiffError(
                 f"k_anneal_start={start} must lie in [k={self.k}, d_sae={self.d_sae}]"
             )
+        self._check_fork_options()
+        self._resolve_sparsity_coefficients()
+
+    def _check_fork_options(self) -> None:
+        _check_choice(
+            "threshold_schedule", self.threshold_schedule, THRESHOLD_SCHEDULES,
+            "'rate': moving average from step 0; 'ema': the fork's, after threshold_start_step",
+        )  # fmt: skip
+        if not (isinstance(self.threshold_beta, numbers.Real) and 0 <= self.threshold_beta < 1):
+            raise CrossdiffError(
+                f"threshold_beta={self.threshold_beta!r} must be in [0, 1) (the fork: 0.999)"
+            )
+        start = self.threshold_start_step
+        if not (isinstance(start, numbers.Integral) and not isinstance(start, bool) and start >= 0):
+            raise CrossdiffError(f"threshold_start_step={start!r} must be an integer >= 0")
+        _check_choice("aux_loss", self.aux_loss, AUX_LOSSES, "the dead-latent loss")
+        _check_choice("recon_loss", self.recon_loss, RECON_LOSSES, "the reconstruction loss")
+        _check_choice("b_dec_init", self.b_dec_init, B_DEC_INITS, "the decoder bias at step 0")
+        for name in ("shared_sparsity_coefficient", "sparsity_coefficient"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.shared_penalty != "sparsity":
+                raise CrossdiffError(
+                    f"{name}={value} applies only with shared_penalty='sparsity' (it is "
+                    f"{self.shared_penalty!r}); set shared_penalty='sparsity' or leave {name} out"
+                )
+            if not (isinstance(value, numbers.Real) and value >= 0 and math.isfinite(value)):
+                raise CrossdiffError(f"{name}={value!r} must be a finite number >= 0")
+
+    def _resolve_sparsity_coefficients(self) -> None:
+        if self.shared_penalty != "sparsity":
+            return
+        if self.sparsity_coefficient is None:
+            self.sparsity_coefficient = float(self.aux_loss_coefficient)
+        if self.shared_sparsity_coefficient is None:
+            self.shared_sparsity_coefficient = 0.15 * float(self.aux_loss_coefficient)
 
     def k_at_step(self, step: int) -> float:
         start = self.k_anneal_start

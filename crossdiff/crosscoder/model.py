@@ -5,11 +5,12 @@ W_enc [n_models, d_model, d_sae], b_enc [d_sae], W_dec [d_sae, n_models, d_model
 b_dec [n_models, d_model].
 
 pre = sum_m (x_m - b_dec_m) W_enc_m + b_enc;  x_hat_m = f W_dec[:, m] + b_dec_m.
-A latent's selection score is ReLU(pre) * sum_m c_m ||W_dec[i, m]||, divided by
-shared_penalty_ratio for the first n_shared latents. c_m are the activation scaling factors the
-weights were trained under (`scaling_factors`, ones until folded), so selection after folding is
-exactly what it was in training. Training keeps the k * batch largest scores; inference keeps every
-score above the learned global `threshold`.
+A latent's selection score is ReLU(pre) * sum_m c_m ||W_dec[i, m]|| (or another code
+normalization of those norms, cfg.code_normalization), divided by shared_penalty_ratio for the
+first n_shared latents (unless cfg.shared_penalty is "sparsity"). c_m are the activation scaling
+factors the weights were trained under (`scaling_factors`, ones until folded), so selection after
+folding is exactly what it was in training. Training keeps the k * batch largest scores;
+inference keeps every score above the learned global `threshold`.
 
 Decoder storage: `W_dec_untied` [d_sae - n_tied, n_models, d_model] holds per-model vectors;
 `W_dec_tied` [n_tied, d_model] holds one vector per tied shared latent, in the training
@@ -151,10 +152,15 @@ class CrossCoderWeights:
 
     @torch.no_grad()
     def selection_weights(self) -> Float[Tensor, " d_sae"]:
-        """What ReLU(pre) is multiplied by to give a latent's selection score."""
-        weights = self.decoder_norms().sum(-1)
-        if self.cfg.n_shared:
-            weights[: self.cfg.n_shared] /= self.cfg.shared_penalty_ratio
+        """What ReLU(pre) is multiplied by to give a latent's selection score: its code weight
+        (cfg.code_normalization of its decoder norms), divided by shared_penalty_ratio for the
+        designated shared latents when cfg.shared_penalty is "selection"."""
+        cfg = self.cfg
+        weights = code_weights(
+            self.decoder_norms(), cfg.code_normalization, cfg.code_normalization_alpha
+        )
+        if cfg.n_shared and cfg.shared_penalty == "selection":
+            weights[: cfg.n_shared] /= cfg.shared_penalty_ratio
         return weights
 
     def _check_input(self, x: Tensor) -> None:
@@ -423,6 +429,24 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
         check_finite_module(sae, f"the crosscoder in {path}", advice)
         sae.check_padding(f"the crosscoder in {path}", advice)
         return sae
+
+
+def code_weights(
+    norms: Float[Tensor, "d_sae n_models"], normalization: str = "sum", alpha: float = 0.7
+) -> Float[Tensor, " d_sae"]:
+    """A latent's code weight from its per-model decoder norms n_m: "sum" = sum_m n_m,
+    "concat" = sqrt(sum_m n_m^2) (the norm of the concatenated decoder), "mixed" =
+    alpha * concat + (1 - alpha) * sum."""
+    if normalization == "sum":
+        return norms.sum(-1)
+    concat = norms.pow(2).sum(-1).sqrt()
+    if normalization == "concat":
+        return concat
+    if normalization == "mixed":
+        return alpha * concat + (1 - alpha) * norms.sum(-1)
+    raise CrossdiffError(
+        f"code_normalization={normalization!r}; expected one of ('sum', 'concat', 'mixed')"
+    )
 
 
 def width_mask(

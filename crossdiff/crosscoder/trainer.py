@@ -71,6 +71,32 @@ def fold_scaling_factors(cc: CrossCoder, scaling_factors: Float[Tensor, " n_mode
     return cc
 
 
+GEOMETRIC_MEDIAN_MAX_ITER = 100
+GEOMETRIC_MEDIAN_TOL = 1e-5
+
+
+@torch.no_grad()
+def geometric_median(
+    points: Float[Tensor, "n n_models d_model"],
+    *,
+    max_iter: int = GEOMETRIC_MEDIAN_MAX_ITER,
+    tol: float = GEOMETRIC_MEDIAN_TOL,
+) -> Float[Tensor, "n_models d_model"]:
+    """Each model's geometric median (the point of least summed Euclidean distance to its
+    points), by Weiszfeld's iteration from the mean: at most `max_iter` steps, stopping once
+    no model's estimate moves by `tol` or more. Deterministic; distances are floored at 1e-12 so
+    a point on the estimate cannot divide by zero."""
+    points = points.float()
+    guess = points.mean(0)
+    for _ in range(max_iter):
+        weights = 1 / (points - guess).norm(dim=-1).clamp_min(1e-12)  # [n, n_models]
+        weights = weights / weights.sum(0)
+        previous, guess = guess, torch.einsum("nm,nmd->md", weights, points)
+        if float((guess - previous).norm(dim=-1).max()) < tol:
+            break
+    return guess
+
+
 class _TensorSource:
     """Activations held in memory: [N, n_models, d_model], shuffled per epoch with a seed."""
 
@@ -404,6 +430,17 @@ def train_crosscoder(
     k_anneal_start: float | None = None,
     aux_loss_coefficient: float | None = None,
     dead_after_tokens: int | None = None,
+    code_normalization: str | None = None,
+    code_normalization_alpha: float | None = None,
+    shared_penalty: str | None = None,
+    shared_sparsity_coefficient: float | None = None,
+    sparsity_coefficient: float | None = None,
+    threshold_schedule: str | None = None,
+    threshold_beta: float | None = None,
+    threshold_start_step: int | None = None,
+    aux_loss: str | None = None,
+    recon_loss: str | None = None,
+    b_dec_init: str | None = None,
     normalize: bool = True,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -427,6 +464,12 @@ def train_crosscoder(
     the auxiliary loss (default min(10M, total_tokens / 10)). normalize: scale a tensor's models
     to mean norm sqrt(d_model) while training, or sqrt(width) per model for cfg.d_models (a store
     always uses its own scaling factors).
+    The seed paper's fork options (each None keeps cfg's value or crossdiff's default; see
+    TrainingCrossCoderConfig and docs/crosscoder.md): code_normalization,
+    code_normalization_alpha and shared_penalty set the crosscoder's config (they change its
+    selection, so they go into its cfg.json); shared_sparsity_coefficient, sparsity_coefficient,
+    threshold_schedule, threshold_beta, threshold_start_step, aux_loss, recon_loss and b_dec_init
+    ("mean" or "geometric_median" of the sample that sets the decoder bias) are training options.
     checkpoint_dir: where to write checkpoints every `checkpoint_every` steps; with `resume`, an
     existing checkpoint there is continued. The summary of the run is in `cc.training_summary`.
     autocast: compute the dense encoder matmul in bfloat16 (torch.autocast; weights, optimizer
@@ -450,8 +493,25 @@ def train_crosscoder(
             "aux_loss_coefficient": aux_loss_coefficient,
             "k_anneal_steps": k_anneal_steps,
             "k_anneal_start": k_anneal_start,
+            "code_normalization": code_normalization,
+            "code_normalization_alpha": code_normalization_alpha,
+            "shared_penalty": shared_penalty,
+            "shared_sparsity_coefficient": shared_sparsity_coefficient,
+            "sparsity_coefficient": sparsity_coefficient,
+            "threshold_schedule": threshold_schedule,
+            "threshold_beta": threshold_beta,
+            "threshold_start_step": threshold_start_step,
+            "aux_loss": aux_loss,
+            "recon_loss": recon_loss,
+            "b_dec_init": b_dec_init,
         },
     )
+    if tcfg.threshold_schedule == "ema" and tcfg.threshold_start_step >= steps - 1:
+        raise CrossdiffError(
+            f"threshold_schedule='ema' starts after step threshold_start_step="
+            f"{tcfg.threshold_start_step}, but the run has only {steps} steps, so the inference "
+            "threshold would never be set; lower threshold_start_step or train longer"
+        )
     info = dist_info()
     dev = rank_device(device) if info.enabled else resolve_device(device)
     if batch_size % info.world_size:
@@ -517,7 +577,10 @@ def train_crosscoder(
     if is_store:  # the sample sets the decoder bias: one NaN in it would spoil every step
         source.check_finite(sample, "the sample of activations that sets the decoder bias")
     with torch.no_grad():
-        sae.b_dec.copy_(sample.mean(0).to(dev))
+        if tcfg.b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(sample.to(dev)))
+        else:
+            sae.b_dec.copy_(sample.mean(0).to(dev))
     broadcast_module_(sae)  # every rank starts from rank 0's weights, whatever its RNG did
     eval_sample = sample[:4096].to(dev)
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)

@@ -3,7 +3,9 @@
 One training step: pre-activations (dense encoder), BatchTopK selection on decoder-norm-weighted
 scores, sparse decoding of the k * batch selected latents, MSE summed over models and width, the
 auxiliary top-k loss on dead latents (its coefficient applied here, once: the trainer only sums),
-and the moving-average update of the inference threshold.
+and the moving-average update of the inference threshold. The seed paper's fork options
+(cfg.recon_loss "l2", shared_penalty "sparsity", aux_loss "fork", threshold_schedule "ema")
+replace the matching part; docs/crosscoder.md lists them.
 
 Under torchrun each rank holds a slice of the global batch. BatchTopK then selects over the global
 batch (the k * batch largest scores of all ranks, found from an all-gather of each rank's
@@ -64,7 +66,16 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
         recon = self.decode_sparse(flat, values, batch).float()
         mse = (recon - x).pow(2).sum(dim=(-2, -1)).mean()
         aux = self.aux_loss(x, recon, pre, step_input.dead_neuron_mask)
-        self._update_threshold(scores, first=step_input.n_training_steps == 0)
+        self._update_threshold(scores, step=step_input.n_training_steps)
+        losses = {"mse_loss": mse, "auxiliary_reconstruction_loss": aux}
+        loss = mse + aux
+        if self.cfg.recon_loss == "l2":
+            # the fork's: each model's error norm, mean over tokens and models (mse stays logged)
+            losses["l2_loss"] = (recon - x).norm(dim=-1).mean()
+            loss = losses["l2_loss"] + aux
+        if self.cfg.shared_penalty == "sparsity":
+            losses["sparsity_loss"] = self.sparsity_penalty(latents, values, batch)
+            loss = loss + losses["sparsity_loss"]
         with torch.no_grad():
             feature_acts = torch.zeros_like(pre).flatten()
             feature_acts[flat] = values.detach()
@@ -74,10 +85,28 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
             sae_out=recon,
             feature_acts=feature_acts,
             hidden_pre=pre,
-            loss=mse + aux,
-            losses={"mse_loss": mse, "auxiliary_reconstruction_loss": aux},
+            loss=loss,
+            losses=losses,
             metrics={"threshold": self.threshold.item, "k": k},
         )
+
+    def sparsity_penalty(
+        self,
+        latents: Int[Tensor, " n_selected"],
+        values: Float[Tensor, " n_selected"],
+        batch: int,
+    ) -> Float[Tensor, ""]:
+        """The fork's decoder-norm penalties (shared_penalty="sparsity"), batch means:
+        sparsity_coefficient * sum_i f_i sum_m ||d_m,i|| over the ordinary latents, and
+        shared_sparsity_coefficient * sum_i f_i ||mean_m d_m,i|| over the designated ones.
+        Differentiable in both the activations and the decoder."""
+        cfg = self.cfg
+        W = self.W_dec
+        weights = W.norm(dim=-1).sum(-1) * cfg.sparsity_coefficient
+        if cfg.n_shared:
+            shared = W[: cfg.n_shared].mean(1).norm(dim=-1) * cfg.shared_sparsity_coefficient
+            weights = torch.cat([shared, weights[cfg.n_shared :]])
+        return (values * weights[latents]).sum() / batch
 
     def calculate_aux_loss(
         self,
@@ -100,14 +129,22 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
     ) -> Float[Tensor, ""]:
         """Top-k_aux dead latents reconstruct the residual (no bias); weighted here, once.
 
+        cfg.aux_loss "saelens": k_aux = d_in // 2, the dead latents with the largest
+        pre-activations, squared error scaled by min(n_dead / k_aux, 1). "fork": k_aux = d_model
+        // 2 (one model's width), the dead latents with the largest code-weighted activations
+        (ReLU(pre) * selection weights), squared error divided by the residual's variance about
+        its batch mean (0 when that is not finite).
+
         On the CPU the number of dead latents is read to skip the work when there are none; on
         an accelerator (`sync_free`, default: not on the CPU) that read would stall the queue
         every step, so a fixed k_aux is taken and picks that are not dead get weight 0, which
         gives the same loss."""
-        if dead is None or self.cfg.aux_loss_coefficient == 0:
+        cfg = self.cfg
+        if dead is None or cfg.aux_loss_coefficient == 0:
             return pre.new_zeros((), dtype=torch.float32)
         dead = dead.to(pre.device)
-        k_aux_nominal = self.cfg.k_aux or sum(self.cfg.widths) // 2  # d_in // 2 unpadded
+        fork = cfg.aux_loss == "fork"
+        k_aux_nominal = cfg.k_aux or (cfg.d_model if fork else sum(cfg.widths)) // 2
         n_dead = dead.sum()
         if sync_free is None:
             sync_free = pre.device.type != "cpu"
@@ -116,21 +153,35 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
                 return pre.new_zeros((), dtype=torch.float32)
             k_aux = min(k_aux_nominal, int(n_dead))
         else:
-            k_aux = min(k_aux_nominal, self.cfg.d_sae)
-        scale = (n_dead / k_aux_nominal).clamp(max=1.0)
+            k_aux = min(k_aux_nominal, cfg.d_sae)
         residual = (x - recon).detach().flatten(1).float()
         with torch.no_grad():
-            masked = pre.detach().masked_fill(~dead[None, :], float("-inf"))
+            ranking = pre.detach().relu() * self.selection_weights() if fork else pre.detach()
+        aux_recon = self._dead_reconstruction(x, pre, dead, ranking, k_aux)
+        error = (aux_recon - residual).pow(2).sum(-1).mean()
+        if fork:
+            variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
+            return cfg.aux_loss_coefficient * (error / variance).nan_to_num(0.0) * (n_dead > 0)
+        scale = (n_dead / k_aux_nominal).clamp(max=1.0)
+        return cfg.aux_loss_coefficient * scale * error
+
+    def _dead_reconstruction(
+        self,
+        x: Float[Tensor, "batch n_models d_model"],
+        pre: Float[Tensor, "batch d_sae"],
+        dead: Tensor,
+        ranking: Float[Tensor, "batch d_sae"],
+        k_aux: int,
+    ) -> Float[Tensor, "batch d_in"]:
+        """Each token's k_aux dead latents of largest `ranking`, decoded without the bias."""
+        with torch.no_grad():
+            masked = ranking.masked_fill(~dead[None, :], float("-inf"))
             top = masked.topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux]
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
         values = self.selected_pre_activations(pre, x, rows, top.flatten()).relu()
         values = values * dead[top.flatten()]
         flat_dec = self.W_dec.reshape(self.cfg.d_sae, self.cfg.d_in)
-        aux_recon = F.embedding_bag(
-            top, flat_dec, mode="sum", per_sample_weights=values.view_as(top)
-        )
-        error = (aux_recon - residual).pow(2).sum(-1).mean()
-        return self.cfg.aux_loss_coefficient * scale * error
+        return F.embedding_bag(top, flat_dec, mode="sum", per_sample_weights=values.view_as(top))
 
     @torch.no_grad()
     def select_global_batch_topk(
@@ -162,14 +213,25 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
         return indices, scores[indices]
 
     @torch.no_grad()
-    def _update_threshold(self, scores: Tensor, *, first: bool) -> None:
+    def _update_threshold(self, scores: Tensor, *, step: int) -> None:
         """Move the threshold toward the smallest positive selected score (over all ranks),
-        without reading anything back to the host."""
+        without reading anything back to the host.
+
+        "rate": threshold_lr from step 0, where it is set outright. "ema": only after step
+        threshold_start_step; set outright while still unset (0), then threshold_beta mixing.
+        Both state and step live in the checkpoint, so a resumed run continues the same way."""
+        cfg = self.cfg
+        ema = cfg.threshold_schedule == "ema"
+        if ema and step <= cfg.threshold_start_step:
+            return
         inf = torch.tensor(float("inf"), device=scores.device, dtype=torch.float32)
         smallest = torch.where(scores > 0, scores.float(), inf).min() if scores.numel() else inf
         if dist_info().enabled:
             smallest = all_reduce_min_(smallest.clone())
-        rate = 1.0 if first else self.cfg.threshold_lr
+        if ema:
+            rate = torch.where(self.threshold > 0, 1 - cfg.threshold_beta, 1.0)
+        else:
+            rate = 1.0 if step == 0 else cfg.threshold_lr
         updated = self.threshold * (1 - rate) + rate * smallest.to(self.threshold.dtype)
         self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
 
