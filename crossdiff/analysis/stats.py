@@ -41,7 +41,20 @@ def bootstrap_cliffs_delta(
     level: float = CI_LEVEL,
     seed: int = SEED,
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of Cliff's delta, resampling x and y independently.
+    """Percentile bootstrap CI of Cliff's delta, resampling x and y independently (the
+    resamples are `cliffs_delta_resamples`)."""
+    samples = cliffs_delta_resamples(x, y, n_resamples=n_resamples, seed=seed)
+    return _percentile_ci(samples, level)
+
+
+def cliffs_delta_resamples(
+    x: Float[np.ndarray, " n"],
+    y: Float[np.ndarray, " m"],
+    *,
+    n_resamples: int = N_RESAMPLES,
+    seed: int = SEED,
+) -> Float[np.ndarray, " n_resamples"]:
+    """Cliff's delta of n_resamples bootstrap resamples of x and y (drawn independently).
 
     Vectorised, without a sort per resample: only the order of each y relative to the distinct
     x values matters, so y is reduced to counts in 2K + 1 bins (below, at, between and above
@@ -55,8 +68,7 @@ def bootstrap_cliffs_delta(
     if n == 0 or m == 0:
         raise ValueError("a bootstrap needs at least one value in each sample")
     if n > m:  # bin by the smaller sample; delta(x, y) = -delta(y, x)
-        lo, hi = bootstrap_cliffs_delta(y, x, n_resamples=n_resamples, level=level, seed=seed)
-        return -hi, -lo
+        return -cliffs_delta_resamples(y, x, n_resamples=n_resamples, seed=seed)
     distinct, x_counts = np.unique(x, return_counts=True)
     k = len(distinct)
     pos = np.searchsorted(distinct, y, side="left")
@@ -76,7 +88,7 @@ def bootstrap_cliffs_delta(
         above = m - cum[:, upto_at]  # resampled y above distinct[j]
         x_draw = rng.multinomial(n, x_counts / n, size=c)
         out[start : start + c] = (x_draw * (below - above)).sum(1) / (n * m)
-    return _percentile_ci(out, level)
+    return out
 
 
 def bootstrap_proportion(

@@ -241,6 +241,45 @@ def latent_scaling_scatter(table, summary: dict[str, Any], path: Path) -> Path |
     return _save(fig, path)
 
 
+def controls_counts(table, summary: dict[str, Any], path: Path) -> Path | None:
+    """Exclusive latents per side for the main pair and the two same-architecture controls,
+    one dot per crosscoder seed and a bar at the mean (only when the summary has controls)."""
+    controls = summary.get("controls")
+    if not controls:
+        return None
+    fig, ax = plt.subplots(figsize=(10.5, 4.8))
+    rng = np.random.default_rng(0)
+    hues = {"main": (OKABE_ITO[2], OKABE_ITO[3]), "control_a": (OKABE_ITO[2], OKABE_ITO[2]),
+            "control_b": (OKABE_ITO[3], OKABE_ITO[3])}  # fmt: skip
+    ticks, labels, x, top = [], [], 0.0, 1.0
+    for role, pair in controls["pairs"].items():
+        for side, color in zip(("A", "B"), hues.get(role, (GREY, GREY)), strict=True):
+            values = np.asarray(pair["exclusive"][f"{pair[side]}-only"]["values"], dtype=float)
+            face = color if role == "main" else "white"
+            top = max(top, float(values.max(initial=0)))
+            ax.scatter(x + rng.uniform(-0.08, 0.08, len(values)), values, s=36, zorder=3,
+                       facecolors=face, edgecolors=color, linewidths=1.5)  # fmt: skip
+            ax.hlines(values.mean(), x - 0.25, x + 0.25, color="black", linewidth=2)
+            ticks.append(x)
+            labels.append(f"{pair[side]}-only\n({pair['A']} vs {pair['B']})")
+            x += 1.0
+        x += 0.6
+    ax.set_xticks(ticks, labels, fontsize=8)
+    ax.set_ylabel("exclusive latents (count per crosscoder)")
+    ax.set_ylim(-0.04 * top, 1.25 * top)  # room for the dots at 0 and for the claim line
+    title = "Exclusive latents per side: main pair (filled) vs same-architecture controls (open)"
+    ax.set_title(title + "\none dot per crosscoder seed; bar: mean over seeds", fontsize=10)
+    claim = next((c for c in controls["claims"] if c["key"] == "b_fewer_unique"), None)
+    if claim is not None:
+        ci = "" if claim["ci"] is None else f" [{claim['ci'][0]:.3g}, {claim['ci'][1]:.3g}]"
+        effect = "n/a" if claim["effect"] is None else f"{claim['effect']:.3g}"
+        a, b = controls["pairs"]["main"]["A"], controls["pairs"]["main"]["B"]
+        text = f"claim 1, excess_{a} - excess_{b} = {effect}{ci}: {claim['verdict']}"
+        ax.text(0.01, 0.98, text,
+                transform=ax.transAxes, va="top", fontsize=9)  # fmt: skip
+    return _save(fig, path)
+
+
 FIGURES: dict[str, tuple[str, Callable[..., Path | None]]] = {
     "relative_norm": ("Relative decoder norm by class", relative_norm_histogram),
     "density": ("Activation density per class", density_by_class),
@@ -249,6 +288,7 @@ FIGURES: dict[str, tuple[str, Callable[..., Path | None]]] = {
     "expert_entropy": ("Expert entropy per class", expert_entropy),
     "fve": ("Fraction of variance explained per model", fve_per_model),
     "latent_scaling": ("Latent scaling of model-specific latents", latent_scaling_scatter),
+    "controls": ("Exclusive latents per side, main pair and controls", controls_counts),
 }
 
 

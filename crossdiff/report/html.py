@@ -11,7 +11,7 @@ from typing import Any
 
 from crossdiff.analysis.explorer import VISIBLE_WHITESPACE, visible_whitespace
 from crossdiff.report.figures import class_colors
-from crossdiff.report.markdown import CLAIM_HEADER, claim_rows, fmt, fve_line
+from crossdiff.report.markdown import CLAIM_HEADER, claim_rows, controls_parts, fmt, fve_line
 
 _TEMPLATE = Path(__file__).with_name("template.html")
 
@@ -195,6 +195,33 @@ def _explorer_blocks(explorer: dict[str, Any] | None) -> tuple[str, str]:
     return _json_script(index), "".join(blocks)
 
 
+def _controls_html(summary: dict[str, Any]) -> str:
+    """The "Controls and seeds" section, or "" (the page is then as without the feature)."""
+    parts = controls_parts(summary)
+    if not parts:
+        return ""
+    out = ['\n<h2 id="controls">Controls and seeds</h2>\n']
+    for kind, value in parts:
+        if kind == "table":
+            header, rows = value
+            out.append(
+                '<table class="claims"><thead><tr>'
+                + "".join(f"<th>{_esc(h)}</th>" for h in header)
+                + "</tr></thead><tbody>"
+                + "".join(
+                    "<tr>" + "".join(f"<td>{_esc(fmt(v))}</td>" for v in row) + "</tr>"
+                    for row in rows
+                )
+                + "</tbody></table>"
+            )
+        elif kind == "list":
+            out.append("<ul>" + "".join(f"<li>{_esc(x)}</li>" for x in value) + "</ul>")
+        else:
+            css = ' class="notes"' if kind == "note" else ""
+            out.append(f"<p{css}>{_esc(value)}</p>")
+    return "".join(out)
+
+
 def render_html(
     data: dict[str, Any], figures: dict[str, Path], explorer: dict[str, Any] | None = None
 ) -> str:
@@ -275,6 +302,7 @@ def render_html(
         "{{FACTS}}": facts_html,
         "{{SENTENCES}}": sentences,
         "{{CLAIMS}}": claims_table,
+        "{{CONTROLS}}": _controls_html(s),
         "{{WARNINGS}}": warnings + f'<p class="notes">{_esc(fve_line(rec))}</p>',
         "{{NOTES}}": "".join(f"<li>{_esc(n)}</li>" for n in notes),
         "{{FIGURES}}": figs,

@@ -98,6 +98,117 @@ def fve_line(rec: dict[str, Any]) -> str:
     return text + f"; dead fraction: {fmt(rec['dead_fraction'])}."
 
 
+# The "Controls and seeds" section, from summary["controls"] and summary["replicates"]
+# (analysis/controls.py, analysis/replicates.py); report.html renders the same parts.
+PAIR_TITLES = {"main": "main", "control_a": "control (A vs A')", "control_b": "control (B vs B')"}
+
+
+def mean_sd(spread: dict[str, Any]) -> str:
+    """'mean ± sd (v1, v2, ...)'; the sd is left out for one value."""
+    values = ", ".join(fmt(v) for v in spread["values"])
+    sd = "" if spread["sd"] is None else f" ± {fmt(spread['sd'])}"
+    return f"{fmt(spread['mean'])}{sd} ({values})"
+
+
+def control_pair_rows(controls: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    header = ["pair", "models", "seeds", "exclusive, first model", "exclusive, second model",
+              "FVE", "median density: first-only / second-only / shared"]  # fmt: skip
+    rows = []
+    for role, p in controls["pairs"].items():
+        first, second = f"{p['A']}-only", f"{p['B']}-only"
+        dens = p["density_median"]
+        rows.append([
+            PAIR_TITLES.get(role, role), f"{p['A']} vs {p['B']}", p["n_seeds"],
+            f"{first}: {mean_sd(p['exclusive'][first])}",
+            f"{second}: {mean_sd(p['exclusive'][second])}", mean_sd(p["fve"]),
+            " / ".join(fmt(dens[c]["mean"]) for c in (first, second, "shared")),
+        ])  # fmt: skip
+    return header, rows
+
+
+def beyond_controls_rows(controls: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    header = ["claim", "effect", "estimate [interval]", "verdict"]
+    rows = []
+    for c in controls["claims"]:
+        ci = "" if c["ci"] is None else f" [{fmt(c['ci'][0])}, {fmt(c['ci'][1])}]"
+        rows.append([c["claim"], c["effect_name"], f"{fmt(c['effect'])}{ci}", c["verdict"]])
+    return header, rows
+
+
+def replicate_rows(rep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    header = ["figure", "mean", "sd", "min", "max", "per seed"]
+    figs = rep["figures"]
+    named = [(f"latents: {c}", v) for c, v in figs["class_counts"].items()]
+    named += [("FVE (all models)", figs["fve"])]
+    named += [(f"FVE {m}", v) for m, v in figs["fve_per_model"].items()]
+    named += [(f"effect: {k}", v) for k, v in figs["claim_effects"].items()]
+    rows = [[name, v["mean"], v["sd"], v["min"], v["max"], ", ".join(fmt(x) for x in v["values"])]
+            for name, v in named]  # fmt: skip
+    return header, rows
+
+
+def stability_rows(rep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    header = ["class", "latents per seed", "stable per seed", "stable fraction (mean ± sd)"]
+    rows = []
+    for cls, st in rep["stability"].items():
+        rows.append([cls, ", ".join(fmt(x) for x in st["n"]),
+                     ", ".join(fmt(x) for x in st["stable"]), mean_sd(st["fraction"])])  # fmt: skip
+    return header, rows
+
+
+def controls_parts(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The section as ('p', text) / ('table', (header, rows)) / ('list', [text]) parts, or []
+    when the summary has neither block."""
+    controls, rep = summary.get("controls"), summary.get("replicates")
+    if not controls and not rep:
+        return []
+    parts: list[tuple[str, Any]] = []
+    if controls:
+        parts += [
+            ("p", "Exclusive latents, FVE and densities for the main pair and the "
+                  "same-architecture controls: mean ± sd over crosscoder seeds, per-seed values "
+                  "in parentheses; densities are per-seed medians, averaged over seeds."),
+            ("table", control_pair_rows(controls)),
+            ("table", beyond_controls_rows(controls)),
+            ("list", controls["sentences"]),
+            ("note", f"Rule: {controls['method']['rule']}."),
+        ]  # fmt: skip
+    if rep:
+        seeds = ", ".join(fmt(s) for s in rep["seeds"])
+        d = rep["direction"]
+        parts += [
+            ("p", f"Crosscoder seeds of {d['A']} vs {d['B']} ({fmt(rep['n_seeds'])} seeds: "
+                  f"{seeds}): each figure per seed and its spread."),
+            ("table", replicate_rows(rep)),
+        ]  # fmt: skip
+        if rep["stability"]:
+            parts += [
+                ("p", "Stability: latents of a class whose one-to-one decoder match (cosine at "
+                      f"least {fmt(rep['min_cosine'])}) has the same class in every other seed."),
+                ("table", stability_rows(rep)),
+            ]  # fmt: skip
+        if rep["note"]:
+            parts.append(("note", f"{rep['note'][0].upper()}{rep['note'][1:]}."))
+    return parts
+
+
+def _controls_section(summary: dict[str, Any]) -> list[str]:
+    parts = controls_parts(summary)
+    if not parts:
+        return []
+    out = ["## Controls and seeds", ""]
+    for kind, value in parts:
+        if kind == "table":
+            out += _table(*value)
+        elif kind == "list":
+            out += [f"- {x}" for x in value] + [""]
+        elif kind == "note":
+            out += [f"_{value}_", ""]
+        else:
+            out += [value, ""]
+    return out
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     s, cfg = data["summary"], data["config"]
     a, b = s["direction"]["A"], s["direction"]["B"]
@@ -130,6 +241,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         if c["excluding_artifacts"] is not None:
             out.append(f"  - {c['excluding_artifacts']['sentence']}")
     out.append("")
+    out += _controls_section(s)
     rec = s["reconstruction"]
     out += ["## Reconstruction", ""]
     topk = rec.get("fve_topk_per_model") or {}
