@@ -4,7 +4,7 @@ with no store on disk.
 A live source is the training part of the store `harvest` would write from the same arguments,
 computed on demand. It lays the kept tokens out in the same shards (`shard_tokens` each), holds
 out the same documents (`heldout_documents`), runs the models with the harvest's own code
-(`_prepare` and `_fill`, the same fixed model batches) and feeds the trainer through the store's
+(`prepare_job` and `fill`, the same fixed model batches) and feeds the trainer through the store's
 shuffle (`shuffled_rows`, over token indices). So with the same seed it yields the rows a store
 yields, in the same order, and a crosscoder trained from it equals one trained from the store.
 
@@ -29,9 +29,11 @@ import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 
-from crossdiff.activations.harvest import LensModel, _eval_mode, _fill, _Job, _prepare
+from crossdiff.activations.identity import LensModel
+from crossdiff.activations.job import HarvestJob, HarvestOptions, fill, prepare_job
 from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.pairing import Pairing
+from crossdiff.activations.runner import eval_mode
 from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
 from crossdiff.activations.store import StoreWriter, mask_ranges
 from crossdiff.common import CrossdiffError
@@ -43,7 +45,7 @@ SCALE_TOKENS = 2**20  # training tokens the scaling factors are estimated on (wh
 
 
 class _Capture(StoreWriter):
-    """A StoreWriter that keeps the one shard `_fill` writes in memory (no disk)."""
+    """A StoreWriter that keeps the one shard `fill` writes in memory (no disk)."""
 
     def __init__(self) -> None:  # no folder, manifest or statistics
         self.tensors: dict[str, Tensor] | None = None
@@ -88,13 +90,15 @@ class LiveActivations:
             raise CrossdiffError(f"cache_bytes={cache_bytes} must be >= 0")
         info = dist_info()
         self.models = (model_a, model_b)
-        with _eval_mode(self.models):
-            self.job: _Job = _prepare(
-                model_a, model_b, token_set, pairing, n_tokens=n_tokens, batch_size=batch_size,
-                dtype=dtype, shard_tokens=shard_tokens, model_names=model_names, device=device,
-                tokenizer=tokenizer, tokenizer_fingerprints=None, verbose=info.is_main,
+        with eval_mode(self.models):
+            options = HarvestOptions(
+                n_tokens=n_tokens, batch_size=batch_size, dtype=dtype, shard_tokens=shard_tokens,
+                model_names=model_names, device=device, tokenizer=tokenizer,
                 heldout_fraction=heldout_fraction, split_seed=split_seed,
             )  # fmt: skip
+            self.job: HarvestJob = prepare_job(
+                model_a, model_b, token_set, pairing, options, verbose=info.is_main
+            )
         job = self.job
         # the kept tokens in harvest order (row by row), and which belong to held-out documents
         kept_docs = job.rows.doc_ids[job.rows.keep][: job.target]
@@ -274,8 +278,8 @@ class LiveActivations:
         acts = torch.zeros(per_rank, self.n_models, self.d_model, dtype=self.dtype)
         if hi > lo:
             capture = _Capture()
-            with _eval_mode(self.models):
-                _fill(self.job, capture, lo, hi, _NoBar())
+            with eval_mode(self.models):
+                fill(self.job, capture, lo, hi, _NoBar())
             assert capture.tensors is not None
             acts[: hi - lo] = capture.tensors["acts"]
         self.shards_computed += 1
