@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossdiff.activations.layout import METADATA_KEYS
 from crossdiff.common import CrossdiffError
 
-METADATA_KEYS = ("token_ids", "doc_ids", "positions", "domains", "experts")
 DEFAULT_MODEL_NAMES = ("dense", "moe")
 DEFAULT_DOMAIN_NAMES = ("code", "science", "stories")
 
