@@ -62,8 +62,9 @@ class _NoBar:
 
 
 class LiveActivations:
-    """The training part of a paired harvest, computed on demand (the store's reading interface:
-    n_tokens, n_models, d_model, d_models, scaling_factors, iter_batches)."""
+    """The training part of a paired harvest, computed on demand: an ActivationSource (source.py)
+    that reads as the store `harvest` would write from the same arguments reads its training
+    part."""
 
     part_name = "train"
 
@@ -154,8 +155,48 @@ class LiveActivations:
         return list(self.job.header["model_names"])
 
     @property
+    def domain_names(self) -> list[str]:
+        return list(self.job.header["domain_names"])
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.job.store_dtype
+
+    def _train_rows(self, start: int, stop: int | None) -> Tensor:
+        """Positions among the kept tokens of training tokens [start, stop)."""
+        stop = self.n_tokens if stop is None else stop
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise CrossdiffError(
+                f"token range [{start}, {stop}) is outside the source's {self.n_tokens} "
+                "training tokens"
+            )
+        return (~self.heldout).nonzero().flatten()[start:stop]
+
+    def read_acts(
+        self, start: int = 0, stop: int | None = None, normalize: bool = False
+    ) -> Float[Tensor, "n n_models d_model"]:
+        """Activations of training tokens [start, stop) in harvest order, as a store's training
+        part reads them (computing the shards they lie in)."""
+        acts = self.gather(self._train_rows(start, stop))
+        if normalize:
+            acts = acts.to(torch.float32) * self.scaling_factors[None, :, None]
+        return acts
+
+    def read_metadata(self, start: int = 0, stop: int | None = None) -> dict[str, Tensor]:
+        """token_ids, doc_ids, positions, domains [n] of training tokens [start, stop), from the
+        token set (no model runs; the experts a store records are not kept by a live source)."""
+        rows = self.job.rows
+        index = self._train_rows(start, stop)
+        domains = rows.domains[:, None].expand_as(rows.tokens)
+        return {
+            key: values[rows.keep][index].long()
+            for key, values in (
+                ("token_ids", rows.tokens),
+                ("doc_ids", rows.doc_ids),
+                ("positions", rows.positions),
+                ("domains", domains),
+            )
+        }
 
     @property
     def fingerprint(self) -> str:
