@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
-
-from typing import NamedTuple
 
 from crossdiff.activations import ActivationStore
 from crossdiff.activations.store import FORMAT, FORMAT_VERSION, StoreWriter
