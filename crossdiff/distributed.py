@@ -121,6 +121,12 @@ def rank_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
+def compute_device(device: str | torch.device | None) -> torch.device:
+    """The device this process computes on: under torchrun this rank's own (rank_device), alone
+    the one asked for (resolve_device; `cuda` stays `cuda`)."""
+    return rank_device(device) if dist_info().enabled else resolve_device(device)
+
+
 def barrier() -> None:
     if dist_info().enabled:
         dist.barrier()

@@ -10,20 +10,14 @@ from test_analysis_planted import DOC_LEN, planted
 from crossdiff.analysis import diff_features, top_contexts
 from crossdiff.common import CrossdiffError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class StubTokenizer:
     name = "stub"
 
     def decode(self, ids: list[int]) -> str:
         return f"[{ids[0]}]"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

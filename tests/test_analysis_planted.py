@@ -18,6 +18,8 @@ from crossdiff.analysis import diff_features
 from crossdiff.analysis.claims import evaluate_claims
 from crossdiff.common import CrossdiffError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_EXPERTS, TOP_K, DOC_LEN = 8, 2, 40
 # group -> (number of latents, density range, decoder scale in dense, decoder scale in moe)
 GROUPS = {
@@ -110,15 +112,6 @@ def planted(n_tokens: int = 6000, d_model: int = 48, seed: int = 0, noise: float
     }
     cc = PlantedCrossCoder(w_dec, b_dec, n_shared=len(truth["designated-shared"]))
     return Planted(acts, metadata, cc, truth, fires.float().mean(0).numpy(), {"f": f})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared, loaded CPU (25x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

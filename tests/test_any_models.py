@@ -20,17 +20,12 @@ import crossdiff
 from crossdiff.activations import ActivationStore, Pairing, harvest
 from crossdiff.common import CrossdiffError
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 D_VOCAB = 40
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_hooked(seed: int, d_model: int = 16) -> HookedTransformer:

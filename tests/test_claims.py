@@ -23,13 +23,7 @@ from crossdiff.report.html import render_html
 from crossdiff.report.markdown import render_markdown
 from crossdiff.report.writer import report_data
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cliffs_delta_by_hand_and_as_rank_biserial():

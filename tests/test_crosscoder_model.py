@@ -11,13 +11,7 @@ from sae_lens import SAE
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, evaluate_crosscoder, train_crosscoder
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_crosscoder(seed=0, d_model=8, d_sae=32, k=3, **kw) -> CrossCoder:

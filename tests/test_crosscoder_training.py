@@ -20,13 +20,7 @@ from crossdiff.crosscoder.synthetic import (
     planted_crosscoder_data,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_acts(n=512, seed=0):

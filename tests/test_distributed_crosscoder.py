@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher import launch
 from safetensors.torch import load_file
-from test_distributed_training import launch
 
 STEPS = 40
 

@@ -15,8 +15,6 @@ import json
 import multiprocessing
 import os
 import socket
-import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launcher import launch_module
 from test_harvest import tiny_pair, tiny_token_set
 
 import crossdiff.activations.store as store_module
@@ -33,18 +32,13 @@ from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
 from crossdiff.distributed import finish_distributed, init_distributed
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 # the module (`crossdiff.activations.harvest` is the function, re-exported by the package)
 sharded_module = importlib.import_module("crossdiff.activations.sharded")
 KW = dict(batch_size=3, shard_tokens=10, progress=False)  # 10 rows of 8 tokens: 4 batches
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- launching ranks ---------------------------------------------------------------------------
@@ -387,12 +381,7 @@ def test_torchrun_crossdiff_harvest_writes_the_single_process_store(tmp_path):
         "--token-set", str(tmp_path / "tokens.safetensors"), "--tokens", "60",
         "--batch-size", "2", "--device", "cpu",
     ]  # fmt: skip
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "crossdiff", *argv, "--out", str(tmp_path / "two"),
-    ]  # fmt: skip
-    env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = launch_module(*argv, "--out", tmp_path / "two", nproc=2, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("by 2 processes to") == 1  # rank 0's summary only
 

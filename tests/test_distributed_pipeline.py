@@ -4,7 +4,7 @@ the stage records and the report, and a rerun skips every stage."""
 import json
 
 import torch
-from test_distributed_training import launch_module
+from launcher import launch_module
 
 from crossdiff.activations import ActivationStore
 from crossdiff.models.io import read_model_header

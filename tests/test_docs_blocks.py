@@ -96,8 +96,8 @@ SKIPPED = {
     ("docs/store.md", "from crossdiff.activations.live import LiveActivations"):
         "the paper's size on a GPU; tests/test_live_source.py trains from a live source at a "
         "small size",
-    ("docs/store.md", "from crossdiff.activations import fold_scaling_factors"):
-        "W_enc, b_enc, W_dec, b_dec are the weights of the reader's own crosscoder",
+    ("docs/store.md", "cc.fold_scaling_factors(store.scaling_factors)"):
+        "cc is the reader's own crosscoder, trained on scaled activations",
 }  # fmt: skip
 
 _MARKER = re.compile(r"<!--\s*crossdiff-docs:\s*(skip|file)\s*(.*?)\s*-->")

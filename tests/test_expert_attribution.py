@@ -18,7 +18,10 @@ from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.synthetic import match_planted_latents, planted_crosscoder_data
 from crossdiff.data.tokens import TokenSet
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 N_EXPERTS, LAYERS = 4, (2, 4)  # two recorded MoE layers, named by their block index
 X, Y, Z = 0, 1, 2  # planted latents: X prefers expert 1 in layer 2, Y expert 1 in layer 4, Z none
 LAYOUT = [
@@ -26,14 +29,6 @@ LAYOUT = [
      "columns": [i, i + 1]}
     for i, layer in enumerate(LAYERS)
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

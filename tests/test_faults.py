@@ -29,18 +29,13 @@ from crossdiff.data import DomainSource, hf_corpus
 from crossdiff.data.tokens import TokenSet
 from crossdiff.integrity import checksum_path
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 REPO = Path(__file__).resolve().parents[1]
 D_MODEL = 8
 SHARD = 256
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_store(path: Path, acts: torch.Tensor) -> ActivationStore:

@@ -15,18 +15,12 @@ from crossdiff.activations.store import StoreWriter
 from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 D_VOCAB = 40
 NAMES = ("dense", "moe")  # harvest calls unnamed models "A" and "B"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: torch's thread pool costs more than it saves (and the CPU is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int = 0, d_model: int = 16, moe: bool = False, **kw) -> HookedTransformer:

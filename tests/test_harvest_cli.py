@@ -13,16 +13,11 @@ from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
 
 models = pytest.importorskip("crossdiff.models")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 SMALL = dict(n_layers=3, d_model=16, d_head=8, n_heads=2, d_mlp=24, d_vocab=40, n_ctx=16)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -23,16 +23,11 @@ from crossdiff.crosscoder import CrossCoderConfig, evaluate_crosscoder, train_cr
 from crossdiff.crosscoder.synthetic import planted_crosscoder_data
 from crossdiff.data.tokens import TokenSet
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 KW = dict(batch_size=4, shard_tokens=40, progress=False, dtype="float32")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def packed_token_set(n_seq: int = 24, seq_len: int = 9, seed: int = 0) -> TokenSet:

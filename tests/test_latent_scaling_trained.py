@@ -13,15 +13,9 @@ import torch
 from crossdiff import CrossCoderConfig, diff_features, train_crosscoder
 from crossdiff.crosscoder.synthetic import planted_artifact_data, planted_crosscoder_data
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NAMES = ("dense", "moe")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def best_latent(cc, direction: torch.Tensor, model: int) -> tuple[int, float]:

@@ -17,19 +17,14 @@ from crossdiff.activations.live import LiveActivations
 from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
 from crossdiff.crosscoder.checkpoint import read_checkpoint
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 # small shards and chunks, so the shuffle crosses shards and chunks many times
 KW = dict(batch_size=4, shard_tokens=40, heldout_fraction=0.25, split_seed=3, dtype="float16")
 LIVE = dict(scale_tokens=None)  # scaling factors from all training tokens, as the store's
 CC = dict(steps=12, batch_size=32, lr=1e-3, log_every=4, prefetch=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 
 from crossdiff.common import CrossdiffError
 from crossdiff.pipeline import resolve_options, run_pipeline
+from crossdiff.stage_record import RECORD
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
@@ -96,9 +97,10 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(micro_run: Path, tm
     assert "n_tokens: 12000 -> 9000" in capsys.readouterr().out
 
 
-def _run_until(out: Path, marker_glob: str) -> bool:
+def _run_until(out: Path, marker_glob: str, stage: str) -> bool:
     """Start `crossdiff run --preset micro`; SIGKILL its whole process group as soon as a file
-    matching `marker_glob` appears under `out`. True if it was killed before finishing."""
+    matching `marker_glob` appears under `out`. True if it was killed while `stage` was running:
+    before the run finished and before the stage wrote its record of completion."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "crossdiff", "run", "--preset", "micro", "--out", str(out),
          "--device", "cpu"],
@@ -109,7 +111,7 @@ def _run_until(out: Path, marker_glob: str) -> bool:
         if any(out.glob(marker_glob)):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return True
+            return not (out / stage / RECORD).exists()
         time.sleep(0.02)
     return False
 
@@ -117,13 +119,15 @@ def _run_until(out: Path, marker_glob: str) -> bool:
 @pytest.mark.slow
 def test_run_killed_at_several_stages_finishes_with_the_same_report(micro_run, tmp_path):
     out = tmp_path / "run"
-    markers = [
-        "models/checkpoints/*/checkpoint.safetensors",  # mid language-model training
-        "store/shard_00000.safetensors",  # mid harvest
-        "crosscoder/checkpoints/state_*.safetensors",  # mid crosscoder training
-    ]
-    killed = [_run_until(out, marker) for marker in markers]
-    assert killed[0], "the first run finished before it could be interrupted"
+    markers = {
+        "models": "models/checkpoints/*/checkpoint.safetensors",  # mid language-model training
+        "store": "store/shard_00000.safetensors",  # mid harvest
+        "crosscoder": "crosscoder/checkpoints/state_*.safetensors",  # mid crosscoder training
+    }
+    killed = {stage: _run_until(out, marker, stage) for stage, marker in markers.items()}
+    assert killed["models"], "the first run finished before it could be interrupted"
+    missed = [stage for stage, interrupted in killed.items() if not interrupted]
+    assert not missed, f"the runs were not interrupted in stages {missed} (each must be)"
     run_pipeline(out, "micro", device="cpu")
     assert comparable(out / "report" / "report.json") == comparable(
         micro_run / "report" / "report.json"

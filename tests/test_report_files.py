@@ -17,6 +17,8 @@ from test_analysis_planted import planted
 from crossdiff.analysis import diff_features
 from crossdiff.report import write_report
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUMBER = re.compile(r"(?<![A-Za-z_\d.])-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 
 
@@ -34,14 +36,6 @@ def build_report(out_dir: Path):
         batch_size=1000, n_top_contexts=5, panels_per_class=3,
     )  # fmt: skip
     return diff, write_report(diff, out_dir, quiet=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,14 @@ from crossdiff.activations import Pairing, harvest, load_pairing
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.splice import loss_recovered, spliced_loss, summary_lines
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 V = 32
 SEQ = 16
 MLP_1 = Pairing(name="mlp1", sites=(("blocks.1.hook_mlp_out", "blocks.1.hook_mlp_out"),))
 PAIRINGS = {"paper": 16, "mlp1": 16, "mlp-all-layers": 5 * 16}  # pairing -> crosscoder width
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def markov_rows(n: int, seed: int) -> torch.Tensor:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
-from crossdiff.activations import ActivationStore, fold_scaling_factors
+from crossdiff.activations import ActivationStore
 from crossdiff.activations.store import FORMAT, FORMAT_VERSION, StoreWriter
 from crossdiff.common import CrossdiffError
+from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
 
 WIDTHS = [4, 6]
 
@@ -150,6 +153,26 @@ def test_orphans_are_removed_when_reopened(tmp_path):
     assert not (tmp_path / "s" / ".shard_00005.safetensors.abc.tmp").exists()
 
 
+class FoldedWeights(NamedTuple):
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor | None
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+
+
+def fold_scaling_factors(W_enc, b_enc, W_dec, b_dec, s) -> FoldedWeights:
+    """The weights folded by the crosscoder's own fold (CrossCoder.fold_scaling_factors)."""
+    n_models, d, d_sae = W_enc.shape
+    cc = CrossCoder(CrossCoderConfig(n_models=n_models, d_model=d, d_sae=d_sae, k=3))
+    with torch.no_grad():
+        cc.W_enc.copy_(W_enc)
+        cc.b_enc.copy_(b_enc)
+        cc.W_dec_untied.copy_(W_dec)
+        cc.b_dec.copy_(b_dec)
+    cc.fold_scaling_factors(s)
+    return FoldedWeights(cc.W_enc.detach(), cc.b_enc.detach(), cc.W_dec.detach(), cc.b_dec.detach())
+
+
 def test_folded_crosscoder_on_raw_acts_equals_scaled_one():
     g = torch.Generator().manual_seed(0)
     n_models, d, d_sae = 2, 6, 12
@@ -172,5 +195,5 @@ def test_folded_crosscoder_on_raw_acts_equals_scaled_one():
     torch.testing.assert_close(recon_raw, recon_scaled / s[:, None], rtol=1e-4, atol=1e-4)
     forgot_bias = folded._replace(b_dec=b_dec)
     assert not torch.allclose(crosscoder(x, *forgot_bias)[1], recon_raw, atol=1e-2)
-    with pytest.raises(CrossdiffError, match="> 0"):
+    with pytest.raises(CrossdiffError, match="positive"):
         fold_scaling_factors(W_enc, b_enc, W_dec, b_dec, torch.tensor([1.0, 0.0]))

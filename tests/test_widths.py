@@ -33,15 +33,10 @@ from crossdiff.crosscoder.synthetic import (
 from crossdiff.integrity import sha256_of_file, write_checksum
 from crossdiff.report import write_report
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def padding_values(cc) -> torch.Tensor:

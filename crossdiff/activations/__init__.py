@@ -3,17 +3,15 @@ activation normalization."""
 
 from crossdiff.activations.harvest import harvest
 from crossdiff.activations.live import LiveActivations
-from crossdiff.activations.normalization import FoldedWeights, RunningStats, fold_scaling_factors
+from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.pairing import Pairing, list_pairings, load_pairing
 from crossdiff.activations.store import ActivationStore
 
 __all__ = [
     "ActivationStore",
-    "FoldedWeights",
     "LiveActivations",
     "Pairing",
     "RunningStats",
-    "fold_scaling_factors",
     "harvest",
     "list_pairings",
     "load_pairing",

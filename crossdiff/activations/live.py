@@ -4,7 +4,7 @@ with no store on disk.
 A live source is the training part of the store `harvest` would write from the same arguments,
 computed on demand. It lays the kept tokens out in the same shards (`shard_tokens` each), holds
 out the same documents (`heldout_documents`), runs the models with the harvest's own code
-(`_prepare` and `_fill`, the same fixed model batches) and feeds the trainer through the store's
+(`prepare_job` and `fill`, the same fixed model batches) and feeds the trainer through the store's
 shuffle (`shuffled_rows`, over token indices). So with the same seed it yields the rows a store
 yields, in the same order, and a crosscoder trained from it equals one trained from the store.
 
@@ -29,9 +29,11 @@ import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 
-from crossdiff.activations.harvest import LensModel, _eval_mode, _fill, _Job, _prepare
+from crossdiff.activations.identity import LensModel
+from crossdiff.activations.job import HarvestJob, HarvestOptions, fill, prepare_job
 from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.pairing import Pairing
+from crossdiff.activations.runner import eval_mode
 from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
 from crossdiff.activations.store import StoreWriter, mask_ranges
 from crossdiff.common import CrossdiffError
@@ -43,7 +45,7 @@ SCALE_TOKENS = 2**20  # training tokens the scaling factors are estimated on (wh
 
 
 class _Capture(StoreWriter):
-    """A StoreWriter that keeps the one shard `_fill` writes in memory (no disk)."""
+    """A StoreWriter that keeps the one shard `fill` writes in memory (no disk)."""
 
     def __init__(self) -> None:  # no folder, manifest or statistics
         self.tensors: dict[str, Tensor] | None = None
@@ -60,8 +62,9 @@ class _NoBar:
 
 
 class LiveActivations:
-    """The training part of a paired harvest, computed on demand (the store's reading interface:
-    n_tokens, n_models, d_model, d_models, scaling_factors, iter_batches)."""
+    """The training part of a paired harvest, computed on demand: an ActivationSource (source.py)
+    that reads as the store `harvest` would write from the same arguments reads its training
+    part."""
 
     part_name = "train"
 
@@ -88,13 +91,15 @@ class LiveActivations:
             raise CrossdiffError(f"cache_bytes={cache_bytes} must be >= 0")
         info = dist_info()
         self.models = (model_a, model_b)
-        with _eval_mode(self.models):
-            self.job: _Job = _prepare(
-                model_a, model_b, token_set, pairing, n_tokens=n_tokens, batch_size=batch_size,
-                dtype=dtype, shard_tokens=shard_tokens, model_names=model_names, device=device,
-                tokenizer=tokenizer, tokenizer_fingerprints=None, verbose=info.is_main,
+        with eval_mode(self.models):
+            options = HarvestOptions(
+                n_tokens=n_tokens, batch_size=batch_size, dtype=dtype, shard_tokens=shard_tokens,
+                model_names=model_names, device=device, tokenizer=tokenizer,
                 heldout_fraction=heldout_fraction, split_seed=split_seed,
             )  # fmt: skip
+            self.job: HarvestJob = prepare_job(
+                model_a, model_b, token_set, pairing, options, verbose=info.is_main
+            )
         job = self.job
         # the kept tokens in harvest order (row by row), and which belong to held-out documents
         kept_docs = job.rows.doc_ids[job.rows.keep][: job.target]
@@ -150,8 +155,48 @@ class LiveActivations:
         return list(self.job.header["model_names"])
 
     @property
+    def domain_names(self) -> list[str]:
+        return list(self.job.header["domain_names"])
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.job.store_dtype
+
+    def _train_rows(self, start: int, stop: int | None) -> Tensor:
+        """Positions among the kept tokens of training tokens [start, stop)."""
+        stop = self.n_tokens if stop is None else stop
+        if not 0 <= start <= stop <= self.n_tokens:
+            raise CrossdiffError(
+                f"token range [{start}, {stop}) is outside the source's {self.n_tokens} "
+                "training tokens"
+            )
+        return (~self.heldout).nonzero().flatten()[start:stop]
+
+    def read_acts(
+        self, start: int = 0, stop: int | None = None, normalize: bool = False
+    ) -> Float[Tensor, "n n_models d_model"]:
+        """Activations of training tokens [start, stop) in harvest order, as a store's training
+        part reads them (computing the shards they lie in)."""
+        acts = self.gather(self._train_rows(start, stop))
+        if normalize:
+            acts = acts.to(torch.float32) * self.scaling_factors[None, :, None]
+        return acts
+
+    def read_metadata(self, start: int = 0, stop: int | None = None) -> dict[str, Tensor]:
+        """token_ids, doc_ids, positions, domains [n] of training tokens [start, stop), from the
+        token set (no model runs; the experts a store records are not kept by a live source)."""
+        rows = self.job.rows
+        index = self._train_rows(start, stop)
+        domains = rows.domains[:, None].expand_as(rows.tokens)
+        return {
+            key: values[rows.keep][index].long()
+            for key, values in (
+                ("token_ids", rows.tokens),
+                ("doc_ids", rows.doc_ids),
+                ("positions", rows.positions),
+                ("domains", domains),
+            )
+        }
 
     @property
     def fingerprint(self) -> str:
@@ -274,8 +319,8 @@ class LiveActivations:
         acts = torch.zeros(per_rank, self.n_models, self.d_model, dtype=self.dtype)
         if hi > lo:
             capture = _Capture()
-            with _eval_mode(self.models):
-                _fill(self.job, capture, lo, hi, _NoBar())
+            with eval_mode(self.models):
+                fill(self.job, capture, lo, hi, _NoBar())
             assert capture.tensors is not None
             acts[: hi - lo] = capture.tensors["acts"]
         self.shards_computed += 1

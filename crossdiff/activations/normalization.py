@@ -1,14 +1,13 @@
 """Per-model activation statistics and the scaling factor that brings mean norm to sqrt(d_model).
 
 Training on scaled activations x'_m = s_m * x_m (s_m = sqrt(d_m) / E||x_m||, SAELens's convention)
-puts both models on one scale. `fold_scaling_factors` moves s_m into a crosscoder's weights so the
-folded crosscoder takes and returns raw activations.
+puts both models on one scale. The crosscoder folds s_m into its weights
+(`CrossCoder.fold_scaling_factors`), so a trained crosscoder takes and returns raw activations.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -96,47 +95,6 @@ class RunningStats:
             }
             for m, name in enumerate(model_names)
         ]
-
-
-class FoldedWeights(NamedTuple):
-    W_enc: Tensor
-    b_enc: Tensor | None
-    W_dec: Tensor
-    b_dec: Tensor
-
-
-def fold_scaling_factors(
-    W_enc: Float[Tensor, "n_models d_model d_sae"],
-    b_enc: Float[Tensor, " d_sae"] | None,
-    W_dec: Float[Tensor, "d_sae n_models d_model"],
-    b_dec: Float[Tensor, "n_models d_model"],
-    scaling_factors: Float[Tensor, " n_models"],
-) -> FoldedWeights:
-    """Fold per-model input scaling into crosscoder weights, so the result works on raw activations.
-
-    A crosscoder trained on x'_m = s_m x_m computes
-        pre = sum_m (x'_m - b_dec[m]) W_enc[m] + b_enc      (the b_dec term only if the encoder
-        x'_hat_m = f W_dec[:, m] + b_dec[m]                  subtracts it; folding covers both)
-    With W_enc'[m] = s_m W_enc[m], W_dec'[:, m] = W_dec[:, m] / s_m and b_dec'[m] = b_dec[m] / s_m:
-        sum_m (x_m - b_dec'[m]) W_enc'[m] = sum_m (x'_m - b_dec[m]) W_enc[m]   (same pre, same f)
-        f W_dec'[:, m] + b_dec'[m] = x'_hat_m / s_m                            (raw reconstruction)
-    b_enc and any activation threshold are unchanged. Decoder norms change by 1/s_m: a selection
-    score that weights latents by decoder norm must use the norms from before folding.
-    """
-    n_models = W_dec.shape[1]
-    if scaling_factors.shape != (n_models,):
-        raise CrossdiffError(
-            f"scaling_factors has shape {tuple(scaling_factors.shape)}, expected ({n_models},)"
-        )
-    if not torch.isfinite(scaling_factors).all() or (scaling_factors <= 0).any():
-        raise CrossdiffError(f"scaling factors must be finite and > 0, got {scaling_factors}")
-    s = scaling_factors.to(W_enc.dtype)
-    return FoldedWeights(
-        W_enc=W_enc * s[:, None, None],
-        b_enc=None if b_enc is None else b_enc.clone(),
-        W_dec=W_dec / s[None, :, None],
-        b_dec=b_dec / s[:, None],
-    )
 
 
 def scaling_factor(mean_norm: float, width: int) -> float:

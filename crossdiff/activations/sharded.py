@@ -15,28 +15,26 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from crossdiff.activations.harvest import (
-    _COMPATIBLE_KEYS,
-    PLAN,
-    RANKS_DIR_RE,
-    _check_empty,
-    _clear_store,
-    _fill,
-    _incompatible_keys,
-    _is_store_entry,
-    _Job,
-    _open_store,
-    _rank_folders,
+from crossdiff.activations.folder import (
+    check_compatible,
+    check_empty,
+    open_store,
+    rank_folders,
+    replace_store,
+    unfinished_harvest_error,
+    written_message,
 )
-from crossdiff.activations.normalization import RunningStats
-from crossdiff.activations.store import (
+from crossdiff.activations.job import HarvestJob, fill
+from crossdiff.activations.layout import (
+    COMPATIBLE_KEYS,
     MANIFEST,
-    ActivationStore,
-    StoreWriter,
+    PLAN,
+    is_store_entry,
     part_counts,
     stats_name,
-    write_store_file,
 )
+from crossdiff.activations.normalization import RunningStats
+from crossdiff.activations.store import ActivationStore, StoreWriter, write_store_file
 from crossdiff.common import CrossdiffError, read_json, write_json_atomic
 from crossdiff.distributed import all_reduce_sum_, check_same_on_all_ranks, dist_info
 
@@ -63,7 +61,7 @@ def partition_rows(n_rows: int, batch_size: int, world_size: int) -> list[tuple[
     return [(bounds[r], bounds[r + 1]) for r in range(world_size)]
 
 
-def _plan(job: _Job, world_size: int) -> dict[str, Any]:
+def _plan(job: HarvestJob, world_size: int) -> dict[str, Any]:
     """Which rows and tokens each rank harvests (a JSON object, saved as ranks-of-N/plan.json)."""
     cumulative, target = job.cumulative, job.target
     end_row = int(torch.searchsorted(cumulative, target - 1, right=True)) + 1
@@ -75,7 +73,7 @@ def _plan(job: _Job, world_size: int) -> dict[str, Any]:
         {"rank": r, "rows": [lo, hi], "tokens": [tokens_before(lo), tokens_before(hi)]}
         for r, (lo, hi) in enumerate(partition_rows(end_row, job.batch_size, world_size))
     ]
-    setup = {k: job.header[k] for k in _COMPATIBLE_KEYS}
+    setup = {k: job.header[k] for k in COMPATIBLE_KEYS}
     return {
         "world_size": world_size,
         "token_set": job.segment["token_set"],
@@ -118,21 +116,16 @@ def together(step: Callable[[], _T], what: str) -> _T:
 
 
 def _check_folder(
-    job: _Job, out_dir: Path, ranks_dir: Path, plan: dict[str, Any], resume: bool
+    job: HarvestJob, out_dir: Path, ranks_dir: Path, plan: dict[str, Any], resume: bool
 ) -> int:
     """Read-only, on every rank: the tokens a finished store at `out_dir` already holds (0 when
     there is none), or an error when the folder holds something this run must not touch."""
     if not resume or not out_dir.exists():
-        _check_empty(out_dir)
+        check_empty(out_dir)
         return 0
     if (out_dir / MANIFEST).exists():
         manifest = ActivationStore(out_dir).manifest
-        differ = _incompatible_keys(manifest, job.header)
-        if differ:
-            raise CrossdiffError(
-                f"{out_dir} already holds a store harvested with different {differ}; harvest "
-                "into a new --out folder, or pass resume=False (--no-resume) to replace it"
-            )
+        check_compatible(out_dir, manifest, job.header)
         last = manifest["segments"][-1] if manifest["segments"] else {}
         if last.get("token_set") == job.segment["token_set"] and last["n_tokens"] >= job.target:
             return int(last["n_tokens"])
@@ -143,20 +136,14 @@ def _check_folder(
             "one. Extend it with a single-process harvest (the same command without torchrun), "
             "harvest into a new --out folder, or pass resume=False (--no-resume) to replace it"
         )
-    others = [p for p in _rank_folders(out_dir) if p != ranks_dir]
+    others = [p for p in rank_folders(out_dir) if p != ranks_dir]
     if others:
-        n = RANKS_DIR_RE.match(others[0].name).group(1)  # type: ignore[union-attr]
-        raise CrossdiffError(
-            f"{out_dir} holds an unfinished harvest by {n} processes ({others[0].name}/), and "
-            f"this run has {plan['world_size']}; resume it with the same number of processes "
-            f"(`torchrun --nproc_per_node {n} ...`, the same command), or delete {others[0]} "
-            "(or pass --no-resume) to start over"
-        )
-    _check_empty(out_dir)
+        raise unfinished_harvest_error(out_dir, others[0], plan["world_size"])
+    check_empty(out_dir)
     if (ranks_dir / PLAN).exists():
         old = read_json(ranks_dir / PLAN, "harvest plan")
         if old != plan:
-            setup = [k for k in _COMPATIBLE_KEYS if old.get("setup", {}).get(k) != plan["setup"][k]]
+            setup = [k for k in COMPATIBLE_KEYS if old.get("setup", {}).get(k) != plan["setup"][k]]
             options = [k for k in ("token_set", "n_tokens", "batch_size") if old.get(k) != plan[k]]
             differ = setup or options or ["plan"]
             raise CrossdiffError(
@@ -170,15 +157,14 @@ def _check_folder(
 
 def _start_folder(out_dir: Path, ranks_dir: Path, plan: dict[str, Any], resume: bool) -> None:
     """Rank 0: clear the old store when not resuming, and record the plan."""
-    if not resume and out_dir.is_dir() and any(_is_store_entry(p) for p in out_dir.iterdir()):
-        _clear_store(out_dir)
-        print(f"resume=False: removed the existing store in {out_dir}")
+    if not resume and out_dir.is_dir() and any(is_store_entry(p) for p in out_dir.iterdir()):
+        replace_store(out_dir)
     if not (ranks_dir / PLAN).exists():
         write_json_atomic(ranks_dir / PLAN, plan)
 
 
 def _harvest_rank(
-    job: _Job, ranks_dir: Path, plan: dict[str, Any], rank: int, progress: bool
+    job: HarvestJob, ranks_dir: Path, plan: dict[str, Any], rank: int, progress: bool
 ) -> None:
     """Harvest this rank's part of the plan into its own (resumable) store."""
     if not (ranks_dir / PLAN).exists():  # rank 0 has just written it, before the last barrier
@@ -192,7 +178,7 @@ def _harvest_rank(
         return  # more processes than batches: nothing for this one
     rank_dir = ranks_dir / rank_dir_name(rank)
     segment = dict(job.segment, rows=part["rows"], tokens=part["tokens"])
-    writer = _open_store(rank_dir, job.header, segment, resume=True)
+    writer = open_store(rank_dir, job.header, segment, resume=True)
     segments = writer.manifest["segments"]
     if len(segments) != 1 or segments[0].get("tokens") != part["tokens"]:
         raise CrossdiffError(
@@ -211,10 +197,10 @@ def _harvest_rank(
         position=rank,
         disable=not progress,
     ) as bar:
-        _fill(job, writer, lo + done, hi, bar)
+        fill(job, writer, lo + done, hi, bar)
 
 
-def _merge(job: _Job, out_dir: Path, ranks_dir: Path, plan: dict[str, Any]) -> None:
+def _merge(job: HarvestJob, out_dir: Path, ranks_dir: Path, plan: dict[str, Any]) -> None:
     """Rank 0: one manifest over every rank's shards, in rank order, with merged statistics,
     written once, atomically. The shards stay where the ranks wrote them."""
     shards: list[dict[str, Any]] = []
@@ -276,7 +262,7 @@ def _merge(job: _Job, out_dir: Path, ranks_dir: Path, plan: dict[str, Any]) -> N
         ) from err
 
 
-def harvest_ranks(job: _Job, out_dir: Path, resume: bool, progress: bool) -> ActivationStore:
+def harvest_ranks(job: HarvestJob, out_dir: Path, resume: bool, progress: bool) -> ActivationStore:
     info = dist_info()
     plan = _plan(job, info.world_size)
     digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
@@ -297,9 +283,5 @@ def harvest_ranks(job: _Job, out_dir: Path, resume: bool, progress: bool) -> Act
     together(lambda: _harvest_rank(job, ranks_dir, plan, info.rank, progress), "harvesting")
     together(lambda: _merge(job, out_dir, ranks_dir, plan) if info.is_main else None, "merging")
     store = ActivationStore(out_dir)
-    job.say(
-        f"wrote {store.n_tokens} tokens ({store.n_models} models, width {store.d_model}, "
-        f"{store.manifest['dtype']}) in {store.n_shards} shards by {info.world_size} processes "
-        f"to {out_dir}; parts: {store.parts}"
-    )
+    job.say(written_message(store, info.world_size))
     return store

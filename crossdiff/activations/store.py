@@ -1,13 +1,6 @@
 """ActivationStore: paired activations on disk, sharded safetensors plus a JSON manifest.
 
-Layout (format in docs/store.md):
-    manifest.json               models, hooks, pairing, dtype, shards with token counts and sha256
-    shard_NNNNN.safetensors     acts [n, n_models, d] and token_ids, doc_ids, positions, domains,
-                                experts [n, width] per token
-    stats_NNNNN.safetensors     float64 running sums after NNNNN shards (norms, mean/std per dim)
-    ranks-of-N/rank_R/          a harvest by N processes: each rank's own store (same layout); the
-                                top-level manifest names their shards by relative path
-
+The layout (file names, manifest fields; format in docs/store.md) is in layout.py.
 A shard's `file` in the manifest is a path relative to the store folder.
 
 Parts: a store harvested with a document split (manifest `split`) marks the tokens of its
@@ -24,7 +17,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -37,8 +29,21 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
+from crossdiff.activations.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    METADATA_KEYS,
+    PARTS,
+    check_manifest,
+    expert_column_map,
+    is_store_file,
+    mask_ranges,
+    part_counts,
+    shard_name,
+    stats_name,
+)
 from crossdiff.activations.normalization import RunningStats
-from crossdiff.activations.pairing import hook_layer
 from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
 from crossdiff.common import (
     CrossdiffError,
@@ -49,61 +54,26 @@ from crossdiff.common import (
     write_json_atomic,
 )
 
-FORMAT = "crossdiff.ActivationStore"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-METADATA_KEYS = ("token_ids", "doc_ids", "positions", "domains", "experts")
-_STORE_FILE_RE = re.compile(r"^(shard|stats)_\d{5}\.safetensors$")
 _MAX_OPEN_SHARDS = 8
-PARTS = ("train", "heldout")
 
-
-def mask_ranges(mask: Tensor) -> list[list[int]]:
-    """The [lo, hi) runs of True in a 1-D bool mask."""
-    zero = torch.zeros(1, dtype=torch.int8)
-    padded = torch.cat([zero, mask.to(torch.int8), zero])
-    edges = torch.diff(padded)
-    starts = (edges == 1).nonzero().flatten().tolist()
-    stops = (edges == -1).nonzero().flatten().tolist()
-    return [[lo, hi] for lo, hi in zip(starts, stops, strict=True)]
-
-
-def part_counts(shards: list[dict[str, Any]]) -> dict[str, int]:
-    """Tokens per part over manifest shard entries (a shard without `heldout` is all training)."""
-    heldout = sum(hi - lo for s in shards for lo, hi in s.get("heldout", []))
-    total = sum(int(s["n_tokens"]) for s in shards)
-    return {"train": total - heldout, "heldout": heldout}
-
-
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.safetensors"
-
-
-def stats_name(n_shards: int) -> str:
-    return f"stats_{n_shards:05d}.safetensors"
-
-
-def expert_column_map(
-    hooks: list[str] | tuple[str, ...], top_k: list[int], n_experts: int | None
-) -> list[dict[str, Any]]:
-    """The manifest's `experts.layout`: per expert hook (in the order its columns were written),
-    its block index, how many experts it routes among and its columns [start, stop) of the
-    per-token `experts` row."""
-    if len(hooks) != len(top_k):
-        raise CrossdiffError(f"{len(hooks)} expert hooks but {len(top_k)} column counts")
-    layout, start = [], 0
-    for hook, k in zip(hooks, top_k, strict=True):
-        layer = hook_layer(hook)
-        layout.append(
-            {
-                "hook": hook,
-                "layer": layer,
-                "n_experts": None if n_experts is None else int(n_experts),
-                "columns": [start, start + int(k)],
-            }
-        )
-        start += int(k)
-    return layout
+__all__ = [  # the layout's names are re-exported: store.py was their home
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "METADATA_KEYS",
+    "PARTS",
+    "ActivationStore",
+    "StoreWriter",
+    "evaluation_part",
+    "expert_column_map",
+    "mask_ranges",
+    "part_counts",
+    "sha256_file",
+    "shard_name",
+    "stats_name",
+    "training_part",
+    "write_store_file",
+]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -182,7 +152,7 @@ class StoreWriter:
         removed = []
         for child in self.path.iterdir():
             name = child.name
-            orphan = _STORE_FILE_RE.match(name) and name not in keep
+            orphan = is_store_file(name) and name not in keep
             leftover_tmp = name.startswith(
                 (".shard_", ".stats_", f".{MANIFEST}")
             ) and name.endswith(".tmp")
@@ -244,36 +214,6 @@ class StoreWriter:
             (self.path / previous_stats["file"]).unlink(missing_ok=True)
 
 
-def _check_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """The counts and widths in a manifest agree with each other (an edited manifest does not)."""
-    advice = "the manifest was edited or damaged: restore it or harvest the store again"
-    try:
-        shards = manifest["shards"]
-        n_tokens = int(manifest["n_tokens"])
-        d_models = [int(d) for d in manifest["d_models"]]
-        d_model = int(manifest["d_model"])
-        n_models = len(manifest["model_names"])
-        counts = [int(s["n_tokens"]) for s in shards]
-        starts = [int(s["start"]) for s in shards]
-    except (KeyError, TypeError, ValueError) as err:
-        raise CrossdiffError(f"{path} lacks or mangles a field ({err!r}); {advice}") from err
-    if sum(counts) != n_tokens:
-        raise CrossdiffError(
-            f"{path} says n_tokens={n_tokens} but its shards hold {sum(counts)} tokens; {advice}"
-        )
-    expected_starts = [sum(counts[:i]) for i in range(len(counts))]
-    if starts != expected_starts:
-        raise CrossdiffError(
-            f"{path} gives shard starts {starts} but the shard sizes make them "
-            f"{expected_starts}; {advice}"
-        )
-    if len(d_models) != n_models or (d_models and d_model != max(d_models)):
-        raise CrossdiffError(
-            f"{path} says d_model={d_model} with d_models={d_models} for {n_models} models; "
-            f"d_model must be the largest of d_models, one per model; {advice}"
-        )
-
-
 class ActivationStore:
     """A store folder, read lazily: shards are memory-mapped; only requested rows are read."""
 
@@ -292,7 +232,7 @@ class ActivationStore:
                 f"store {self.path} has format version {manifest.get('format_version')}, this "
                 f"crossdiff reads version {FORMAT_VERSION}; re-harvest it with this version"
             )
-        _check_manifest(self.path / MANIFEST, manifest)
+        check_manifest(self.path / MANIFEST, manifest)
         self.manifest: dict[str, Any] = manifest
         self._handles: OrderedDict[int, Any] = OrderedDict()
         self._verified: set[int] = set()
@@ -572,7 +512,7 @@ class ActivationStore:
 
         With shuffle, each pass visits the shards in an order drawn from `seed`, the chunks of a
         shard in a drawn order, and mixes tokens in a buffer of `shuffle_buffer` tokens (default
-        max(32 * batch_size, 4 * chunk_tokens)); two readers with the same seed yield the same
+        max(16 * batch_size, 4 * chunk_tokens)); two readers with the same seed yield the same
         batches. With loop=False one pass is made and the last partial batch is dropped (read the
         whole store in order with read_acts).
         """

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -19,6 +18,7 @@ from crossdiff.analysis.experts import ExpertAccumulator, ExpertCounts
 from crossdiff.analysis.latent_scaling import ScalingAccumulator, ScalingSums
 from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.topk_meter import TopKMeter
+from crossdiff.crosscoder.fve import ReconstructionMeter
 from crossdiff.integrity import check_finite_acts, check_finite_module
 
 
@@ -54,22 +54,18 @@ def _module_device_dtype(cc: Any) -> tuple[torch.device, torch.dtype]:
     return w.device, w.dtype if w.dtype.is_floating_point else torch.float32
 
 
-def sparse_decode(
-    w_dec: Float[Tensor, "d_sae n_models d_model"],
-    b_dec: Float[Tensor, "n_models d_model"] | None,
-    rows: Int[Tensor, " nnz"],
-    cols: Int[Tensor, " nnz"],
-    vals: Float[Tensor, " nnz"],
-    batch: int,
-) -> Float[Tensor, "batch n_models d_model"]:
-    """f @ W_dec + b_dec from f's active entries (rows sorted, as torch.nonzero returns them)."""
-    d_sae, n_models, d_model = w_dec.shape
-    counts = torch.bincount(rows, minlength=batch)
-    offsets = counts.cumsum(0) - counts
-    out = torch.nn.functional.embedding_bag(
-        cols, w_dec.reshape(d_sae, -1), offsets, mode="sum", per_sample_weights=vals
-    ).view(batch, n_models, d_model)
-    return out + b_dec if b_dec is not None else out
+def _sparse_decoder(cc: Any) -> Any:
+    """The crosscoder's own sparse decode from active entries (rows sorted, as torch.nonzero
+    returns them), or None for a crosscoder without one (it decodes densely)."""
+    decode_sparse = getattr(cc, "decode_sparse", None)
+    if decode_sparse is None:
+        return None
+    d_sae = int(cc.W_dec.shape[0])
+
+    def decode(rows: Tensor, cols: Tensor, vals: Tensor, batch: int) -> Tensor:
+        return decode_sparse(rows * d_sae + cols, vals, batch)
+
+    return decode
 
 
 def run_pass(
@@ -98,24 +94,21 @@ def run_pass(
     act_sum = torch.zeros(d_sae, **f64)
     act_sq_sum = torch.zeros(d_sae, **f64)
     l0_sum = 0.0
-    sse = torch.zeros(n_models, **f64)
-    x_sum = torch.zeros(n_models, d_model, **f64)
-    x_sq_sum = torch.zeros(n_models, **f64)
+    reconstruction = ReconstructionMeter(n_models, d_model, device=device)
     domain_mass = torch.zeros(d_sae, n_domains, **f64)
     domain_tokens = torch.zeros(n_domains, **f64)
     expert_acc = ExpertAccumulator(expert_layout, source.manifest, d_sae, device)
     top_values = torch.zeros(n_top, d_sae, dtype=dtype, device=device)
     top_indices = torch.full((n_top, d_sae), -1, dtype=torch.int64, device=device)
     scaling = ScalingAccumulator(scaling_latents, d_sae, n_models, d_model, device)
-    w_dec = cc.W_dec.detach()  # a property on some crosscoders: compute it once
-    b_dec = getattr(cc, "b_dec", None)
-    b_dec = b_dec.detach().to(device=device, dtype=dtype) if isinstance(b_dec, Tensor) else None
-    use_sparse: bool | None = None  # decided on the first batch by comparing with cc.decode
+    sparse_decode = _sparse_decoder(cc)
+    # decided on the first batch by comparing with cc.decode
+    use_sparse: bool | None = None if sparse_decode is not None else False
     topk = TopKMeter(cc, n_models, device)
 
     def decode_entries(rows: Tensor, cols: Tensor, vals: Tensor, batch: int) -> Tensor:
         if use_sparse:
-            return sparse_decode(w_dec, b_dec, rows, cols, vals, batch)
+            return sparse_decode(rows, cols, vals, batch)
         dense = torch.zeros(batch, d_sae, dtype=vals.dtype, device=device)
         dense[rows, cols] = vals
         return cc.decode(dense)
@@ -138,12 +131,12 @@ def run_pass(
                     x_hat = cc.decode(f)
                     tol = 1e-4 * max(float(x_hat.abs().max()), 1.0)
                     try:
-                        mine = sparse_decode(w_dec, b_dec, rows, cols, vals, len(f))
+                        mine = sparse_decode(rows, cols, vals, len(f))
                         use_sparse = bool(torch.allclose(mine, x_hat, rtol=1e-4, atol=tol))
                     except RuntimeError:
                         use_sparse = False
                 elif use_sparse:
-                    x_hat = sparse_decode(w_dec, b_dec, rows, cols, vals, len(f))
+                    x_hat = sparse_decode(rows, cols, vals, len(f))
                 else:
                     x_hat = cc.decode(f)
                 v64 = vals.double()
@@ -151,11 +144,7 @@ def run_pass(
                 act_sum += torch.bincount(cols, weights=v64, minlength=d_sae)
                 act_sq_sum += torch.bincount(cols, weights=v64 * v64, minlength=d_sae)
                 l0_sum += float(len(vals))
-                err = x - x_hat
-                sse += (err.double() ** 2).sum(dim=(0, 2))
-                xd = x.double()
-                x_sum += xd.sum(0)
-                x_sq_sum += (xd**2).sum(dim=(0, 2))
+                reconstruction.update(x, x_hat)
 
                 # top activations: only latents whose batch maximum beats their current n-th best
                 batch_max = f.max(dim=0).values
@@ -190,8 +179,7 @@ def run_pass(
                 bar.update(stop - start)
     bar.close()
 
-    n = float(total)
-    sst = x_sq_sum - (x_sum**2).sum(-1) / n
+    sst = reconstruction.total_variance()
     has_domains = has_domains and float(domain_tokens.sum()) > 0  # else no token had a domain
     order = top_values.T.cpu().numpy()
     top_idx = top_indices.T.cpu().numpy()
@@ -204,7 +192,7 @@ def run_pass(
         act_sum=act_sum.cpu().numpy(),
         act_sq_sum=act_sq_sum.cpu().numpy(),
         l0_sum=l0_sum,
-        sse=sse.cpu().numpy(),
+        sse=reconstruction.sq_error.cpu().numpy(),
         sst=sst.cpu().numpy(),
         domain_mass=domain_mass.cpu().numpy() if has_domains else None,
         domain_tokens=domain_tokens.cpu().numpy() if has_domains else None,

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from crossdiff.analysis.feature_diff import FeatureDiff
 from crossdiff.analysis.source import TokenSource
 from crossdiff.common import CrossdiffError
 
@@ -154,8 +155,6 @@ def top_contexts(
     token_ids, activations (of this latent on each window token) and text. n_contexts and window
     default to the diff's settings (20 and 5 without a diff).
     """
-    from crossdiff.analysis.diff import FeatureDiff
-
     if isinstance(diff_or_source, FeatureDiff):
         diff = diff_or_source
         cc = cc if cc is not None else diff.crosscoder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from crossdiff.analysis.experts import (
     expert_detail,
     expert_summary,
 )
+from crossdiff.analysis.feature_diff import FeatureDiff
 from crossdiff.analysis.latent_scaling import (
     MIN_SHARE,
     free_direction_scaling,
@@ -37,39 +37,8 @@ from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.summary import domain_lift, summarize
 from crossdiff.analysis.summary import finite as _finite
 from crossdiff.common import CrossdiffError
+from crossdiff.crosscoder.fve import pooled_normalized_fve
 from crossdiff.crosscoder.metrics import check_zero_padding, normalized_unit_factors
-
-
-@dataclass
-class FeatureDiff:
-    """The result of diff_features.
-
-    table: one row per latent (see docs/report.md for the columns); summary: class-level numbers and
-    the sentences that state them; config: how the run was made; details: per-latent panels (top
-    contexts, expert counts, domain shares) for the latents the report shows.
-    """
-
-    table: pd.DataFrame
-    summary: dict[str, Any]
-    config: dict[str, Any]
-    details: dict[int, dict[str, Any]]
-    top_indices: np.ndarray  # [d_sae, n_top] store index of each latent's top tokens, -1 for none
-    top_values: np.ndarray  # [d_sae, n_top]
-    expert_counts: np.ndarray | None  # [d_sae, n_pairs] routed (layer, expert) counts, layer-major
-    crosscoder: Any = field(default=None, repr=False)
-    source: TokenSource | None = field(default=None, repr=False)
-    tokenizer: Any = field(default=None, repr=False)
-
-    def latents(self, cls: str) -> pd.DataFrame:
-        """The table's rows of one class, e.g. diff.latents('moe-only')."""
-        known = set(self.table["class"])
-        if cls not in known and cls not in self.summary["class_counts"]:
-            raise CrossdiffError(f"unknown class {cls!r}; this diff has {sorted(known)}")
-        return self.table[self.table["class"] == cls]
-
-    def __repr__(self) -> str:
-        counts = ", ".join(f"{k}: {v}" for k, v in self.summary["class_counts"].items())
-        return f"FeatureDiff({len(self.table)} latents; {counts})"
 
 
 def _crosscoder_config(cc: Any) -> dict[str, Any]:
@@ -514,10 +483,7 @@ def _pooled_normalized(sse: np.ndarray, sst: np.ndarray, factors: Any) -> dict[s
     """1 - sum_m SSE_m s_m^2 / sum_m SST_m s_m^2, in each model's normalized units."""
     if factors is None:  # no factor known: weigh each model by its own variance
         factors = 1.0 / np.sqrt(np.where(sst > 0, sst, np.nan))
-    s2 = np.asarray(factors, dtype=np.float64) ** 2
-    den = float(np.nansum(sst * s2))
-    fve = _finite(1.0 - float(np.nansum(sse * s2)) / den) if den > 0 else None
     return {
-        "fve_pooled_normalized": fve,
+        "fve_pooled_normalized": _finite(pooled_normalized_fve(sse, sst, factors)),
         "scaling_factors": [float(x) for x in np.asarray(factors, dtype=np.float64)],
     }

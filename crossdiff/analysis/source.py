@@ -1,15 +1,15 @@
-"""One view over the tokens an analysis reads: an in-memory tensor or an on-disk ActivationStore."""
+"""One view over the tokens an analysis reads: an in-memory tensor or an ActivationSource (an
+on-disk ActivationStore or a part of it, an InMemoryStore, ...)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from crossdiff.activations.layout import METADATA_KEYS
+from crossdiff.activations.source import ActivationSource
 from crossdiff.common import CrossdiffError
 
-METADATA_KEYS = ("token_ids", "doc_ids", "positions", "domains", "experts")
 DEFAULT_MODEL_NAMES = ("dense", "moe")
 DEFAULT_DOMAIN_NAMES = ("code", "science", "stories")
 
@@ -19,7 +19,7 @@ class TokenSource:
 
     def __init__(
         self,
-        acts_or_store: Any,
+        acts_or_store: ActivationSource | Tensor,
         metadata: dict[str, Tensor] | None = None,
         model_names: tuple[str, ...] | list[str] | None = None,
         domain_names: tuple[str, ...] | list[str] | None = None,

@@ -14,6 +14,7 @@ from crossdiff.analysis.claims import evaluate_claims
 from crossdiff.analysis.classes import DEAD, DESIGNATED, SHARED, class_names
 from crossdiff.analysis.density import describe
 from crossdiff.analysis.source import TokenSource
+from crossdiff.crosscoder.fve import fve_from_sums
 
 # the threshold L0 may differ from k by this factor before the summary warns
 L0_WARNING_FACTOR = 2.0
@@ -33,8 +34,7 @@ def domain_lift(domain_shares: np.ndarray, domain_tokens: np.ndarray) -> np.ndar
 
 
 def _fve(sse: np.ndarray, sst: np.ndarray) -> tuple[float | None, list[float | None]]:
-    per_model = 1.0 - sse / np.where(sst > 0, sst, np.nan)
-    pooled = 1.0 - sse.sum() / sst.sum() if sst.sum() > 0 else float("nan")
+    pooled, per_model = fve_from_sums(sse, sst)
     return finite(pooled), [finite(v) for v in per_model]
 
 

@@ -16,77 +16,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from crossdiff.activations.store import evaluation_part
 from crossdiff.common import CrossdiffError
+from crossdiff.crosscoder.fve import ReconstructionMeter
 from crossdiff.crosscoder.splice import spliced_loss_on
 from crossdiff.integrity import check_finite_module
-
-
-class ReconstructionMeter:
-    """Running sums for FVE and MSE per model (float64, so the variance is exact enough)."""
-
-    def __init__(self, n_models: int, d_model: int, widths: Sequence[int] | None = None):
-        self.d_model = d_model
-        # each model's own width: MSE per element and sqrt(width) normalization use it, and the
-        # padding beyond it (zero for a sound store and crosscoder) is left out of every sum
-        self.widths = torch.tensor(list(widths or [d_model] * n_models), dtype=torch.float64)
-        self.mask = None
-        if widths is not None and any(w != d_model for w in widths):
-            self.mask = (torch.arange(d_model)[None, :] < self.widths[:, None]).to(torch.float64)
-        self.n_tokens = 0
-        self.sq_error = torch.zeros(n_models, dtype=torch.float64)
-        self.sum_x = torch.zeros(n_models, d_model, dtype=torch.float64)
-        self.sum_sq_x = torch.zeros(n_models, dtype=torch.float64)
-        self.sum_norm = torch.zeros(n_models, dtype=torch.float64)
-
-    @torch.no_grad()
-    def update(
-        self,
-        x: Float[Tensor, "batch n_models d_model"],
-        x_hat: Float[Tensor, "batch n_models d_model"],
-    ) -> None:
-        x64 = x.detach().to("cpu", torch.float64)
-        x_hat64 = x_hat.detach().to("cpu", torch.float64)
-        if self.mask is not None:
-            x64, x_hat64 = x64 * self.mask, x_hat64 * self.mask
-        err = (x_hat64 - x64).pow(2).sum(dim=(0, 2))
-        self.sq_error += err
-        self.sum_x += x64.sum(0)
-        self.sum_sq_x += x64.pow(2).sum(dim=(0, 2))
-        self.sum_norm += x64.norm(dim=-1).sum(0)
-        self.n_tokens += x.shape[0]
-
-    def total_variance(self) -> Tensor:
-        """sum_t ||x_tm - mean_m||^2 per model."""
-        if self.n_tokens == 0:
-            raise CrossdiffError("no tokens were evaluated; give at least one batch")
-        return self.sum_sq_x - self.sum_x.pow(2).sum(-1) / self.n_tokens
-
-    def fve_per_model(self) -> list[float]:
-        return (1 - self.sq_error / self.total_variance()).tolist()
-
-    def fve(self) -> float:
-        return float(1 - self.sq_error.sum() / self.total_variance().sum())
-
-    def fve_pooled_normalized(self, scaling_factors: Tensor | None = None) -> float:
-        """1 - sum_m SSE_m s_m^2 / sum_m SST_m s_m^2: the pooled FVE in each model's normalized
-        units. Without `scaling_factors`, s_m = sqrt(width_m) / (model m's mean norm here)."""
-        if scaling_factors is None:
-            scaling_factors = self.scaling_factors()
-        s2 = torch.as_tensor(scaling_factors, dtype=torch.float64).cpu().pow(2)
-        return float(1 - (self.sq_error * s2).sum() / (self.total_variance() * s2).sum())
-
-    def scaling_factors(self) -> Tensor:
-        """sqrt(width) / mean norm per model over the evaluated tokens (1 for a zero norm)."""
-        norms = self.sum_norm / max(self.n_tokens, 1)
-        return torch.where(norms > 0, self.widths.sqrt() / norms.clamp_min(1e-30), 1.0)
-
-    def mse_per_model(self) -> list[float]:
-        """Mean squared error per element of each model's own width."""
-        return (self.sq_error / (self.n_tokens * self.widths)).tolist()
 
 
 def _eval_batches(

@@ -31,14 +31,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from crossdiff.activations.harvest import (
-    _as_tokens,
-    _check_hooks,
-    _check_tokenizers,
-    _eval_mode,
-    _stop_layer,
-)
+from crossdiff.activations.identity import check_tokenizers, weights_hash
 from crossdiff.activations.pairing import Pairing, load_pairing
+from crossdiff.activations.rows import as_token_rows
+from crossdiff.activations.runner import check_hooks, eval_mode, stop_layer
 from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
 
@@ -85,18 +81,18 @@ def spliced_loss(
         raise CrossdiffError(f"spliced loss needs a crosscoder of 2 models, got {n_models}")
     if batch_size <= 0:
         raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
-    rows = _as_tokens(tokens, pairing.drop_bos)
+    rows = as_token_rows(tokens, pairing.drop_bos)
     if max_sequences is not None:
         if max_sequences <= 0:
             raise CrossdiffError(f"max_sequences must be positive, got {max_sequences}")
         rows.tokens, rows.keep = rows.tokens[:max_sequences], rows.keep[:max_sequences]
     if rows.tokens.shape[1] < 2:
         raise CrossdiffError("token rows need at least 2 tokens to have a next-token target")
-    _check_tokenizers(models, names, None, rows.tokens)  # type: ignore[arg-type]
+    check_tokenizers(models, names, None, rows.tokens)  # type: ignore[arg-type]
     hooks = (pairing.hooks_a, pairing.hooks_b)
     for model, name, model_hooks in zip(models, names, hooks, strict=True):
-        _check_hooks(model, name, model_hooks)
-    with _eval_mode(models):
+        check_hooks(model, name, model_hooks)
+    with eval_mode(models):
         splicer = _Splicer(cc, models, names, hooks, rows.tokens, rows.keep, batch_size, progress)
         means = splicer.means(ablation_means)
         sums = splicer.losses(means, per_site)
@@ -119,7 +115,7 @@ class _Splicer:
     ) -> None:
         self.cc, self.models, self.names, self.hooks = cc, models, names, hooks
         self.tokens, self.keep, self.batch_size, self.progress = tokens, keep, batch_size, progress
-        self.stops = [_stop_layer(m, h) for m, h in zip(models, hooks, strict=True)]
+        self.stops = [stop_layer(m, h) for m, h in zip(models, hooks, strict=True)]
         first = [self.capture(m, tokens[:1]) for m in range(len(models))]
         self.site_widths = [[x.shape[-1] for x in acts] for acts in first]
         self.widths = [sum(w) for w in self.site_widths]
@@ -369,7 +365,6 @@ def spliced_loss_for_run(
     None (with a printed note) when there are no held-out rows or a model folder is missing;
     an error when the models are not the ones the store was harvested from.
     """
-    from crossdiff.activations.harvest import weights_hash
     from crossdiff.models import load_model
 
     if max_sequences <= 0:

@@ -161,11 +161,13 @@ def match_planted_latents(
 
 
 class InMemoryStore:
-    """Activations in memory behind the ActivationStore interface that training and evaluation
-    use (`iter_batches`, `read_acts`, `scaling_factors`, `n_tokens`, `n_models`, `d_model`).
+    """Activations in memory as an ActivationSource (crossdiff.activations.source): what
+    training and evaluation read from a store, without per-token metadata or domains.
 
     Useful for tests and for users whose activations already sit in a tensor.
     """
+
+    domain_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -188,9 +190,13 @@ class InMemoryStore:
         else:
             self.scaling_factors = self.d_model**0.5 / mean_norm
 
-    def read_acts(self, start: int, stop: int, normalize: bool = False) -> Tensor:
-        acts = self.acts[start:stop].float()
+    def read_acts(self, start: int = 0, stop: int | None = None, normalize: bool = False) -> Tensor:
+        acts = self.acts[start : self.n_tokens if stop is None else stop].float()
         return acts * self.scaling_factors[:, None] if normalize else acts
+
+    def read_metadata(self, start: int = 0, stop: int | None = None) -> dict[str, Tensor]:
+        """No per-token metadata: an empty dict."""
+        return {}
 
     def iter_batches(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,15 @@ from torch import Tensor
 from crossdiff.common import CrossdiffError, atomic_path
 
 DOMAINS: tuple[str, ...] = ("code", "science", "stories")
+
+
+def token_fingerprint(tokens: Int[Tensor, "n_seq seq_len"]) -> str:
+    """The fingerprint of token rows: their shape and ids (32 hex digits of a sha256). A store's
+    segments record it (`token_set`), so a harvest knows whether it continues the same rows."""
+    digest = hashlib.sha256(str(tuple(tokens.shape)).encode())
+    for rows in tokens.split(1 << 16):
+        digest.update(rows.to(torch.int32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 @dataclass
@@ -57,6 +67,11 @@ class TokenSet:
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the token ids (see token_fingerprint)."""
+        return token_fingerprint(self.tokens)
 
     @property
     def seq_len(self) -> int:

@@ -1,0 +1,104 @@
+"""Who the two models of a harvest are (their config and weights hashes, their tokenizer) and
+the check that they can be paired on a token set (one vocabulary, one tokenizer)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.model_bridge import TransformerBridge
+
+from crossdiff.common import CrossdiffError
+
+# the models a harvest runs: anything TransformerLens runs with named hook points
+LensModel = HookedTransformer | TransformerBridge
+
+
+def config_hash(model: LensModel) -> str:
+    fields = {k: v for k, v in model.cfg.to_dict().items() if k not in ("device", "n_devices")}
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_hash(model: LensModel) -> str:
+    """A hash of every parameter and buffer, so a resume with other weights is refused."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(
+            tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        )
+    return digest.hexdigest()[:16]
+
+
+def vocab_fingerprint(model: LensModel) -> str | None:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    if getattr(tokenizer, "fingerprint", None):
+        return str(tokenizer.fingerprint)
+    if hasattr(tokenizer, "get_vocab"):
+        vocab = sorted(tokenizer.get_vocab().items())
+        return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:32]
+    return None
+
+
+def check_tokenizers(
+    models: tuple[LensModel, LensModel],
+    names: tuple[str, str],
+    fingerprints: tuple[str | None, str | None] | None,
+    tokens: Tensor,
+    token_fingerprint: str | None = None,
+) -> None:
+    vocab = [m.cfg.d_vocab for m in models]
+    if vocab[0] != vocab[1]:
+        raise CrossdiffError(
+            f"the models have different vocabularies: {names[0]} has d_vocab={vocab[0]}, "
+            f"{names[1]} has d_vocab={vocab[1]}. Paired harvesting needs two models that share a "
+            "tokenizer; train or load both with the same one"
+        )
+    given = fingerprints or (None, None)
+    prints = [given[i] or vocab_fingerprint(models[i]) for i in range(2)]
+    if prints[0] and prints[1] and prints[0] != prints[1]:
+        raise CrossdiffError(
+            f"the models' tokenizers differ: {names[0]} has fingerprint {prints[0]}, {names[1]} "
+            f"has {prints[1]}. The same token ids would mean different text to them; use two "
+            "models trained with the same tokenizer"
+        )
+    model_print = prints[0] or prints[1]
+    if token_fingerprint and model_print and token_fingerprint != model_print:
+        raise CrossdiffError(
+            f"the token set was made with another tokenizer (fingerprint {token_fingerprint}) "
+            f"than the models' (fingerprint {model_print}): its ids would mean other text to "
+            "them. Use the token set prepared with the models' tokenizer (the data folder the "
+            "models were trained from), or prepare-data again with --tokenizer set to it"
+        )
+    if int(tokens.max()) >= vocab[0]:
+        raise CrossdiffError(
+            f"the token set has id {int(tokens.max())} but the models' vocabulary has only "
+            f"{vocab[0]} ids; was it tokenized with another tokenizer?"
+        )
+
+
+def tokenizer_info(
+    tokenizer: Any,
+    models: tuple[LensModel, ...],
+    fingerprints: Any,
+    token_set_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    if fingerprint is None and fingerprints:
+        fingerprint = fingerprints[0] or fingerprints[1]
+    if fingerprint is None:
+        fingerprint = vocab_fingerprint(models[0])
+    if fingerprint is None:  # the token set's (checked against the models' when they have one)
+        fingerprint = token_set_fingerprint
+    return {
+        "name": getattr(tokenizer, "name", None) or models[0].cfg.tokenizer_name,
+        "fingerprint": fingerprint,
+        "vocab_size": int(models[0].cfg.d_vocab),
+    }

@@ -1,0 +1,35 @@
+"""The import rule (docs/architecture.md): a stage's modules never import a later stage's, in the
+order data < models < activations < crosscoder < analysis < report. Function-level imports count
+too; the package's shared modules (crossdiff/*.py) are outside the rule."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "crossdiff"
+STAGES = ["data", "models", "activations", "crosscoder", "analysis", "report"]
+# a stage's `commands.py` is its CLI subcommand: it may call the stages it runs after (none does
+# today), so it follows the rule like any other module
+
+
+def _imported(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_no_stage_imports_a_later_stage():
+    broken = []
+    for rank, stage in enumerate(STAGES):
+        later = STAGES[rank + 1 :]
+        for path in sorted((PACKAGE / stage).rglob("*.py")):
+            for name in _imported(path):
+                parts = name.split(".")
+                if len(parts) >= 2 and parts[0] == "crossdiff" and parts[1] in later:
+                    broken.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
+    assert not broken, "a stage imports a later stage:\n" + "\n".join(broken)
