@@ -22,7 +22,6 @@ from crossdiff.common import (
     add_runtime_arguments,
     check_output_dir,
     read_json,
-    resolve_device,
     write_json_atomic,
 )
 from crossdiff.lock import folder_lock
@@ -203,13 +202,13 @@ def run_pipeline(
     all processes (docs/distributed.md); rank 0 prepares the data first, writes the stage
     records and the report, and returns the full summary (the other ranks stop after the
     crosscoder)."""
-    from crossdiff.distributed import dist_info, rank_device
+    from crossdiff.distributed import compute_device, dist_info
 
     if stop_after is not None and stop_after not in STAGES:
         raise CrossdiffError(f"--stop-after must be one of {STAGES}, got {stop_after!r}")
     options = resolve_options(preset, overrides)
     info = dist_info()
-    torch_device = rank_device(device) if info.enabled else resolve_device(device)
+    torch_device = compute_device(device)
     validate_run_options(options, seed=seed, device=torch_device, world_size=info.world_size)
     out = Path(out_dir)
     check_output_dir(out)  # before the folder is made: a bad --out leaves nothing

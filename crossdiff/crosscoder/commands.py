@@ -14,7 +14,6 @@ from crossdiff.common import (
     CrossdiffError,
     add_runtime_arguments,
     read_json,
-    resolve_device,
     write_json_atomic,
 )
 from crossdiff.crosscoder.config import (
@@ -26,7 +25,7 @@ from crossdiff.crosscoder.config import (
     THRESHOLD_SCHEDULES,
 )
 from crossdiff.crosscoder.trainer import DEFAULT_STEPS
-from crossdiff.distributed import barrier, dist_info, rank_device
+from crossdiff.distributed import barrier, compute_device, dist_info
 from crossdiff.fingerprint import canonical, describe_changes, store_fingerprint
 from crossdiff.lock import folder_lock
 from crossdiff.validation import check_crosscoder_fits
@@ -308,7 +307,7 @@ def _run(args: argparse.Namespace, out: Path) -> int:
         shared_penalty_ratio=args.shared_penalty_ratio,
         dtype=args.dtype,
     )
-    device = rank_device(args.device) if info.enabled else resolve_device(args.device)
+    device = compute_device(args.device)
     too_big = check_crosscoder_fits(
         cfg.n_models, cfg.d_model, d_sae, args.batch_size, cfg.dtype, device,
         world_size=info.world_size,

@@ -408,8 +408,7 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
             n_weights = 2 * int(cfg.get("d_sae", 0)) * int(cfg.get("d_in", 0))
         except (TypeError, ValueError):
             n_weights = 0
-        # imported here: registration imports this module
-        from crossdiff.crosscoder.registration import crossdiff_disk_loader
+        from crossdiff.crosscoder.loading import crossdiff_disk_loader
 
         try:
             with allocation_guard(f"the crosscoder in {path}", 4 * n_weights):

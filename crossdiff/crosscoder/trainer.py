@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from crossdiff.activations.live import LiveActivations
 from crossdiff.activations.store import training_part
-from crossdiff.common import CrossdiffError, allocation_guard, resolve_device, seed_everything
+from crossdiff.common import CrossdiffError, allocation_guard, seed_everything
 from crossdiff.crosscoder.checkpoint import (
     read_checkpoint,
     restore_checkpoint,
@@ -50,8 +50,8 @@ from crossdiff.distributed import (
     all_reduce_max_,
     all_reduce_sum_,
     broadcast_module_,
+    compute_device,
     dist_info,
-    rank_device,
     shard_rows,
 )
 from crossdiff.fingerprint import store_fingerprint
@@ -513,7 +513,7 @@ def train_crosscoder(
             "threshold would never be set; lower threshold_start_step or train longer"
         )
     info = dist_info()
-    dev = rank_device(device) if info.enabled else resolve_device(device)
+    dev = compute_device(device)
     if batch_size % info.world_size:
         raise CrossdiffError(
             f"batch_size={batch_size} does not split evenly over {info.world_size} processes; "

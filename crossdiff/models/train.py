@@ -43,7 +43,6 @@ from crossdiff.common import (
     CrossdiffError,
     atomic_path,
     read_json,
-    resolve_device,
     seed_everything,
     tensors_nbytes,
     write_json_atomic,
@@ -53,8 +52,8 @@ from crossdiff.distributed import (
     all_reduce_sum_,
     barrier,
     check_same_on_all_ranks,
+    compute_device,
     dist_info,
-    rank_device,
     shard_rows,
 )
 from crossdiff.integrity import (
@@ -178,7 +177,7 @@ def train_language_models(
     """
     out_dir = Path(out_dir)
     info = dist_info()
-    device = rank_device(device) if info.enabled else resolve_device(device)
+    device = compute_device(device)
     defaults = get_preset(preset).training
     opts = TrainOptions(
         steps=defaults["steps"] if steps is None else steps,
