@@ -292,21 +292,19 @@ def _run_stages(
 
     info = dist_info()
     runner = StageRunner(out, stage_graph(options), info.is_main, barrier)
-    summary = RunSummary(out_dir=out, skipped=runner.skipped)
+    # the runner times every stage it decides, done or skipped
+    summary = RunSummary(out_dir=out, skipped=runner.skipped, stage_seconds=runner.seconds)
 
     # 1. corpus, tokenizer, token sets (prepare_data resumes and checks its own options)
-    t0 = time.perf_counter()
     data_dir, data_done = runner.begin("data", {**options["data"], "seed": seed})
     with main_process_first():  # rank 0 builds the data; the other ranks then reuse it
         data = prepare_data(data_dir, seed=seed, **options["data"])
     if not data_done:
-        runner.finish("data", time.perf_counter() - t0)
-    summary.stage_seconds["data"] = time.perf_counter() - t0
+        runner.finish("data")
     if stop_after == "data":
         return summary
 
     # 2. dense and MoE language models on the same tokens
-    t0 = time.perf_counter()
     models_dir, models_done = runner.begin("models", {**options["models"], "seed": seed})
     if not models_done:
         train_language_models(
@@ -318,8 +316,7 @@ def _run_stages(
             device=str(torch_device),
             **options["models"],
         )
-        runner.finish("models", time.perf_counter() - t0)
-    summary.stage_seconds["models"] = time.perf_counter() - t0
+        runner.finish("models")
     eval_path = models_dir / "eval.json"
     if eval_path.exists():
         summary.metrics["language_models"] = read_json(eval_path, "model evaluation")
@@ -327,27 +324,20 @@ def _run_stages(
         return summary
 
     # 3. paired activations
-    t0 = time.perf_counter()
     main_pair = ((models_dir / "dense", "dense"), (models_dir / "moe", "moe"))
     store = harvest_pair(runner, "store", main_pair, options, data, seed, torch_device)
-    summary.stage_seconds["store"] = time.perf_counter() - t0
     if stop_after == "store":
         return summary
 
     # 4. crosscoders: the main one, one per extra seed, and the controls' (with --controls)
-    t0 = time.perf_counter()
     crosscoder = train_pair_crosscoder(
         runner, "crosscoder", store, main_pair, options, data, seed, torch_device
     )
-    summary.stage_seconds["crosscoder"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     train_replicates(runner, store, main_pair, options, data, seed, torch_device)
-    if crosscoder_seeds(options) > 1:
-        summary.stage_seconds["crosscoder seeds"] = time.perf_counter() - t0
     if controls_enabled(options):
         from crossdiff.replication import run_controls
 
-        run_controls(runner, summary, models_dir, options, data, seed, torch_device)
+        run_controls(runner, models_dir, options, data, seed, torch_device)
     if stop_after == "crosscoder" or not info.is_main:
         return summary  # the report is one process's work
 
@@ -386,8 +376,8 @@ def _report(
 
         diff.summary.update(replication_summary(runner.out, diff, options, data, seed))
     summary.report_paths = write_report(diff, runner.out / "report", models=models_dir)
-    runner.record_report({**options["report"], "seed": seed}, time.perf_counter() - t0)
     summary.stage_seconds["report"] = time.perf_counter() - t0
+    runner.record_report({**options["report"], "seed": seed}, summary.stage_seconds["report"])
     summary.metrics["diff"] = diff.summary
     write_json_atomic(
         runner.out / "summary.json",
@@ -420,9 +410,10 @@ def _spliced_loss(
 def _print_summary(summary: RunSummary) -> None:
     diff = summary.metrics.get("diff", {})
     print("\n=== crossdiff run summary ===")
+    width = max((len(name) for name in summary.stage_seconds), default=0)
     for name, seconds in summary.stage_seconds.items():
         note = " (skipped: done earlier)" if name in summary.skipped else ""
-        print(f"  {name:<11} {seconds:8.1f} s{note}")
+        print(f"  {name:<{width}} {seconds:8.1f} s{note}")
     for line in _summary_lines(diff):
         print(f"  {line}")
     if "html" in summary.report_paths:
@@ -456,9 +447,24 @@ def _summary_lines(diff: dict[str, Any]) -> list[str]:
         if claim.get("excluding_artifacts"):
             lines.append(f"  {claim['excluding_artifacts']['sentence']}")
     lines.extend(f"WARNING: {warning}" for warning in diff.get("warnings", []))
+    lines.extend(_replication_lines(diff))
     from crossdiff.crosscoder.splice import summary_lines as spliced_loss_lines
 
     lines.extend(spliced_loss_lines(diff.get("spliced_loss")))
+    return lines
+
+
+def _replication_lines(diff: dict[str, Any]) -> list[str]:
+    """The crosscoder seeds' spread of the class counts, and the claims beyond the controls."""
+    lines = []
+    replicates = diff.get("replicates")
+    if replicates and replicates.get("n_seeds", 1) > 1:
+        counts = replicates["figures"]["class_counts"]
+        spread = ", ".join(
+            f"{cls}={c['mean']:.1f}±{c['sd']:.1f}" for cls, c in counts.items() if c["mean"]
+        )
+        lines.append(f"over {replicates['n_seeds']} crosscoder seeds (mean±sd): {spread}")
+    lines.extend(f"control: {s}" for s in (diff.get("controls") or {}).get("sentences", []))
     return lines
 
 

@@ -10,7 +10,6 @@ several crosscoder seeds give anyway; `replication_summary` measures both for th
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,6 @@ def harvest_pair(
     from crossdiff.activations import ActivationStore, harvest
     from crossdiff.models import load_model
 
-    t0 = time.perf_counter()
     store_opts = options["store"]
     stage_options = {**store_opts, "seed": seed}
     if stage != "store":  # a control store's record names its pair
@@ -89,7 +87,7 @@ def harvest_pair(
             split_seed=seed,
             model_dtype=store_opts.get("model_dtype"),  # default: bfloat16 on CUDA
         )
-        runner.finish(stage, time.perf_counter() - t0)
+        runner.finish(stage)
     return ActivationStore(store_dir)
 
 
@@ -149,7 +147,6 @@ def train_pair_crosscoder(
     from crossdiff.crosscoder import CrossCoder, train_crosscoder
     from crossdiff.distributed import dist_info
 
-    t0 = time.perf_counter()
     cc_dir, done = runner.begin(stage, {**options["crosscoder"], "seed": seed})
     if done:
         return CrossCoder.load(cc_dir)
@@ -165,7 +162,7 @@ def train_pair_crosscoder(
     )
     if dist_info().is_main:
         crosscoder.save(cc_dir)
-    runner.finish(stage, time.perf_counter() - t0)
+    runner.finish(stage)
     return crosscoder
 
 
@@ -187,7 +184,6 @@ def train_replicates(
 
 def run_controls(
     runner: StageRunner,
-    summary: Any,
     models_dir: Path,
     options: dict[str, dict[str, Any]],
     data: Any,
@@ -198,7 +194,6 @@ def run_controls(
     crosscoders with the main crosscoder's settings and seeds."""
     from crossdiff.models import train_language_models
 
-    t0 = time.perf_counter()
     init_seed = seed + CONTROL_INIT_OFFSET
     control_dir, done = runner.begin(
         "control-models", {**options["models"], "seed": seed, "init_seed": init_seed}
@@ -214,18 +209,13 @@ def run_controls(
             device=str(device),
             **options["models"],
         )
-        runner.finish("control-models", time.perf_counter() - t0)
-    summary.stage_seconds["control models"] = time.perf_counter() - t0
+        runner.finish("control-models")
     for name, model in CONTROL_PAIRS:
-        t0 = time.perf_counter()
         pair: Pair = ((models_dir / model, name), (control_dir / model, f"{name}2"))
         store = harvest_pair(runner, f"control-store-{name}", pair, options, data, seed, device)
-        summary.stage_seconds[f"control store {name}"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
         prefix = f"control-crosscoder-{name}"
         train_pair_crosscoder(runner, prefix, store, pair, options, data, seed, device)
         train_replicates(runner, store, pair, options, data, seed, device, prefix=prefix)
-        summary.stage_seconds[f"control crosscoders {name}"] = time.perf_counter() - t0
 
 
 def _pair_diffs(

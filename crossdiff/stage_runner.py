@@ -10,6 +10,7 @@ crosscoder's options retrains every crosscoder, never the control models.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,10 +81,13 @@ class StageRunner:
     skipped: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     started: dict[str, tuple[dict[str, Any], dict[str, str], str]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # each stage's wall time this run
+    _clock: dict[str, float] = field(default_factory=dict)
 
     def begin(self, name: str, stage_options: dict[str, Any]) -> tuple[Path, bool]:
         """(the stage's folder, whether it is already done); clears it and what reads it when
         its options or inputs changed."""
+        self._clock[name] = time.perf_counter()
         stage_dir = self.out / name
         ins = self.graph[name]
         inputs = {up: self.outputs[up] for up in ins}
@@ -108,12 +112,14 @@ class StageRunner:
         if decision.done:
             self.skipped.append(name)
             self.outputs[name] = stage_record.output_of(stage_dir)
+            self.seconds[name] = time.perf_counter() - self._clock[name]
         self.started[name] = (stage_options, inputs, decision.key)
         return stage_dir, decision.done
 
-    def finish(self, name: str, seconds: float) -> None:
+    def finish(self, name: str) -> None:
         """Write the finished stage's record; its output fingerprint becomes an input."""
         stage_options, inputs, key = self.started[name]
+        seconds = self.seconds[name] = time.perf_counter() - self._clock[name]
         if self.is_main:
             stage_record.write_done(self.out / name, stage_options, inputs, key, seconds)
         self.barrier()  # the record (and its output fingerprint) is on disk for every rank

@@ -97,6 +97,74 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(micro_run: Path, tm
     assert "n_tokens: 12000 -> 9000" in capsys.readouterr().out
 
 
+CONTROLS = {"controls": {"enabled": True}, "replicates": {"crosscoder_seeds": 2}}
+
+
+@pytest.mark.slow
+def test_controls_and_seeds_extend_a_finished_run_and_the_report_compares_them(
+    micro_run: Path, tmp_path: Path
+):
+    """`--controls --crosscoder-seeds 2` on a finished run: the main stages are reused, the
+    control models differ from their twins only by the init seed, and the report's json lays the
+    seeds and the three pairs side by side with the claims judged beyond the controls."""
+    import torch
+    from safetensors.torch import load_file
+
+    from crossdiff.crosscoder import CrossCoder
+
+    out = tmp_path / "run"
+    shutil.copytree(micro_run, out)
+    main = json.loads((micro_run / "report" / "report.json").read_text())["summary"]
+    summary = run_pipeline(out, "micro", overrides=CONTROLS, device="cpu")
+    assert summary.skipped == ["data", "models", "store", "crosscoder"]
+    report = json.loads((out / "report" / "report.json").read_text())["summary"]
+    assert report["class_counts"] == main["class_counts"]  # the main crosscoder is the same
+
+    replicates, controls = report["replicates"], report["controls"]
+    assert replicates["seeds"] == [0, 1]
+    assert replicates["per_seed"][0]["class_counts"] == main["class_counts"]
+    seed0, seed1 = CrossCoder.load(out / "crosscoder"), CrossCoder.load(out / "crosscoder-seed1")
+    assert not torch.allclose(seed0.W_dec, seed1.W_dec)  # another crosscoder seed
+    seed1_counts = replicates["per_seed"][1]["class_counts"]
+    assert replicates["figures"]["class_counts"]["shared"]["values"] == [
+        main["class_counts"]["shared"],
+        seed1_counts["shared"],
+    ]
+
+    assert controls["roles"] == {
+        "main": ["dense", "moe"],
+        "control_a": ["dense", "dense2"],
+        "control_b": ["moe", "moe2"],
+    }
+    main_pair = controls["pairs"]["main"]
+    assert main_pair["exclusive"]["moe-only"]["values"] == [
+        s["class_counts"]["moe-only"] for s in replicates["per_seed"]
+    ]
+    for pair in controls["pairs"].values():
+        assert pair["n_seeds"] == 2 and len(pair["fve"]["values"]) == 2
+        assert all(0 < v <= 1 for v in pair["fve"]["values"])
+    assert [c["key"] for c in controls["claims"]] == [
+        "b_fewer_unique",
+        "b_denser_than_shared",
+        "a_sparser_than_shared",
+    ]
+    verdicts = {"holds beyond controls", "does not hold beyond controls", "cannot tell"}
+    assert {c["verdict"] for c in controls["claims"]} <= verdicts
+
+    # the control models: the run's batches (seed 0), another initialization
+    control_eval = json.loads((out / "control-models" / "eval.json").read_text())
+    assert control_eval["training"]["seed"] == 0
+    assert control_eval["training"]["init_seed"] == 1000
+    main_dense = load_file(next((out / "models" / "dense").glob("*.safetensors")))
+    control_dense = load_file(next((out / "control-models" / "dense").glob("*.safetensors")))
+    embed = next(k for k in main_dense if "embed" in k)
+    assert not torch.allclose(main_dense[embed], control_dense[embed])
+
+    # a re-run with the same options reuses every stage, the new ones included
+    again = run_pipeline(out, "micro", overrides=CONTROLS, device="cpu")
+    assert len(again.skipped) == 12 and "control-crosscoder-moe-seed1" in again.skipped
+
+
 def _run_until(out: Path, marker_glob: str, stage: str) -> bool:
     """Start `crossdiff run --preset micro`; SIGKILL its whole process group as soon as a file
     matching `marker_glob` appears under `out`. True if it was killed while `stage` was running:
