@@ -115,8 +115,13 @@ def test_controls_and_seeds_extend_a_finished_run_and_the_report_compares_them(
     out = tmp_path / "run"
     shutil.copytree(micro_run, out)
     main = json.loads((micro_run / "report" / "report.json").read_text())["summary"]
-    summary = run_pipeline(out, "micro", overrides=CONTROLS, device="cpu")
-    assert summary.skipped == ["data", "models", "store", "crosscoder"]
+    result = run_example(
+        "-m", "crossdiff", "run", "--preset", "micro", "--out", str(out), "--device", "cpu",
+        "--controls", "--crosscoder-seeds", "2",
+    )  # fmt: skip
+    for stage in ("data", "models", "store", "crosscoder"):
+        assert f"[crossdiff] {stage}: already done" in result.stdout
+    assert "[crossdiff] control-crosscoder-moe-seed1: running into" in result.stdout
     report = json.loads((out / "report" / "report.json").read_text())["summary"]
     assert report["class_counts"] == main["class_counts"]  # the main crosscoder is the same
 
