@@ -368,6 +368,7 @@ def test_more_processes_than_batches(tmp_path):
 # --- the command line under torchrun -----------------------------------------------------------
 
 
+@pytest.mark.slow  # about 10 s
 def test_torchrun_crossdiff_harvest_writes_the_single_process_store(tmp_path):
     models = pytest.importorskip("crossdiff.models")
     small = dict(n_layers=3, d_model=16, d_head=8, n_heads=2, d_mlp=24, d_vocab=40, n_ctx=16)
