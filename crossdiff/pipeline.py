@@ -25,6 +25,8 @@ from crossdiff.common import (
     write_json_atomic,
 )
 from crossdiff.lock import folder_lock
+from crossdiff.run_presets import RUN_PRESETS, RUN_SECTIONS
+from crossdiff.run_summary import _print_summary, _summary_lines  # noqa: F401 (re-exported)
 from crossdiff.stage_runner import (
     BASE_STAGES,
     StageRunner,
@@ -35,119 +37,6 @@ from crossdiff.stage_runner import (
 from crossdiff.validation import validate_run_options
 
 STAGES = BASE_STAGES  # the stages --stop-after names; see stage_runner for the whole graph
-
-# Options per preset and stage. `micro` is the reduced size the tests and CI examples run.
-RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {
-        "data": {"source": "embedded", "preset": "tiny"},
-        "models": {"preset": "tiny"},
-        "store": {
-            "pairing": "paper",
-            "n_tokens": 300_000,
-            "dtype": "float16",
-            "heldout_fraction": 0.1,
-        },
-        "crosscoder": {
-            "expansion": 8,
-            "k": 32,
-            "n_shared": 0,
-            "shared_decoder": "free",
-            "steps": 1200,
-            "batch_size": 1024,
-            # 1/32 (the anchors' weight) leaves a third of the latents dead in a run this short;
-            # 0.25 brings that to about 4% at the same FVE (measured on the tiny store)
-            "aux_loss_coefficient": 0.25,
-        },
-        "report": {"split": "paper", "max_tokens": 200_000},
-    },
-    # tiny's corpus and tokenizer, a larger and longer-trained pair (d_model 256), a 2,048-latent
-    # crosscoder: sized so that --controls --crosscoder-seeds 3 runs in about 60-90 minutes on a
-    # 2-core CPU (docs/findings.md)
-    "small": {
-        "data": {"source": "embedded", "preset": "tiny"},
-        "models": {"preset": "small"},
-        "store": {
-            "pairing": "paper",
-            "n_tokens": 300_000,
-            "dtype": "float16",
-            "heldout_fraction": 0.1,
-        },
-        "crosscoder": {
-            "expansion": 8,
-            "k": 32,
-            "n_shared": 0,
-            "shared_decoder": "free",
-            "steps": 1000,
-            "batch_size": 1024,
-            "aux_loss_coefficient": 0.25,  # as tiny: keeps the dead fraction low in a short run
-        },
-        "report": {"split": "paper", "max_tokens": 200_000},
-    },
-    "micro": {
-        "data": {"source": "embedded", "preset": "tiny", "n_chars_per_domain": 150_000},
-        "models": {"preset": "tiny", "steps": 30, "checkpoint_every": 10, "eval_rows": 16},
-        "store": {
-            "pairing": "paper",
-            "n_tokens": 12_000,
-            "dtype": "float16",
-            "heldout_fraction": 0.1,
-        },
-        "crosscoder": {
-            "expansion": 4,
-            "k": 8,
-            "steps": 60,
-            "batch_size": 256,
-            "checkpoint_every": 20,
-        },
-        "report": {"split": "paper", "max_tokens": 12_000},
-    },
-    "paper": {
-        "data": {"source": "hf", "preset": "paper"},
-        "models": {"preset": "paper"},
-        "store": {
-            "pairing": "paper",
-            "n_tokens": 100_000_000,
-            "dtype": "bfloat16",
-            "heldout_fraction": 0.1,
-        },
-        # the authors' fork of dictionary_learning (BatchTopKCrossCoderTrainer and its script);
-        # docs/crosscoder.md, "The paper's settings", lists each value and its source
-        "crosscoder": {
-            "expansion": 32,
-            "k": 300,
-            # designated shared latents, one decoder vector for all models (the fork averages
-            # them after every step); the count is not published: 10% of d_sae = 32 * 768
-            "n_shared": 2457,
-            "shared_decoder": "tied",
-            "shared_penalty": "sparsity",
-            "sparsity_coefficient": 1 / 32,
-            "shared_sparsity_coefficient": 0.7 / 32,  # the paper's shared-to-exclusive 0.7
-            "code_normalization": "mixed",
-            "code_normalization_alpha": 0.7,
-            "threshold_schedule": "ema",
-            "threshold_beta": 0.999,
-            "threshold_start_step": 1000,
-            "aux_loss": "fork",
-            "aux_loss_coefficient": 1 / 32,
-            "dead_after_tokens": 10_000_000,
-            "recon_loss": "l2",
-            "b_dec_init": "geometric_median",
-            "steps": 40_000,
-            "batch_size": 2048,
-            "lr": 1e-3,
-            "lr_warmup_steps": 1000,
-            "lr_decay_fraction": 0.0,
-        },
-        "report": {"split": "paper", "max_tokens": 2_000_000},
-    },
-}
-
-
-# run-wide sections next to the stages' options: extra crosscoder seeds, and the controls
-RUN_SECTIONS: dict[str, dict[str, Any]] = {
-    "replicates": {"crosscoder_seeds": 1},
-    "controls": {"enabled": False},
-}
 
 
 @dataclass
@@ -277,110 +166,102 @@ def _print_estimates(
     check_disk(out, estimates)
 
 
-def _run_stages(
-    out: Path,
-    options: dict[str, dict[str, Any]],
-    *,
-    seed: int,
-    torch_device: Any,
-    stop_after: str | None,
-) -> RunSummary:
-    from crossdiff.data import prepare_data
-    from crossdiff.distributed import barrier, dist_info, main_process_first
-    from crossdiff.models import train_language_models
-    from crossdiff.replication import harvest_pair, train_pair_crosscoder, train_replicates
+@dataclass
+class _Run:
+    """What the stages of one run share: the runner, the options and what earlier stages made."""
 
-    info = dist_info()
-    runner = StageRunner(out, stage_graph(options), info.is_main, barrier)
-    # the runner times every stage it decides, done or skipped
-    summary = RunSummary(out_dir=out, skipped=runner.skipped, stage_seconds=runner.seconds)
+    runner: StageRunner
+    options: dict[str, dict[str, Any]]
+    seed: int
+    device: Any
+    summary: RunSummary
+    made: dict[str, Any] = field(default_factory=dict)  # stage name -> what its run returned
 
-    # 1. corpus, tokenizer, token sets (prepare_data resumes and checks its own options)
-    data_dir, data_done = runner.begin("data", {**options["data"], "seed": seed})
+    @property
+    def models_dir(self) -> Path:
+        return self.runner.out / "models"
+
+    def main_pair(self) -> Any:
+        return ((self.models_dir / "dense", "dense"), (self.models_dir / "moe", "moe"))
+
+
+def _data_stage(run: _Run) -> None:
+    """The corpus, tokenizer and token sets (prepare_data resumes and checks its own options)."""
+    from crossdiff.data.stage import DataStageConfig, run_data_stage
+    from crossdiff.distributed import main_process_first
+
+    data_dir, done = run.runner.begin("data", {**run.options["data"], "seed": run.seed})
+    config = DataStageConfig.from_options(run.options["data"])
     with main_process_first():  # rank 0 builds the data; the other ranks then reuse it
-        data = prepare_data(data_dir, seed=seed, **options["data"])
-    if not data_done:
-        runner.finish("data")
-    if stop_after == "data":
-        return summary
+        run.made["data"] = run_data_stage(config, None, data_dir, seed=run.seed)
+    if not done:
+        run.runner.finish("data")
 
-    # 2. dense and MoE language models on the same tokens
-    models_dir, models_done = runner.begin("models", {**options["models"], "seed": seed})
-    if not models_done:
-        train_language_models(
-            data.train,
-            data.heldout,
-            models_dir,
-            tokenizer=data.tokenizer,
-            seed=seed,
-            device=str(torch_device),
-            **options["models"],
-        )
-        runner.finish("models")
-    eval_path = models_dir / "eval.json"
-    if eval_path.exists():
-        summary.metrics["language_models"] = read_json(eval_path, "model evaluation")
-    if stop_after == "models":
-        return summary
 
-    # 3. paired activations
-    main_pair = ((models_dir / "dense", "dense"), (models_dir / "moe", "moe"))
-    store = harvest_pair(runner, "store", main_pair, options, data, seed, torch_device)
-    if stop_after == "store":
-        return summary
+def _models_stage(run: _Run) -> None:
+    """The dense and MoE language models on the same tokens."""
+    from crossdiff.models.stage import ModelsStageConfig, run_models_stage
 
-    # 4. crosscoders: the main one, one per extra seed, and the controls' (with --controls)
-    crosscoder = train_pair_crosscoder(
-        runner, "crosscoder", store, main_pair, options, data, seed, torch_device
+    models_dir, done = run.runner.begin("models", {**run.options["models"], "seed": run.seed})
+    if not done:
+        config = ModelsStageConfig.from_options(run.options["models"])
+        run_models_stage(config, run.made["data"], models_dir, seed=run.seed, device=run.device)
+        run.runner.finish("models")
+    if (models_dir / "eval.json").exists():
+        eval_json = read_json(models_dir / "eval.json", "model evaluation")
+        run.summary.metrics["language_models"] = eval_json
+
+
+def _store_stage(run: _Run) -> None:
+    """The main pair's paired activations."""
+    from crossdiff.replication import harvest_pair
+
+    run.made["store"] = harvest_pair(
+        run.runner, "store", run.main_pair(), run.options, run.made["data"], run.seed, run.device
     )
-    train_replicates(runner, store, main_pair, options, data, seed, torch_device)
-    if controls_enabled(options):
-        from crossdiff.replication import run_controls
-
-        run_controls(runner, models_dir, options, data, seed, torch_device)
-    if stop_after == "crosscoder" or not info.is_main:
-        return summary  # the report is one process's work
-
-    # 5. feature diff and report (cheap: always redone, so it reflects the current code)
-    _report(runner, summary, crosscoder, store, models_dir, options, data, seed, torch_device)
-    return summary
 
 
-def _report(
-    runner: StageRunner,
-    summary: RunSummary,
-    crosscoder: Any,
-    store: Any,
-    models_dir: Path,
-    options: dict[str, dict[str, Any]],
-    data: Any,
-    seed: int,
-    torch_device: Any,
-) -> None:
-    from crossdiff.analysis import diff_features
-    from crossdiff.report import write_report
+def _crosscoder_stage(run: _Run) -> None:
+    """The crosscoders: the main one, one per extra seed, and the controls' (with --controls)."""
+    from crossdiff.replication import run_controls, train_pair_crosscoder, train_replicates
+
+    args = (run.main_pair(), run.options, run.made["data"], run.seed, run.device)
+    store = run.made["store"]
+    run.made["crosscoder"] = train_pair_crosscoder(run.runner, "crosscoder", store, *args)
+    train_replicates(run.runner, store, *args)
+    if controls_enabled(run.options):
+        data = run.made["data"]
+        run_controls(run.runner, run.models_dir, run.options, data, run.seed, run.device)
+
+
+def _report_stage(run: _Run) -> None:
+    """The feature diff and report (cheap: always redone, so it reflects the current code)."""
+    from crossdiff.report.stage import ReportInputs, ReportStageConfig, run_report_stage
 
     t0 = time.perf_counter()
-    diff = diff_features(
-        crosscoder,
-        store,
-        tokenizer=data.tokenizer,
-        split=options["report"]["split"],
-        max_tokens=options["report"]["max_tokens"],
-    )
-    spliced = _spliced_loss(crosscoder, store, models_dir, data.heldout, options, torch_device)
-    if spliced is not None:
-        diff.summary["spliced_loss"] = spliced
+    options, data, summary = run.options, run.made["data"], run.summary
+    extra = None
     if crosscoder_seeds(options) > 1 or controls_enabled(options):
         from crossdiff.replication import replication_summary
 
-        diff.summary.update(replication_summary(runner.out, diff, options, data, seed))
-    summary.report_paths = write_report(diff, runner.out / "report", models=models_dir)
+        def extra(diff: Any) -> dict[str, Any]:
+            return replication_summary(run.runner.out, diff, options, data, run.seed)
+
+    inputs = ReportInputs(
+        run.made["crosscoder"], run.made["store"], data.tokenizer, run.models_dir, data.heldout,
+        extra_summary=extra,
+    )  # fmt: skip
+    config = ReportStageConfig.from_options(options["report"])
+    diff, summary.report_paths = run_report_stage(
+        config, inputs, run.runner.out / "report", device=run.device
+    )
     summary.stage_seconds["report"] = time.perf_counter() - t0
-    runner.record_report({**options["report"], "seed": seed}, summary.stage_seconds["report"])
+    run.runner.record_report(
+        {**options["report"], "seed": run.seed}, summary.stage_seconds["report"]
+    )
     summary.metrics["diff"] = diff.summary
     write_json_atomic(
-        runner.out / "summary.json",
+        run.runner.out / "summary.json",
         {
             "stage_seconds": {k: round(v, 2) for k, v in summary.stage_seconds.items()},
             "skipped": summary.skipped,
@@ -389,83 +270,39 @@ def _report(
     )
 
 
-def _spliced_loss(
-    crosscoder: Any,
-    store: Any,
-    models_dir: Path,
-    heldout: Any,
+# each base stage of `crossdiff run`, in order, and the function that runs it (with the stages
+# the graph adds next to it: the extra seeds' and the controls' run with "crosscoder")
+STAGE_STEPS = (
+    ("data", _data_stage),
+    ("models", _models_stage),
+    ("store", _store_stage),
+    ("crosscoder", _crosscoder_stage),
+    ("report", _report_stage),
+)
+
+
+def _run_stages(
+    out: Path,
     options: dict[str, dict[str, Any]],
-    device: Any,
-) -> dict[str, Any] | None:
-    """Each model's LM loss with its paired activations spliced from the crosscoder, on held-out
-    rows the crosscoder never saw (`report.splice_sequences` of them; 0 turns it off)."""
-    from crossdiff.crosscoder.splice import SPLICE_SEQUENCES, spliced_loss_for_run
+    *,
+    seed: int,
+    torch_device: Any,
+    stop_after: str | None,
+) -> RunSummary:
+    from crossdiff.distributed import barrier, dist_info
 
-    n_rows = int(options["report"].get("splice_sequences", SPLICE_SEQUENCES))
-    return spliced_loss_for_run(
-        crosscoder, store, models_dir, heldout, max_sequences=n_rows, device=device
-    )
-
-
-def _print_summary(summary: RunSummary) -> None:
-    diff = summary.metrics.get("diff", {})
-    print("\n=== crossdiff run summary ===")
-    width = max((len(name) for name in summary.stage_seconds), default=0)
-    for name, seconds in summary.stage_seconds.items():
-        note = " (skipped: done earlier)" if name in summary.skipped else ""
-        print(f"  {name:<{width}} {seconds:8.1f} s{note}")
-    for line in _summary_lines(diff):
-        print(f"  {line}")
-    if "html" in summary.report_paths:
-        print(f"  report: {summary.report_paths['html']}")
-
-
-def _summary_lines(diff: dict[str, Any]) -> list[str]:
-    lines = []
-    recon = diff.get("reconstruction", {})
-    if recon.get("fve_per_model"):
-        per_model = ", ".join(f"{n}={v:.3f}" for n, v in recon["fve_per_model"].items())
-        where = recon.get("evaluated_on", "analysed")
-        pooled = recon.get("fve_pooled_normalized")
-        pooled_text = f", pooled normalized {pooled:.3f}" if pooled is not None else ""
-        lines.append(
-            f"FVE per model on {diff.get('n_tokens')} {where} tokens: {per_model} "
-            f"(overall raw {recon['fve']:.3f}{pooled_text})"
-        )
-    if recon.get("fve_topk_per_model"):
-        per_model = ", ".join(f"{n}={v:.3f}" for n, v in recon["fve_topk_per_model"].items())
-        lines.append(
-            f"FVE with BatchTopK at k={recon['k']:g}: {per_model} (overall {recon['fve_topk']:.3f})"
-        )
-    if "l0" in recon:
-        topk = f" (top-k: {recon['l0_topk']:.1f})" if recon.get("l0_topk") is not None else ""
-        lines.append(f"L0: {recon['l0']:.1f}{topk}; dead fraction: {recon['dead_fraction']:.3f}")
-    if diff.get("class_counts"):
-        lines.append("classes: " + ", ".join(f"{k}={v}" for k, v in diff["class_counts"].items()))
-    for claim in diff.get("claims", []):
-        lines.append(f"claim: {claim['sentence']}")
-        if claim.get("excluding_artifacts"):
-            lines.append(f"  {claim['excluding_artifacts']['sentence']}")
-    lines.extend(f"WARNING: {warning}" for warning in diff.get("warnings", []))
-    lines.extend(_replication_lines(diff))
-    from crossdiff.crosscoder.splice import summary_lines as spliced_loss_lines
-
-    lines.extend(spliced_loss_lines(diff.get("spliced_loss")))
-    return lines
-
-
-def _replication_lines(diff: dict[str, Any]) -> list[str]:
-    """The crosscoder seeds' spread of the class counts, and the claims beyond the controls."""
-    lines = []
-    replicates = diff.get("replicates")
-    if replicates and replicates.get("n_seeds", 1) > 1:
-        counts = replicates["figures"]["class_counts"]
-        spread = ", ".join(
-            f"{cls}={c['mean']:.1f}±{c['sd']:.1f}" for cls, c in counts.items() if c["mean"]
-        )
-        lines.append(f"over {replicates['n_seeds']} crosscoder seeds (mean±sd): {spread}")
-    lines.extend(f"control: {s}" for s in (diff.get("controls") or {}).get("sentences", []))
-    return lines
+    info = dist_info()
+    runner = StageRunner(out, stage_graph(options), info.is_main, barrier)
+    # the runner times every stage it decides, done or skipped
+    summary = RunSummary(out_dir=out, skipped=runner.skipped, stage_seconds=runner.seconds)
+    run = _Run(runner, options, seed, torch_device, summary)
+    for name, step in STAGE_STEPS:
+        if name == "report" and not info.is_main:
+            break  # the report is one process's work
+        step(run)
+        if name == stop_after:
+            break
+    return summary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -52,6 +52,16 @@ def pair_pairing(options: dict[str, dict[str, Any]], pair: Pair) -> Any:
     )
 
 
+def store_config(options: dict[str, dict[str, Any]]) -> Any:
+    """The store stage's config for the run's options (a live run harvests a small store)."""
+    from crossdiff.activations.stage import StoreStageConfig
+
+    store = {k: v for k, v in options["store"].items() if k != "activations"}
+    if _is_live(options):
+        store["n_tokens"] = live_store_tokens(options)
+    return StoreStageConfig.from_options(store)
+
+
 def harvest_pair(
     runner: StageRunner,
     stage: str,
@@ -62,31 +72,18 @@ def harvest_pair(
     device: Any,
 ) -> Any:
     """The store stage `stage` for `pair`: harvest (resuming) unless done; the store."""
-    from crossdiff.activations import ActivationStore, harvest
-    from crossdiff.models import load_model
+    from crossdiff.activations import ActivationStore
+    from crossdiff.activations.stage import ModelPair, run_store_stage
 
-    store_opts = options["store"]
-    stage_options = {**store_opts, "seed": seed}
+    stage_options = {**options["store"], "seed": seed}
     if stage != "store":  # a control store's record names its pair
         stage_options["pair"] = [pair[0][1], pair[1][1]]
     store_dir, done = runner.begin(stage, stage_options)
     if not done:
         (dir_a, name_a), (dir_b, name_b) = pair
-        harvest(
-            load_model(dir_a, device=str(device)),
-            load_model(dir_b, device=str(device)),
-            data.train,
-            pair_pairing(options, pair),
-            store_dir,
-            n_tokens=live_store_tokens(options) if _is_live(options) else store_opts["n_tokens"],
-            dtype=store_opts["dtype"],
-            model_names=(name_a, name_b),
-            device=str(device),
-            resume=True,
-            heldout_fraction=store_opts.get("heldout_fraction", 0.1),
-            split_seed=seed,
-            model_dtype=store_opts.get("model_dtype"),  # default: bfloat16 on CUDA
-        )
+        pairing = pair_pairing(options, pair)
+        inputs = ModelPair((dir_a, dir_b), (name_a, name_b), data.train, pairing)
+        run_store_stage(store_config(options), inputs, store_dir, seed=seed, device=device)
         runner.finish(stage)
     return ActivationStore(store_dir)
 
@@ -112,26 +109,6 @@ def _live_source(pair: Pair, options: dict[str, dict[str, Any]], data: Any, seed
     )
 
 
-def crosscoder_config(store: Any, cc_opts: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """(the CrossCoderConfig for `store`, the remaining options for train_crosscoder)."""
-    from crossdiff.crosscoder import CrossCoderConfig
-    from crossdiff.crosscoder.config import store_widths
-    from crossdiff.validation import CROSSCODER_CONFIG_OPTIONS
-
-    rest = {k: v for k, v in cc_opts.items() if k not in CROSSCODER_CONFIG_OPTIONS}
-    config = {k: v for k, v in cc_opts.items() if k in CROSSCODER_CONFIG_OPTIONS}
-    expansion = config.pop("expansion")
-    cfg = CrossCoderConfig(
-        n_models=store.n_models,
-        d_model=store.d_model,
-        d_models=store_widths(store),
-        d_sae=int(expansion * store.d_model),
-        dtype=config.pop("dtype", "float32"),
-        **config,
-    )
-    return cfg, rest
-
-
 def train_pair_crosscoder(
     runner: StageRunner,
     stage: str,
@@ -143,25 +120,22 @@ def train_pair_crosscoder(
     device: Any,
 ) -> Any:
     """The crosscoder stage `stage` on `store` with crosscoder seed `seed`: train (resuming from
-    its checkpoints) unless done, save it in the stage folder; the CrossCoder."""
-    from crossdiff.crosscoder import CrossCoder, train_crosscoder
-    from crossdiff.distributed import dist_info
+    its checkpoints) unless done, into the stage folder; the CrossCoder."""
+    from crossdiff.crosscoder import CrossCoder
+    from crossdiff.crosscoder.stage import CrosscoderStageConfig, run_crosscoder_stage
 
     cc_dir, done = runner.begin(stage, {**options["crosscoder"], "seed": seed})
     if done:
         return CrossCoder.load(cc_dir)
-    cfg, training = crosscoder_config(store, options["crosscoder"])
-    crosscoder = train_crosscoder(
-        _live_source(pair, options, data, seed, device) if _is_live(options) else store,
-        cfg,
+    source = _live_source(pair, options, data, seed, device) if _is_live(options) else store
+    crosscoder = run_crosscoder_stage(
+        CrosscoderStageConfig.from_options(options["crosscoder"]),
+        source,
+        cc_dir,
         seed=seed,
-        device=str(device),
-        checkpoint_dir=cc_dir / "checkpoints",
-        resume=True,
-        **training,
+        device=device,
+        evaluate_on=store,
     )
-    if dist_info().is_main:
-        crosscoder.save(cc_dir)
     runner.finish(stage)
     return crosscoder
 
@@ -192,23 +166,15 @@ def run_controls(
 ) -> None:
     """Train the control models, harvest dense vs dense' and MoE vs MoE', and train their
     crosscoders with the main crosscoder's settings and seeds."""
-    from crossdiff.models import train_language_models
+    from crossdiff.models.stage import ModelsStageConfig, run_models_stage
 
     init_seed = seed + CONTROL_INIT_OFFSET
     control_dir, done = runner.begin(
         "control-models", {**options["models"], "seed": seed, "init_seed": init_seed}
     )
     if not done:
-        train_language_models(
-            data.train,
-            data.heldout,
-            control_dir,
-            tokenizer=data.tokenizer,
-            seed=seed,
-            init_seed=init_seed,
-            device=str(device),
-            **options["models"],
-        )
+        config = ModelsStageConfig.from_options({**options["models"], "init_seed": init_seed})
+        run_models_stage(config, data, control_dir, seed=seed, device=device)
         runner.finish("control-models")
     for name, model in CONTROL_PAIRS:
         pair: Pair = ((models_dir / model, name), (control_dir / model, f"{name}2"))

@@ -7,7 +7,6 @@ option fails in a second rather than after the language models have trained.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -16,42 +15,26 @@ import torch
 from crossdiff.common import DTYPES, CrossdiffError, resolve_dtype
 
 GIB = 2**30
-STORE_OPTIONS = ("pairing", "n_tokens", "dtype", "heldout_fraction", "model_dtype")
-REPORT_OPTIONS = ("split", "max_tokens", "splice_sequences")
 REPLICATES_OPTIONS = ("crosscoder_seeds",)
 CONTROLS_OPTIONS = ("enabled",)
 MAX_CROSSCODER_SEEDS = 32
-CROSSCODER_CONFIG_OPTIONS = (
-    "expansion",
-    "k",
-    "n_shared",
-    "shared_decoder",
-    "shared_penalty_ratio",
-    "dtype",
-)
-
-
-def _parameters(function: Any, exclude: tuple[str, ...]) -> set[str]:
-    return {p for p in inspect.signature(function).parameters if p not in exclude}
 
 
 def allowed_options() -> dict[str, set[str]]:
-    """The option names each stage of `crossdiff run` accepts."""
-    from crossdiff.crosscoder import train_crosscoder
-    from crossdiff.data import prepare_data
-    from crossdiff.models import train_language_models
+    """The option names each stage of `crossdiff run` accepts: the fields of each stage's config
+    (crossdiff/<stage>/stage.py), and the run-wide sections'."""
+    from crossdiff.activations.stage import StoreStageConfig
+    from crossdiff.crosscoder.stage import CrosscoderStageConfig
+    from crossdiff.data.stage import DataStageConfig
+    from crossdiff.models.stage import ModelsStageConfig
+    from crossdiff.report.stage import ReportStageConfig
 
-    cc_training = _parameters(
-        train_crosscoder, ("acts", "cfg", "seed", "device", "checkpoint_dir", "resume")
-    )
+    configs = (
+        DataStageConfig, ModelsStageConfig, StoreStageConfig, CrosscoderStageConfig,
+        ReportStageConfig,
+    )  # fmt: skip
     return {
-        "data": _parameters(prepare_data, ("out_dir", "seed")),
-        "models": _parameters(
-            train_language_models, ("train", "heldout", "out_dir", "tokenizer", "seed", "device")
-        ),
-        "store": set(STORE_OPTIONS),
-        "crosscoder": set(CROSSCODER_CONFIG_OPTIONS) | cc_training,
-        "report": set(REPORT_OPTIONS),
+        **{config.STAGE: config.option_names() for config in configs},
         "replicates": set(REPLICATES_OPTIONS),
         "controls": set(CONTROLS_OPTIONS),
     }

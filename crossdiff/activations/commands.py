@@ -7,9 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.cli_presets import add_preset_argument, apply_preset
-from crossdiff.common import CrossdiffError, add_runtime_arguments, read_json, resolve_dtype
-
-TOKENIZER_META = "crossdiff_tokenizer.json"
+from crossdiff.common import CrossdiffError, add_runtime_arguments
 
 # run-preset "store" option -> this subcommand's dest
 PRESET_DESTS = {
@@ -87,61 +85,34 @@ def _default_token_set(model_dir: Path) -> Path:
     return candidate
 
 
-def _tokenizer_meta(model_dir: Path) -> dict[str, Any] | None:
-    for folder in (model_dir, model_dir / "tokenizer", model_dir.resolve().parent / "tokenizer"):
-        if (folder / TOKENIZER_META).exists():
-            return read_json(folder / TOKENIZER_META, "tokenizer metadata")
-    return None
-
-
 def run_harvest(args: argparse.Namespace) -> int:
-    from crossdiff.activations.harvest import harvest
+    from crossdiff.activations.stage import ModelPair, StoreStageConfig, run_store_stage
     from crossdiff.common import seed_everything
     from crossdiff.data.tokens import TokenSet
     from crossdiff.distributed import dist_info, rank_device
-    from crossdiff.models import load_model
 
     apply_preset(args, "store", PRESET_DESTS, DEFAULTS)
     seed_everything(args.seed)
     # under torchrun every rank reads the models and the token set (nothing here writes) and
     # harvests its own rows on its own device (`cuda` is cuda:LOCAL_RANK); rank 0 merges and talks
     info = dist_info()
-    device = rank_device(args.device)
     dir_a, dir_b = args.models
     token_path = args.token_set or _default_token_set(dir_a)
-    token_set = TokenSet.load(token_path)
-    models = [load_model(d, device=device).to(resolve_dtype(args.dtype)) for d in (dir_a, dir_b)]
-    metas = [_tokenizer_meta(d) for d in (dir_a, dir_b)]
-    fingerprints = tuple(m.get("fingerprint") if m else None for m in metas)
+    inputs = ModelPair((dir_a, dir_b), tuple(args.model_names), TokenSet.load(token_path))
     if info.is_main:
         processes = f" by {info.world_size} processes" if info.enabled else ""
         print(
             f"harvesting {dir_a} and {dir_b} on {token_path} with pairing {args.pairing!r}"
             f"{processes}"
         )
-    harvest(
-        models[0],
-        models[1],
-        token_set,
-        args.pairing,
+    config = StoreStageConfig.from_args(args, PRESET_DESTS)
+    run_store_stage(
+        config,
+        inputs,
         args.out,
-        n_tokens=args.tokens,
-        batch_size=args.batch_size,
-        dtype=args.store_dtype,
-        model_names=tuple(args.model_names),
-        device=device,
+        seed=args.seed,
+        device=rank_device(args.device),
+        dtype=args.dtype,
         resume=not args.no_resume,
-        tokenizer=_Named(metas[0]) if metas[0] else None,
-        tokenizer_fingerprints=fingerprints,  # type: ignore[arg-type]
-        heldout_fraction=args.heldout_fraction,
-        split_seed=args.seed,
     )
     return 0
-
-
-class _Named:
-    """Tokenizer metadata (name, fingerprint) read from a saved tokenizer folder."""
-
-    def __init__(self, meta: dict[str, Any]) -> None:
-        self.name = meta.get("name")
-        self.fingerprint = meta.get("fingerprint")

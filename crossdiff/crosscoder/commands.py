@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
 from crossdiff.cli_presets import add_preset_argument, apply_preset
-from crossdiff.common import (
-    CrossdiffError,
-    add_runtime_arguments,
-    read_json,
-    write_json_atomic,
-)
+from crossdiff.common import CrossdiffError, add_runtime_arguments
 from crossdiff.crosscoder.config import (
     AUX_LOSSES,
     B_DEC_INITS,
@@ -24,18 +18,17 @@ from crossdiff.crosscoder.config import (
     SHARED_PENALTIES,
     THRESHOLD_SCHEDULES,
 )
-from crossdiff.crosscoder.trainer import DEFAULT_STEPS
-from crossdiff.distributed import barrier, compute_device, dist_info
-from crossdiff.fingerprint import canonical, describe_changes, store_fingerprint
+from crossdiff.crosscoder.stage import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EVAL_TOKENS,
+    DEFAULT_EXPANSION,
+    DEFAULT_K,
+    DEFAULT_STEPS,
+    CrosscoderStageConfig,
+    run_crosscoder_stage,
+)
+from crossdiff.distributed import dist_info
 from crossdiff.lock import folder_lock
-from crossdiff.validation import check_crosscoder_fits
-
-# Defaults chosen to reach FVE >= 0.8 per model at L0 <= 64 on the tiny models' residual stream
-# (d_model 128-256) in a few CPU minutes; see docs/crosscoder.md.
-DEFAULT_EXPANSION = 8
-DEFAULT_K = 32
-DEFAULT_BATCH_SIZE = 1024
-DEFAULT_EVAL_TOKENS = 65536
 
 # run-preset "crosscoder" option -> this subcommand's dest
 PRESET_DESTS = {
@@ -68,20 +61,12 @@ FORK_OPTIONS: dict[str, tuple[type, tuple[str, ...] | None, str]] = {
     "recon_loss": (str, RECON_LOSSES, "mse (default) or l2 (the fork's)"),
     "b_dec_init": (str, B_DEC_INITS, "mean (default) or geometric_median"),
 }  # fmt: skip
-# options passed on only when given (train_crosscoder's own default otherwise)
-_PASSED_WHEN_GIVEN = ("lr_warmup_steps", "lr_decay_fraction", "dead_after_tokens", *FORK_OPTIONS)
 PRESET_DESTS |= {key: key for key in FORK_OPTIONS}
+# the stage config's defaults of the options a preset may leave unset (shown in --help)
+_DEFAULTED = ("expansion", "k", "n_shared", "shared_decoder", "shared_penalty_ratio", "steps",
+              "batch_size", "k_anneal_steps", "checkpoint_every", "eval_tokens")  # fmt: skip
 DEFAULTS = {
-    "expansion": DEFAULT_EXPANSION,
-    "k": DEFAULT_K,
-    "n_shared": 0,
-    "shared_decoder": "free",
-    "shared_penalty_ratio": 0.7,
-    "steps": DEFAULT_STEPS,
-    "batch_size": DEFAULT_BATCH_SIZE,
-    "k_anneal_steps": 0,
-    "checkpoint_every": 500,
-    "eval_tokens": DEFAULT_EVAL_TOKENS,
+    f.name: f.default for f in dataclasses.fields(CrosscoderStageConfig) if f.name in _DEFAULTED
 }
 
 
@@ -211,19 +196,6 @@ def _open_store(path: Path) -> Any:
     return ActivationStore(path)
 
 
-# options that change what is trained or measured (not where it runs or how often it checkpoints)
-_RESULT_OPTIONS = (
-    "steps",
-    "batch_size",
-    "lr",
-    "k_anneal_steps",
-    "k_anneal_start",
-    "aux_loss_coefficient",
-    "seed",
-    "eval_tokens",
-)
-
-
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse impossible options before anything is read or trained; name all of them."""
 
@@ -264,20 +236,11 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise CrossdiffError("train-crosscoder: " + "; ".join(problems))
 
 
-def _identity(cfg: Any, args: argparse.Namespace, store: Any) -> dict[str, Any]:
-    """What a finished OUT must match to count as done: config, options, store fingerprint."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "metadata")}
-    options = {k: getattr(args, k) for k in _RESULT_OPTIONS}
-    # options added later count only when given, so earlier outputs keep their identity
-    options |= {k: getattr(args, k) for k in _PASSED_WHEN_GIVEN if getattr(args, k) is not None}
-    return canonical({"config": config, "options": options, "store": store_fingerprint(store)})
-
-
-def _start_over(out: Path) -> None:
-    """--overwrite: the old result and checkpoint go, so nothing of them is resumed or kept."""
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    for name in ("training.json", "cfg.json", "sae_weights.safetensors"):
-        (out / name).unlink(missing_ok=True)
+def stage_config(args: argparse.Namespace) -> CrosscoderStageConfig:
+    """The stage config for these arguments (after apply_preset): the preset's options, the
+    flags and the runtime ones this subcommand adds (--d-sae, --dtype, --wandb, ...)."""
+    extra = ("d_sae", "dtype", "eval_part", "wandb", "wandb_project", "autocast")
+    return CrosscoderStageConfig.from_args(args, PRESET_DESTS | {k: k for k in extra})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -285,95 +248,14 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     out: Path = args.out
     with folder_lock(out / ".train.lock", f"crosscoder folder {out}", enabled=dist_info().is_main):
-        return _run(args, out)
-
-
-def _run(args: argparse.Namespace, out: Path) -> int:
-    from crossdiff.crosscoder import CrossCoderConfig, evaluate_crosscoder, train_crosscoder
-    from crossdiff.crosscoder.config import store_widths
-
-    info = dist_info()
-
-    store = _open_store(args.store)
-    d_sae = args.d_sae if args.d_sae is not None else int(round(args.expansion * store.d_model))
-    cfg = CrossCoderConfig(
-        n_models=store.n_models,
-        d_model=store.d_model,
-        d_models=store_widths(store),
-        d_sae=d_sae,
-        k=args.k,
-        n_shared=args.n_shared,
-        shared_decoder=args.shared_decoder,
-        shared_penalty_ratio=args.shared_penalty_ratio,
-        dtype=args.dtype,
-    )
-    device = compute_device(args.device)
-    too_big = check_crosscoder_fits(
-        cfg.n_models, cfg.d_model, d_sae, args.batch_size, cfg.dtype, device,
-        world_size=info.world_size,
-    )  # fmt: skip
-    if too_big:
-        raise CrossdiffError(f"train-crosscoder: {too_big}")
-    identity = _identity(cfg, args, store)
-    if (out / "training.json").exists() and not args.overwrite:
-        previous = read_json(out / "training.json", "training record").get("identity")
-        if previous == identity:
-            print(f"crosscoder: {out} is already trained with these settings; --overwrite to redo")
-            return 0
-        changed = (
-            describe_changes(previous, identity) if previous else "its record predates fingerprints"
+        run_crosscoder_stage(
+            stage_config(args),
+            _open_store(args.store),
+            out,
+            seed=args.seed,
+            device=args.device,
+            resume=not args.no_resume,
+            overwrite=args.overwrite,
+            checkpoints="checkpoint",  # this subcommand's folder name before the stage contract
         )
-        raise CrossdiffError(
-            f"{out} holds a crosscoder trained with other settings or another store "
-            f"({changed}); pass --overwrite to train again from the start, or choose another --out"
-        )
-    barrier()  # every rank has read OUT before rank 0 clears it
-    if args.overwrite and info.is_main:
-        _start_over(out)
-        print(f"crosscoder: --overwrite: removed the crosscoder and checkpoint in {out}")
-    barrier()
-    cc = train_crosscoder(
-        store,
-        cfg,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        k_anneal_steps=args.k_anneal_steps,
-        k_anneal_start=args.k_anneal_start,
-        aux_loss_coefficient=args.aux_loss_coefficient,
-        seed=args.seed,
-        device=args.device,
-        checkpoint_dir=out / "checkpoint",
-        checkpoint_every=args.checkpoint_every,
-        resume=not args.no_resume,
-        wandb=args.wandb,
-        wandb_project=args.wandb_project,
-        autocast=args.autocast,
-        **{k: getattr(args, k) for k in _PASSED_WHEN_GIVEN if getattr(args, k) is not None},
-    )
-    if not info.is_main:  # every rank holds the same crosscoder; rank 0 writes it
-        return 0
-    cc.save(out)
-    metrics = evaluate_crosscoder(cc, store, max_tokens=args.eval_tokens, part=args.eval_part)
-    summary = dict(cc.training_summary)
-    history = summary.pop("history")
-    record = {
-        "store": str(args.store),
-        "identity": identity,
-        "config": cc.cfg.to_dict(),
-        "options": {k: v for k, v in vars(args).items() if k != "func" and not callable(v)},
-        "metrics": metrics,
-        "training": summary,
-        "history": history,
-    }
-    write_json_atomic(out / "training.json", json.loads(json.dumps(record, default=str)))
-    per_model = ", ".join(f"{v:.3f}" for v in metrics["fve_per_model"])
-    print(
-        f"crosscoder: FVE {metrics['fve']:.3f} (per model {per_model}; pooled in normalized "
-        f"units {metrics['fve_pooled_normalized']:.3f}), L0 {metrics['l0']:.1f} "
-        f"(top-k {metrics['l0_topk']:.1f}), dead {metrics['dead_fraction']:.1%} "
-        f"on {metrics['n_tokens']} {metrics['evaluated_on']} tokens "
-        f"(trained on {summary['n_train_tokens']} {summary['trained_on']} tokens)"
-    )
-    print(f"crosscoder: wrote {out}/cfg.json, {out}/sae_weights.safetensors, {out}/training.json")
     return 0

@@ -68,18 +68,15 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crossdiff.data.prepare import prepare_data
+    from crossdiff.data.stage import DataStageConfig, run_data_stage
 
     resolve_out(args, "prepare-data")
     apply_preset(args, "data", PRESET_DESTS, {"data_preset": "tiny"})
     hf_sources = [parse_source(s) for s in args.hf_source] if args.hf_source else None
-    prepared = prepare_data(
-        args.out,
-        seed=args.seed,
-        hf_sources=hf_sources,
-        proportions=args.proportions,
-        **data_options(args),
+    config = DataStageConfig.from_options(
+        {**data_options(args), "hf_sources": hf_sources, "proportions": args.proportions}
     )
+    prepared = run_data_stage(config, None, args.out, seed=args.seed)
     print(f"data ready in {prepared.paths['dir']}")
     return 0
 

@@ -13,7 +13,7 @@ from crossdiff.cli_presets import (
     apply_preset,
     preset_options,
 )
-from crossdiff.common import CrossdiffError, add_runtime_arguments, resolve_dtype
+from crossdiff.common import CrossdiffError, add_runtime_arguments
 
 # run-preset "models" option -> this subcommand's dest
 PRESET_DESTS = {
@@ -31,8 +31,8 @@ PRESET_DESTS = {
 def _load_data(args: argparse.Namespace) -> Any:
     """--data DIR: any prepared folder as it is; otherwise OUT/data with the preset's options
     (prepared now if absent; `prepare-data --preset P --out OUT/data` makes the same folder)."""
-    from crossdiff.data import prepare_data
     from crossdiff.data.prepare import load_prepared_data
+    from crossdiff.data.stage import DataStageConfig, run_data_stage
     from crossdiff.distributed import main_process_first
 
     if args.data is not None:
@@ -46,13 +46,14 @@ def _load_data(args: argparse.Namespace) -> Any:
     if args.corpus is not None:
         options["source"] = args.corpus
     with main_process_first():  # under torchrun rank 0 prepares; the others then reuse it
-        return prepare_data(args.out / "data", seed=args.seed, **options)
+        return run_data_stage(DataStageConfig.from_options(options), None, args.out / "data",
+                              seed=args.seed)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     from crossdiff.distributed import dist_info
-    from crossdiff.models.configs import get_preset, matched_configs
-    from crossdiff.models.train import train_language_models
+    from crossdiff.models.configs import get_preset
+    from crossdiff.models.stage import ModelsStageConfig, run_models_stage
 
     if args.preset not in PRESET_NAMES:
         get_preset(args.preset)  # the error names the model presets (each is a run preset too)
@@ -60,29 +61,10 @@ def run(args: argparse.Namespace) -> int:
     get_preset(args.model_preset)  # fail on a bad name before any data work
     started = time.perf_counter()
     data = _load_data(args)
-    dense_cfg, moe_cfg = matched_configs(
-        args.model_preset, d_vocab=int(data.tokenizer.vocab_size), dtype=resolve_dtype(args.dtype)
-    )
-    result = train_language_models(
-        data.train,
-        data.heldout,
-        args.out / "models",
-        preset=args.model_preset,
-        dense_cfg=dense_cfg,
-        moe_cfg=moe_cfg,
-        tokenizer=data.tokenizer,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup=args.warmup,
-        seed=args.seed,
-        device=args.device,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        eval_rows=args.eval_rows,
-        threads=args.threads,
-        parallel=args.parallel,
-        autocast=args.autocast,
+    extra = ("threads", "parallel", "autocast")
+    config = ModelsStageConfig.from_args(args, PRESET_DESTS | {k: k for k in extra})
+    result = run_models_stage(
+        config, data, args.out / "models", seed=args.seed, device=args.device, dtype=args.dtype
     )
     seconds = time.perf_counter() - started
     if not dist_info().is_main:

@@ -106,11 +106,10 @@ def _default_tokenizer(store: Path) -> Path | None:
 
 def run_report(args: argparse.Namespace) -> int:
     from crossdiff.activations import ActivationStore
-    from crossdiff.analysis import diff_features
     from crossdiff.common import resolve_device, seed_everything
     from crossdiff.crosscoder import CrossCoder
     from crossdiff.data import load_tokenizer
-    from crossdiff.report import write_report
+    from crossdiff.report.stage import ReportInputs, ReportStageConfig, run_report_stage
 
     apply_preset(args, "report", PRESET_DESTS, DEFAULTS)
     seed_everything(args.seed)
@@ -123,36 +122,23 @@ def run_report(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     if tokenizer is None:
         print("no tokenizer found: contexts show token ids (pass --tokenizer PATH for text)")
-    diff = diff_features(
-        cc,
-        store,
-        tokenizer=tokenizer,
-        split=args.split,
-        direction=tuple(args.direction) if args.direction else None,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        min_expert_firings=args.min_expert_firings,
-        part=args.part,
-    )
-    spliced = _spliced_loss(args, cc, store, device)
-    if spliced is not None:
-        diff.summary["spliced_loss"] = spliced
+    extra = ("part", "direction", "min_expert_firings")
+    config = ReportStageConfig.from_args(args, PRESET_DESTS | {k: k for k in extra})
     models = args.models or args.store.resolve().parent / "models"  # for logit effects
-    paths = write_report(diff, args.out, models=models)
+    inputs = ReportInputs(cc, store, tokenizer, models, _heldout(args, config, models))
+    diff, paths = run_report_stage(config, inputs, args.out, device=device)
     print(format_summary(diff.summary))
     print(f"open the report: {paths['html']}")
     return 0
 
 
-def _spliced_loss(args: argparse.Namespace, cc: Any, store: Any, device: Any) -> Any:
-    """The spliced-in LM loss when the store's models and held-out rows can be found."""
-    from crossdiff.crosscoder.splice import SPLICE_SEQUENCES, spliced_loss_for_run
+def _heldout(args: argparse.Namespace, config: Any, models_dir: Path) -> Any:
+    """The held-out rows for the spliced-in LM loss, when it is asked for and can be computed."""
+    from crossdiff.crosscoder.splice import SPLICE_SEQUENCES
     from crossdiff.data.tokens import TokenSet
 
-    n_rows = SPLICE_SEQUENCES if args.splice_sequences is None else args.splice_sequences
-    run_dir = args.store.resolve().parent
-    models_dir = args.models or run_dir / "models"
-    heldout = args.heldout or run_dir / "data" / "tokens_heldout.safetensors"
+    n_rows = SPLICE_SEQUENCES if config.splice_sequences is None else config.splice_sequences
+    heldout = args.heldout or args.store.resolve().parent / "data" / "tokens_heldout.safetensors"
     for given in (args.models, args.heldout):
         if given is not None and not given.exists():
             raise CrossdiffError(f"{given} does not exist")
@@ -164,9 +150,7 @@ def _spliced_loss(args: argparse.Namespace, cc: Any, store: Any, device: Any) ->
             "(pass --models and --heldout)"
         )
         return None
-    return spliced_loss_for_run(
-        cc, store, models_dir, TokenSet.load(heldout), max_sequences=n_rows, device=device
-    )
+    return TokenSet.load(heldout)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
