@@ -159,9 +159,9 @@ def run_crosscoder_stage(
     CrossCoder. OUT already holding this crosscoder (training.json's identity) is loaded;
     holding another one is an error unless `overwrite`."""
     from crossdiff.crosscoder import CrossCoder, train_crosscoder
+    from crossdiff.crosscoder.memory import check_crosscoder_fits
     from crossdiff.distributed import barrier, compute_device, dist_info
     from crossdiff.fingerprint import describe_changes
-    from crossdiff.validation import check_crosscoder_fits
 
     info = dist_info()
     out = Path(out_dir)
