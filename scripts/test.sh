@@ -15,4 +15,11 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 .venv/bin/python -m ruff check crossdiff tests benchmarks examples
 .venv/bin/python -m ruff format --check crossdiff tests benchmarks examples
-.venv/bin/python -m pytest "$@"
+# two workers (pytest-xdist), each test file on one of them so its module fixtures are built once;
+# CROSSDIFF_TEST_WORKERS=0 runs in this process (e.g. for a debugger)
+workers="${CROSSDIFF_TEST_WORKERS:-2}"
+if [ "$workers" = "0" ]; then
+    .venv/bin/python -m pytest "$@"
+else
+    .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
+fi
