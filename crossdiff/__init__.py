@@ -8,12 +8,10 @@ already imported, and otherwise right after sae_lens is imported (crossdiff/sae_
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
 from crossdiff import sae_lens_hook as _sae_lens_hook  # noqa: E402
+from crossdiff.lazy import lazy_exports as _lazy_exports  # noqa: E402
 
 _sae_lens_hook.install()
 
@@ -64,13 +62,4 @@ _PUBLIC: dict[str, str] = {
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'crossdiff' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = _lazy_exports(__name__, _PUBLIC, globals())

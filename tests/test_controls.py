@@ -34,6 +34,7 @@ def extra_run():
     return three_pairs(planted_models(EXTRA_IN_A, seed=1), seeds=(0, 1))
 
 
+@pytest.mark.slow  # pays for null_run (about 17 s on the loaded machine)
 def test_same_features_in_different_bases_hold_no_claim_beyond_controls(null_run):
     out = compare_with_controls(*null_run)
     assert [c["key"] for c in out["claims"]] == [
@@ -45,6 +46,7 @@ def test_same_features_in_different_bases_hold_no_claim_beyond_controls(null_run
     assert all(c["sentence"].startswith("Beyond controls") for c in out["claims"])
 
 
+@pytest.mark.slow  # pays for extra_run (about 16 s on the loaded machine)
 def test_features_b_lacks_show_as_an_excess_beyond_controls(extra_run):
     main, ctrl_a, _ = extra_run
     # the planted difference is visible: about ten dense-only latents, none in the controls
@@ -59,6 +61,7 @@ def test_features_b_lacks_show_as_an_excess_beyond_controls(extra_run):
     assert claim["effect"] == pytest.approx(excess_a["value"] - excess_b["value"])
 
 
+@pytest.mark.slow  # shares extra_run
 def test_pairs_report_each_diffs_own_figures_and_the_output_is_json(extra_run):
     out = compare_with_controls(*extra_run)
     text = json.dumps(out, allow_nan=False)
@@ -77,6 +80,7 @@ def test_pairs_report_each_diffs_own_figures_and_the_output_is_json(extra_run):
                             "control_b": ["moe", "moe2"]}  # fmt: skip
 
 
+@pytest.mark.slow  # shares extra_run
 def test_one_seed_gives_a_count_interval_but_cannot_tell(extra_run):
     main, ctrl_a, ctrl_b = extra_run
     out = compare_with_controls(main[:1], ctrl_a[:1], ctrl_b[:1])
@@ -86,6 +90,7 @@ def test_one_seed_gives_a_count_interval_but_cannot_tell(extra_run):
     assert lo < claim["effect"] < hi
 
 
+@pytest.mark.slow  # shares extra_run
 def test_inputs_that_do_not_fit_are_refused(extra_run):
     main, ctrl_a, ctrl_b = extra_run
     with pytest.raises(CrossdiffError, match="control_a"):

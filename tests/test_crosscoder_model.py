@@ -156,6 +156,7 @@ def test_save_and_load_reconstruct_identically(tmp_path):
         CrossCoder.load(tmp_path)
 
 
+@pytest.mark.slow  # 6-12 s: a fresh interpreter imports torch and SAELens
 def test_import_crossdiff_lets_saelens_load_a_crosscoder(tmp_path):
     cc = random_crosscoder()
     cc.save(tmp_path)

@@ -195,6 +195,7 @@ def recovery(cc, truth, **kw):
     return match_planted_latents(cc.W_dec, cc.decoder_norms(), truth, **kw)
 
 
+@pytest.mark.slow  # 6-12 s of training
 def test_free_crosscoder_recovers_and_classifies_planted_latents():
     # 24 shared latents (own direction in each model) + 12 A-only + 12 B-only in 32 dimensions;
     # model B's activations are 2x larger, which the normalized decoder norms must undo.
@@ -208,6 +209,7 @@ def test_free_crosscoder_recovers_and_classifies_planted_latents():
     assert result["classified_fraction"] >= 0.95
 
 
+@pytest.mark.slow  # 6-12 s of training
 def test_tied_crosscoder_recovers_shared_latents_with_designated_latents():
     acts, truth = planted_crosscoder_data(
         30000, 32, 24, 12, 12, aligned_bases=True, densities=(0.01, 0.05), seed=0

@@ -25,6 +25,7 @@ def single(tmp_path_factory):
     return result(out, 0)
 
 
+@pytest.mark.slow  # 10-17 s with the single fixture
 def test_two_ranks_agree_and_follow_the_single_process_run(single, tmp_path):
     launch("train_crosscoder.py", tmp_path, STEPS, nproc=2)
     (rank0, curve0), (rank1, _) = result(tmp_path, 0), result(tmp_path, 1)
@@ -41,6 +42,7 @@ def test_two_ranks_agree_and_follow_the_single_process_run(single, tmp_path):
     assert [row["dead"] for row in curve0] == [row["dead"] for row in single[1]]
 
 
+@pytest.mark.slow  # about 15 s
 def test_checkpoint_of_two_ranks_resumes_in_one_process(single, tmp_path):
     ckpt = tmp_path / "ckpt"
     crashed = launch(

@@ -25,7 +25,7 @@ import torch
 from launcher import launch_module
 from test_harvest import tiny_pair, tiny_token_set
 
-import crossdiff.activations.store as store_module
+import crossdiff.activations.writer as writer_module
 from crossdiff.activations import ActivationStore, harvest
 from crossdiff.activations.sharded import partition_rows
 from crossdiff.common import CrossdiffError
@@ -233,7 +233,7 @@ def test_a_killed_rank_resumes_and_other_world_sizes_are_refused(tmp_path, monke
     kwargs = dict(KW, batch_size=2, n_tokens=90)  # 12 rows: 6 batches, 3 per rank
     single = harvest(dense, moe, ts, "paper", tmp_path / "single", **kwargs)
     out = tmp_path / "store"
-    real_write = store_module.StoreWriter.write_shard
+    real_write = writer_module.StoreWriter.write_shard
 
     def job(rank: int) -> None:
         if rank == 1:  # rank 1 dies (as if killed) after its second shard
@@ -245,7 +245,7 @@ def test_a_killed_rank_resumes_and_other_world_sizes_are_refused(tmp_path, monke
                 real_write(self, tensors)
                 written.append(1)
 
-            monkeypatch.setattr(store_module.StoreWriter, "write_shard", write_then_die)
+            monkeypatch.setattr(writer_module.StoreWriter, "write_shard", write_then_die)
         harvest(dense, moe, ts, "paper", out, **kwargs)
 
     results = run_ranks(2, job, tmp_path / "logs1")
@@ -292,7 +292,7 @@ def test_a_failing_rank_fails_every_rank_and_the_rerun_resumes(tmp_path, monkeyp
     ts = tiny_token_set()
     single = harvest(dense, moe, ts, "paper", tmp_path / "single", **KW)
     out = tmp_path / "store"
-    real_bytes = store_module._write_bytes
+    real_bytes = writer_module._write_bytes
 
     def job(rank: int) -> None:
         if rank == 0:  # rank 0's disk fills up at its third shard
@@ -304,7 +304,7 @@ def test_a_failing_rank_fails_every_rank_and_the_rerun_resumes(tmp_path, monkeyp
                     raise OSError(errno.ENOSPC, "No space left on device")
                 real_bytes(path, data)
 
-            monkeypatch.setattr(store_module, "_write_bytes", disk_fills_up)
+            monkeypatch.setattr(writer_module, "_write_bytes", disk_fills_up)
         harvest(dense, moe, ts, "paper", out, **KW)
 
     results = run_ranks(2, job, tmp_path / "logs1")
@@ -368,6 +368,7 @@ def test_more_processes_than_batches(tmp_path):
 # --- the command line under torchrun -----------------------------------------------------------
 
 
+@pytest.mark.slow  # about 10 s
 def test_torchrun_crossdiff_harvest_writes_the_single_process_store(tmp_path):
     models = pytest.importorskip("crossdiff.models")
     small = dict(n_layers=3, d_model=16, d_head=8, n_heads=2, d_mlp=24, d_vocab=40, n_ctx=16)

@@ -3,6 +3,7 @@ the stage records and the report, and a rerun skips every stage."""
 
 import json
 
+import pytest
 import torch
 from launcher import launch_module
 
@@ -13,6 +14,7 @@ ARGS = ("--preset", "micro", "--lm-steps", "6", "--crosscoder-steps", "20")
 ARGS += ("--harvest-tokens", "8000", "--device", "cpu")
 
 
+@pytest.mark.slow  # about 45 s: a micro run under torchrun
 def test_run_under_torchrun_completes_every_stage_once(tmp_path):
     out = tmp_path / "run"
     first = launch_module("run", "--out", out, *ARGS, nproc=2)

@@ -35,6 +35,7 @@ def curve(out: Path, name: str) -> torch.Tensor:
     return torch.tensor(read_model_header(out / name)["training"]["loss_curve"])
 
 
+@pytest.mark.slow  # about 15 s with its fixtures
 def test_two_rank_loss_curve_matches_one_process_with_the_same_global_batch(
     data_dir, single_run, tmp_path
 ):
@@ -57,6 +58,7 @@ def test_two_rank_loss_curve_matches_one_process_with_the_same_global_batch(
     )
 
 
+@pytest.mark.slow  # about 13 s
 def test_checkpoint_of_two_ranks_resumes_in_one_process(data_dir, single_run, tmp_path):
     crashed = launch(
         "train_lm.py", data_dir, tmp_path, 8, nproc=2,

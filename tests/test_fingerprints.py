@@ -49,6 +49,7 @@ def run_copy(base_run: Path, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # pays for base_run, a whole micro run (over 2 min on the loaded 2-core machine)
 def test_records_hold_options_inputs_and_output_fingerprints(base_run: Path):
     records = {s: record(base_run, s) for s in ("data", "models", "store", "crosscoder", "report")}
     assert records["models"]["inputs"] == {"data": records["data"]["output"]}
@@ -65,6 +66,7 @@ def test_records_hold_options_inputs_and_output_fingerprints(base_run: Path):
     assert not list(base_run.glob("*/.stage.pending.json")) and not (base_run / "run.lock").exists()
 
 
+@pytest.mark.slow  # shares base_run, a whole micro run
 def test_changed_store_option_redoes_store_and_after_it(run_copy: Path, capsys):
     """Reproduction 2: delete store/, re-run with another pairing; the old crosscoder was kept
     and applied to the new store (FVE dense -0.31, exit 0)."""
@@ -85,6 +87,7 @@ def test_changed_store_option_redoes_store_and_after_it(run_copy: Path, capsys):
     assert "continuing in" not in capsys.readouterr().out
 
 
+@pytest.mark.slow  # shares base_run, a whole micro run
 def test_changed_harvest_tokens_redo_store_crosscoder_and_report(run_copy: Path, capsys):
     before = weights(run_copy / "crosscoder")
     report_mtime = (run_copy / "report" / "report.json").stat().st_mtime_ns
@@ -101,6 +104,7 @@ def test_changed_harvest_tokens_redo_store_crosscoder_and_report(run_copy: Path,
     assert (run_copy / "report" / "report.json").stat().st_mtime_ns > report_mtime
 
 
+@pytest.mark.slow  # shares base_run, a whole micro run
 def test_changed_k_redoes_the_crosscoder_and_never_resumes_its_checkpoint(run_copy: Path, capsys):
     """Reproduction 1 (run): with --k 16 the k = 8 checkpoint was resumed 'at step 60/60'."""
     old = record(run_copy, "crosscoder")
@@ -119,6 +123,7 @@ def test_changed_k_redoes_the_crosscoder_and_never_resumes_its_checkpoint(run_co
     assert state["identity"]["config"]["k"] == 16
 
 
+@pytest.mark.slow  # shares base_run, a whole micro run
 def test_changed_crosscoder_option_redoes_the_finished_crosscoder_and_report(run_copy, capsys):
     report_before = (run_copy / "report" / "report.json").read_bytes()
     summary = run_pipeline(run_copy, "micro", overrides={"crosscoder": {"k": 4}}, device="cpu")
@@ -133,6 +138,7 @@ def test_changed_crosscoder_option_redoes_the_finished_crosscoder_and_report(run
     assert (run_copy / "report" / "report.json").read_bytes() != report_before
 
 
+@pytest.mark.slow  # shares base_run, a whole micro run
 def test_unfinished_crosscoder_with_the_same_options_resumes(run_copy: Path, capsys):
     old = record(run_copy, "crosscoder")
     before = weights(run_copy / "crosscoder")
@@ -148,6 +154,7 @@ def test_unfinished_crosscoder_with_the_same_options_resumes(run_copy: Path, cap
     assert not (run_copy / "crosscoder" / ".stage.pending.json").exists()
 
 
+@pytest.mark.slow  # shares base_run, a whole micro run
 def test_records_of_an_older_crossdiff_are_adopted_when_their_options_match(run_copy, capsys):
     for stage in ("data", "models", "store", "crosscoder"):
         old = record(run_copy, stage)
@@ -160,6 +167,7 @@ def test_records_of_an_older_crossdiff_are_adopted_when_their_options_match(run_
     assert record(run_copy, "crosscoder")["inputs"] == {"store": store_output}
 
 
+@pytest.mark.slow  # shares base_run, a whole micro run
 def test_an_older_record_is_not_adopted_after_its_input_was_made_anew(run_copy, capsys):
     """Reproduction 2 on a run of an older crossdiff: its crosscoder record cannot say which
     store it was trained on, so a re-harvested store redoes it."""
@@ -175,6 +183,7 @@ def test_an_older_record_is_not_adopted_after_its_input_was_made_anew(run_copy, 
     assert min(report["summary"]["reconstruction"]["fve_per_model"].values()) > 0.3
 
 
+@pytest.mark.slow  # shares base_run, a whole micro run
 def test_changed_report_option_redoes_only_the_report(run_copy: Path):
     summary = run_pipeline(
         run_copy, "micro", overrides={"report": {"max_tokens": 6_000}}, device="cpu"
@@ -236,6 +245,7 @@ def test_a_crosscoder_too_big_for_memory_is_refused_with_the_figure(tmp_path: Pa
     assert parts["parameters"] == 4 * n_params and parts["optimizer"] == 3 * 4 * n_params
 
 
+@pytest.mark.slow  # shares base_run, a whole micro run
 def test_a_refused_run_leaves_run_json_as_it_was(run_copy: Path):
     """Reproduction 7: a refused run had already overwritten run.json."""
     before = (run_copy / "run.json").read_bytes()
@@ -257,6 +267,7 @@ def _live_holder(lock: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # shares base_run, a whole micro run
 def test_a_run_folder_held_by_a_live_process_is_refused_with_its_pid(run_copy: Path):
     before = (run_copy / "run.json").read_bytes()
     proc = _live_holder(run_copy / "run.lock")

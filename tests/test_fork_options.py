@@ -286,6 +286,7 @@ def test_ema_that_would_never_start_is_refused_and_a_changed_option_is_not_resum
         )  # fmt: skip
 
 
+@pytest.mark.slow  # about 10 s on the loaded machine
 def test_all_fork_options_together_still_recover_planted_latents():
     # 16 shared latents (one direction in both models, so a tied decoder fits them) + 8 A-only +
     # 8 B-only in 32 dimensions; the first 16 latents are designated shared and tied

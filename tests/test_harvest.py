@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-import crossdiff.activations.store as store_module
+import crossdiff.activations.writer as writer_module
 from crossdiff.activations import ActivationStore, Pairing, harvest
 from crossdiff.activations.store import StoreWriter
 from crossdiff.common import CrossdiffError
@@ -196,7 +196,7 @@ def test_crash_between_shard_and_manifest_leaves_an_orphan_that_resume_removes(
     ts = tiny_token_set()
     kwargs = dict(batch_size=3, shard_tokens=20)
     full = harvest(dense, moe, ts, "paper", tmp_path / "full", **kwargs)
-    real_json = store_module.write_json_atomic
+    real_json = writer_module.write_json_atomic
     calls = []
 
     def crash_on_third_commit(path, obj):
@@ -205,12 +205,12 @@ def test_crash_between_shard_and_manifest_leaves_an_orphan_that_resume_removes(
             raise RuntimeError("power cut")
         return real_json(path, obj)
 
-    monkeypatch.setattr(store_module, "write_json_atomic", crash_on_third_commit)
+    monkeypatch.setattr(writer_module, "write_json_atomic", crash_on_third_commit)
     with pytest.raises(RuntimeError):
         harvest(dense, moe, ts, "paper", tmp_path / "r", **kwargs)
     assert (tmp_path / "r" / "shard_00001.safetensors").exists()  # orphan, not in the manifest
     assert ActivationStore(tmp_path / "r").n_tokens == 20
-    monkeypatch.setattr(store_module, "write_json_atomic", real_json)
+    monkeypatch.setattr(writer_module, "write_json_atomic", real_json)
     resumed = harvest(dense, moe, ts, "paper", tmp_path / "r", **kwargs)
     assert shard_checksums(resumed) == shard_checksums(full)
     names = sorted(p.name for p in (tmp_path / "r").iterdir())
@@ -312,7 +312,7 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_store_consistent(tmp_path, 
     ts = tiny_token_set()
     kwargs = dict(batch_size=3, shard_tokens=20)
     full = harvest(dense, moe, ts, "paper", tmp_path / "full", **kwargs)
-    real_write = store_module._write_bytes
+    real_write = writer_module._write_bytes
     calls = []
 
     def disk_fills_up(path, data):
@@ -321,7 +321,7 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_store_consistent(tmp_path, 
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(store_module, "_write_bytes", disk_fills_up)
+    monkeypatch.setattr(writer_module, "_write_bytes", disk_fills_up)
     with pytest.raises(CrossdiffError, match="disk is full.*intact with 40 tokens.*re-run"):
         harvest(dense, moe, ts, "paper", tmp_path / "s", **kwargs)
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
@@ -331,7 +331,7 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_store_consistent(tmp_path, 
     ]
     assert not (tmp_path / "s" / "shard_00002.safetensors").exists()
     assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
-    monkeypatch.setattr(store_module, "_write_bytes", real_write)
+    monkeypatch.setattr(writer_module, "_write_bytes", real_write)
     resumed = harvest(dense, moe, ts, "paper", tmp_path / "s", **kwargs)
     assert shard_checksums(resumed) == shard_checksums(full)
 

@@ -76,6 +76,7 @@ def run(tmp_path, data, cfgs, **options):
     )
 
 
+@pytest.mark.slow  # 7-9 s of training
 def test_both_models_learn_the_source_and_eval_json_reports_it(tmp_path, data, cfgs):
     result = run(
         tmp_path, data, cfgs, steps=120, batch_size=8, warmup=10, tokenizer=FakeTokenizer()

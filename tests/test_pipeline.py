@@ -47,6 +47,7 @@ def micro_run(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # pays for the micro_run fixture, a whole micro run (15-20 s)
 def test_quickstart_writes_a_complete_report(micro_run: Path):
     report = json.loads((micro_run / "report" / "report.json").read_text())
     summary = report["summary"]
@@ -59,6 +60,7 @@ def test_quickstart_writes_a_complete_report(micro_run: Path):
     assert (micro_run / "report" / "report.html").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # shares micro_run, a whole micro run
 def test_run_crosscoder_cfg_records_what_it_read(micro_run: Path):
     """Provenance of `crossdiff run`: model and hook names, store and tokenizer fingerprints."""
     from crossdiff.activations import ActivationStore
@@ -77,12 +79,14 @@ def test_run_crosscoder_cfg_records_what_it_read(micro_run: Path):
     assert metadata["context_size"] == 128
 
 
+@pytest.mark.slow  # shares micro_run, a whole micro run
 def test_inspect_latent_example_reads_the_run(micro_run: Path):
     result = run_example("examples/inspect_latent.py", str(micro_run), "--contexts", "3")
     assert "class" in result.stdout and "top" in result.stdout
     assert result.stdout.count("[[") >= 1  # at least one context with its top token marked
 
 
+@pytest.mark.slow  # shares micro_run, a whole micro run
 def test_rerun_skips_finished_stages_and_redoes_changed_ones(micro_run: Path, tmp_path, capsys):
     before = comparable(micro_run / "report" / "report.json")
     summary = run_pipeline(micro_run, "micro", device="cpu")
@@ -214,6 +218,7 @@ def test_unknown_preset_and_stage_are_clear_errors():
         resolve_options("micro", {"training": {"steps": 1}})
 
 
+@pytest.mark.slow  # about 50 s
 def test_bring_your_own_models_example_runs_at_reduced_size(tmp_path):
     result = run_example("examples/bring_your_own_models.py", "--out", str(tmp_path), "--quick")
     report = json.loads((tmp_path / "report" / "report.json").read_text())

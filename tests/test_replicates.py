@@ -38,6 +38,7 @@ def seeds_run():
     return truth, diffs
 
 
+@pytest.mark.slow  # pays for seeds_run, two crosscoders (about 19 s on the loaded machine)
 def test_a_crosscoder_matches_its_own_permuted_copy_exactly(seeds_run):
     cc = seeds_run[1][0].crosscoder
     other = copy.deepcopy(cc)
@@ -51,6 +52,7 @@ def test_a_crosscoder_matches_its_own_permuted_copy_exactly(seeds_run):
     assert (match[perm] == np.arange(len(perm))).all()
 
 
+@pytest.mark.slow  # shares seeds_run
 def test_two_seeds_match_most_planted_feature_latents(seeds_run):
     truth, diffs = seeds_run
     cc0, cc1 = diffs[0].crosscoder, diffs[1].crosscoder
@@ -70,6 +72,7 @@ def test_two_seeds_match_most_planted_feature_latents(seeds_run):
     assert len(taken) == len(set(taken.tolist()))
 
 
+@pytest.mark.slow  # shares seeds_run
 def test_replicate_summary_lays_each_seed_beside_its_own_diff(seeds_run):
     _, diffs = seeds_run
     out = replicate_summary(diffs, list(SEEDS))
@@ -95,12 +98,14 @@ def test_replicate_summary_lays_each_seed_beside_its_own_diff(seeds_run):
     assert out["note"] is None
 
 
+@pytest.mark.slow  # shares seeds_run
 def test_one_seed_has_no_spread_and_says_so(seeds_run):
     out = replicate_summary(seeds_run[1][:1], [7])
     assert out["figures"]["fve"]["sd"] is None and out["stability"] is None
     assert "one seed" in out["note"]
 
 
+@pytest.mark.slow  # shares seeds_run
 def test_bad_seed_lists_are_refused(seeds_run):
     _, diffs = seeds_run
     with pytest.raises(CrossdiffError, match="one seed per diff"):

@@ -8,25 +8,19 @@ held-out documents per shard (`heldout`: [lo, hi) ranges of shard rows); every o
 training. `store.part("train")` / `store.part("heldout")` are views with the store's reading
 interface over one part; the statistics and scaling factors are those of the training part.
 
-Writes go shard first, then statistics, then the manifest, each atomically: a crash leaves at most
-an orphan file that the next writer removes, never a manifest that names a missing or partial shard.
+StoreWriter (writer.py) appends to a store; shards.py checks and opens its files. Both writers'
+and readers' names stay importable from here.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import os
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
-from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
 from crossdiff.activations.layout import (
@@ -35,28 +29,24 @@ from crossdiff.activations.layout import (
     MANIFEST,
     METADATA_KEYS,
     PARTS,
-    check_manifest,
     expert_column_map,
-    is_store_file,
     mask_ranges,
     part_counts,
     shard_name,
     stats_name,
 )
 from crossdiff.activations.normalization import RunningStats
-from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
-from crossdiff.common import (
-    CrossdiffError,
-    DiskFullError,
-    atomic_path,
-    read_json,
-    resolve_dtype,
-    write_json_atomic,
+from crossdiff.activations.shards import (
+    ShardFiles,
+    read_manifest,
+    read_running_stats,
+    sha256_file,
 )
+from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
+from crossdiff.activations.writer import StoreWriter, write_store_file
+from crossdiff.common import CrossdiffError, resolve_dtype
 
-_MAX_OPEN_SHARDS = 8
-
-__all__ = [  # the layout's names are re-exported: store.py was their home
+__all__ = [  # the layout's, shards' and writer's names are re-exported: store.py was their home
     "FORMAT",
     "FORMAT_VERSION",
     "MANIFEST",
@@ -76,166 +66,14 @@ __all__ = [  # the layout's names are re-exported: store.py was their home
 ]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """The one place store files hit the disk (tests replace it to simulate a full disk)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _disk_error(
-    err: OSError | DiskFullError, what: Path, store: Path, n_tokens: int
-) -> CrossdiffError:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = "the disk is full"
-    else:
-        reason = f"the write failed ({err})"
-    return CrossdiffError(
-        f"could not write {what.name} in {store}: {reason}. The store is intact with "
-        f"{n_tokens} tokens (the failed file is not in its manifest). Free some space (or choose "
-        "another --out) and re-run the same command to resume where it stopped."
-    )
-
-
-def write_store_file(path: Path, tensors: dict[str, Tensor], store: Path, n_tokens: int) -> dict:
-    """Serialize `tensors` to `path` atomically; return its size and sha256."""
-    data = save_safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})
-    try:
-        with atomic_path(path) as tmp:
-            _write_bytes(tmp, data)
-    except (OSError, DiskFullError) as err:
-        raise _disk_error(err, path, store, n_tokens) from err
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-class StoreWriter:
-    """Appends shards to a store, keeping the manifest and the running statistics in step."""
-
-    def __init__(self, path: Path, manifest: dict[str, Any], stats: RunningStats) -> None:
-        self.path = path
-        self.manifest = manifest
-        self.stats = stats
-
-    @classmethod
-    def create(cls, path: Path, manifest: dict[str, Any]) -> StoreWriter:
-        manifest = dict(manifest, n_tokens=0, shards=[], statistics=None, scaling_factors=None)
-        path.mkdir(parents=True, exist_ok=True)
-        writer = cls(path, manifest, RunningStats(manifest["d_models"]))
-        writer.remove_orphans()
-        write_json_atomic(path / MANIFEST, manifest)
-        return writer
-
-    @classmethod
-    def reopen(cls, path: Path) -> StoreWriter:
-        store = ActivationStore(path)
-        writer = cls(path, store.manifest, store.running_stats())
-        writer.remove_orphans()
-        return writer
-
-    def remove_orphans(self) -> list[Path]:
-        """Delete shard/stats files the manifest does not name, and temporary files of a crash.
-
-        Only files directly in the store folder: shards a merged manifest names in rank
-        sub-folders (`ranks-of-N/rank_R/...`) belong to those sub-stores and are left alone."""
-        keep = {s["file"] for s in self.manifest["shards"]}
-        if self.manifest.get("statistics"):
-            keep.add(self.manifest["statistics"]["file"])
-        removed = []
-        for child in self.path.iterdir():
-            name = child.name
-            orphan = is_store_file(name) and name not in keep
-            leftover_tmp = name.startswith(
-                (".shard_", ".stats_", f".{MANIFEST}")
-            ) and name.endswith(".tmp")
-            if child.is_file() and (orphan or leftover_tmp):
-                child.unlink()
-                removed.append(child)
-        return removed
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.manifest["n_tokens"])
-
-    def write_shard(self, tensors: dict[str, Tensor]) -> None:
-        """Write one shard. An optional bool `heldout` [n] (not stored as a tensor) marks the
-        rows of held-out documents: recorded as ranges, left out of the statistics."""
-        tensors = dict(tensors)
-        heldout = tensors.pop("heldout", None)
-        n = tensors["acts"].shape[0]
-        if n == 0:
-            raise CrossdiffError("internal error: refusing to write an empty shard")
-        index = len(self.manifest["shards"])
-        shard_file = self.path / shard_name(index)
-        shard_info = write_store_file(shard_file, tensors, self.path, self.n_tokens)
-        if self.manifest.get("split") is not None:
-            mask = torch.zeros(n, dtype=torch.bool) if heldout is None else heldout.bool()
-            shard_info["heldout"] = mask_ranges(mask)
-        elif heldout is not None and bool(heldout.any()):
-            raise CrossdiffError("internal error: held-out rows for a store without a split")
-
-        stats = RunningStats.from_tensors(self.stats.widths, self.stats.to_tensors())
-        stats.update(tensors["acts"] if heldout is None else tensors["acts"][~heldout.bool()])
-        stats_file = self.path / stats_name(index + 1)
-        stats_info = write_store_file(stats_file, stats.to_tensors(), self.path, self.n_tokens)
-
-        manifest = dict(self.manifest)
-        manifest["shards"] = [
-            *self.manifest["shards"],
-            {"file": shard_file.name, "start": self.n_tokens, "n_tokens": n, **shard_info},
-        ]
-        manifest["n_tokens"] = self.n_tokens + n
-        if manifest.get("split") is not None:
-            manifest["parts"] = part_counts(manifest["shards"])
-        segments = [dict(s) for s in manifest["segments"]]
-        segments[-1]["n_tokens"] += n
-        manifest["segments"] = segments
-        manifest["statistics"] = {
-            "file": stats_file.name,
-            **stats_info,
-            "per_model": stats.summary(manifest["model_names"]),
-        }
-        manifest["scaling_factors"] = [float(x) for x in stats.scaling_factors()]
-        previous_stats = self.manifest.get("statistics")
-        try:
-            write_json_atomic(self.path / MANIFEST, manifest)
-        except (OSError, DiskFullError) as err:
-            raise _disk_error(err, self.path / MANIFEST, self.path, self.n_tokens) from err
-        self.manifest, self.stats = manifest, stats
-        if previous_stats:
-            (self.path / previous_stats["file"]).unlink(missing_ok=True)
-
-
 class ActivationStore:
     """A store folder, read lazily: shards are memory-mapped; only requested rows are read."""
 
     def __init__(self, path: str | Path, part: str | None = None) -> None:
         self.path = Path(path)
-        if not (self.path / MANIFEST).exists():
-            raise CrossdiffError(
-                f"no activation store at {self.path} ({MANIFEST} is missing); "
-                "create one with `crossdiff harvest` or crossdiff.harvest(...)"
-            )
-        manifest = read_json(self.path / MANIFEST, "store manifest")
-        if manifest.get("format") != FORMAT:
-            raise CrossdiffError(f"{self.path / MANIFEST} is not a crossdiff activation store")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CrossdiffError(
-                f"store {self.path} has format version {manifest.get('format_version')}, this "
-                f"crossdiff reads version {FORMAT_VERSION}; re-harvest it with this version"
-            )
-        check_manifest(self.path / MANIFEST, manifest)
+        manifest = read_manifest(self.path)
         self.manifest: dict[str, Any] = manifest
-        self._handles: OrderedDict[int, Any] = OrderedDict()
-        self._verified: set[int] = set()
+        self._files = ShardFiles(self.path, manifest)
         self.part_name = self._check_part(part)
         # the view: per shard, the [lo, hi) row ranges it reads, in store order
         self._pieces: list[list[tuple[int, int]]] = [
@@ -305,7 +143,8 @@ class ActivationStore:
         """A view of one part ('train', 'heldout' or 'all') with this store's reading interface
         (n_tokens, read_acts, read_metadata, iter_batches, in the part's own token order)."""
         view = ActivationStore(self.path, part=name)
-        view._verified = self._verified  # a shard's checksum is checked once for all views
+        # a shard's checksum is checked once for all views
+        view._files = ShardFiles(self.path, self.manifest, verified=self._files.verified)
         return view
 
     @property
@@ -362,14 +201,7 @@ class ActivationStore:
         return torch.tensor(factors, dtype=torch.float32)
 
     def running_stats(self) -> RunningStats:
-        info = self.manifest.get("statistics")
-        if not info:
-            return RunningStats(self.d_models)
-        path = self.path / info["file"]
-        self._check_file(path, info, "statistics file")
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        return RunningStats.from_tensors(self.d_models, tensors)
+        return read_running_stats(self.path, self.manifest)
 
     def statistics(self) -> dict[str, Tensor]:
         """mean and std per dimension [n_models, d] (zero on padded dims), mean_norm [n_models]."""
@@ -388,70 +220,13 @@ class ActivationStore:
 
     # --- reading -----------------------------------------------------------------------------
 
-    def _check_file(self, path: Path, info: dict[str, Any], what: str) -> None:
-        advice = (
-            f"delete the store folder {self.path} and harvest again (or restore the file from a "
-            "copy); crossdiff never reads a damaged shard"
-        )
-        name = info.get("file", path.name)  # relative to the store (rank sub-folders included)
-        if not path.exists():
-            raise CrossdiffError(f"{what} {name} of store {self.path} is missing; {advice}")
-        size = path.stat().st_size
-        if size != info["bytes"]:
-            raise CrossdiffError(
-                f"{what} {name} of store {self.path} is corrupted: it has {size} bytes, the "
-                f"manifest says {info['bytes']}; {advice}"
-            )
-        if sha256_file(path) != info["sha256"]:
-            raise CrossdiffError(
-                f"{what} {name} of store {self.path} is corrupted: its sha256 checksum does "
-                f"not match the manifest; {advice}"
-            )
-
     def verify(self) -> None:
         """Check the size and checksum of every shard (reading also checks each once, lazily)."""
         for i in range(self.n_shards):
             self._shard(i)
 
     def _shard(self, index: int) -> Any:
-        if index in self._handles:
-            self._handles.move_to_end(index)
-            return self._handles[index]
-        info = self.manifest["shards"][index]
-        path = self.path / info["file"]
-        if index not in self._verified:
-            self._check_file(path, info, "shard")
-            self._verified.add(index)
-        elif not path.exists() or path.stat().st_size != info["bytes"]:
-            self._check_file(path, info, "shard")
-        try:
-            handle = safe_open(str(path), framework="pt")
-        except Exception as err:  # safetensors raises its own error types for a damaged header
-            raise CrossdiffError(
-                f"cannot open shard {path}: {err}; harvest the store again"
-            ) from err
-        self._check_shard_shape(index, handle)
-        self._handles[index] = handle
-        if len(self._handles) > _MAX_OPEN_SHARDS:
-            self._handles.popitem(last=False)
-        return handle
-
-    def _check_shard_shape(self, index: int, handle: Any) -> None:
-        info = self.manifest["shards"][index]
-        expected = [info["n_tokens"], self.n_models, self.d_model]
-        try:
-            shape = list(handle.get_slice("acts").get_shape())
-        except Exception as err:  # no "acts" tensor
-            raise CrossdiffError(
-                f"shard {info['file']} of store {self.path} has no activations ({err}); "
-                "harvest the store again"
-            ) from err
-        if shape != expected:
-            raise CrossdiffError(
-                f"shard {info['file']} of store {self.path} holds activations of shape {shape} but "
-                f"{MANIFEST} says {expected} (n_tokens, n_models, d_model); the manifest was "
-                "edited or belongs to another store: restore it or harvest the store again"
-            )
+        return self._files.get(index)
 
     def _read(self, key: str, start: int, stop: int) -> Tensor:
         if not 0 <= start <= stop <= self.n_tokens:

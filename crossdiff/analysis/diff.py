@@ -20,6 +20,14 @@ from crossdiff.analysis.classes import (
     resolve_split,
 )
 from crossdiff.analysis.contexts import build_contexts, context_centers
+from crossdiff.analysis.diff_inputs import (
+    check_options,
+    checked_decoder,
+    checked_widths,
+    choose_basis,
+    cosine_reason,
+    resolve_direction,
+)
 from crossdiff.analysis.experts import (
     DEFAULT_MIN_FIRINGS,
     add_expert_columns,
@@ -28,17 +36,12 @@ from crossdiff.analysis.experts import (
     expert_summary,
 )
 from crossdiff.analysis.feature_diff import FeatureDiff
-from crossdiff.analysis.latent_scaling import (
-    MIN_SHARE,
-    free_direction_scaling,
-    own_direction_scaling,
-)
+from crossdiff.analysis.scaling_columns import add_latent_scaling
 from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.summary import domain_lift, summarize
 from crossdiff.analysis.summary import finite as _finite
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.fve import pooled_normalized_fve
-from crossdiff.crosscoder.metrics import check_zero_padding, normalized_unit_factors
+from crossdiff.crosscoder.metrics import normalized_unit_factors
 
 
 def _crosscoder_config(cc: Any) -> dict[str, Any]:
@@ -55,39 +58,6 @@ def _crosscoder_config(cc: Any) -> dict[str, Any]:
     else:
         raw = dict(vars(cfg))
     return {k: v for k, v in raw.items() if isinstance(v, str | int | float | bool | type(None))}
-
-
-def _resolve_direction(
-    direction: tuple[str, str] | None, model_names: tuple[str, ...]
-) -> tuple[int, int]:
-    if direction is None:
-        if len(model_names) >= 2 and {"dense", "moe"} <= set(model_names):
-            return model_names.index("dense"), model_names.index("moe")
-        return 0, 1
-    a, b = direction
-    missing = [n for n in (a, b) if n not in model_names]
-    if missing or a == b:
-        raise CrossdiffError(
-            f"direction {direction!r} must name two different models of {model_names}; "
-            f"e.g. direction=({model_names[0]!r}, {model_names[1]!r})"
-        )
-    return model_names.index(a), model_names.index(b)
-
-
-def _fmt_reason(same_basis: bool, inferred: str, shared_decoder: str) -> str:
-    if same_basis:
-        return f"the two models' vectors live in one basis ({inferred}), so cosines are meaningful"
-    tied = (
-        " (this crosscoder's tied designated decoders do not change that: they force one vector "
-        "on two unrelated spaces)"
-        if shared_decoder == "tied"
-        else ""
-    )
-    return (
-        f"the models are treated as trained independently ({inferred}), so their activation "
-        f"bases are unrelated{tied} and a cosine between their decoder vectors means nothing; it "
-        "is reported only for completeness"
-    )
 
 
 def diff_features(
@@ -137,36 +107,10 @@ def diff_features(
     split_name, lo, hi = resolve_split(split)
     acts_or_store, evaluated_on = evaluation_part(acts_or_store, part)
     source = TokenSource(acts_or_store, metadata, model_names, domain_names)
-    w_dec = cc.W_dec.detach()
-    if w_dec.ndim != 3:
-        raise CrossdiffError(
-            f"cc.W_dec must be [d_sae, n_models, d_model], got shape {tuple(w_dec.shape)}; is this "
-            "a crossdiff CrossCoder?"
-        )
+    w_dec = checked_decoder(cc, source)
+    check_options(n_top_contexts, context_window, batch_size, min_expert_firings)
     d_sae, n_models_cc, d_model = w_dec.shape
-    if n_models_cc != source.n_models:
-        raise CrossdiffError(
-            f"the crosscoder reads {n_models_cc} models but the activations have "
-            f"{source.n_models}; use the store the crosscoder was trained on"
-        )
-    if n_models_cc < 2:
-        raise CrossdiffError("a feature diff needs a crosscoder over at least 2 models")
-    probe = source.read_acts(0, 1)
-    if probe.shape[-1] != d_model:
-        raise CrossdiffError(
-            f"the crosscoder has d_model {d_model} but the activations have width "
-            f"{probe.shape[-1]}; use the store the crosscoder was trained on"
-        )
-    if n_top_contexts < 1 or context_window < 0 or batch_size < 1:
-        raise CrossdiffError(
-            "n_top_contexts and batch_size must be >= 1 and context_window >= 0; got "
-            f"{n_top_contexts}, {batch_size}, {context_window}"
-        )
-    if min_expert_firings < 1:
-        raise CrossdiffError(
-            f"min_expert_firings must be >= 1, got {min_expert_firings}; 20 is the default"
-        )
-    a, b = _resolve_direction(
+    a, b = resolve_direction(
         tuple(direction) if direction is not None else None, source.model_names
     )
     name_a, name_b = source.model_names[a], source.model_names[b]
@@ -175,30 +119,13 @@ def diff_features(
     shared_decoder = str(getattr(cfg, "shared_decoder", "free") or "free")
     # tied designated latents keep their own class; free ones are classed by relative norm
     n_tied = n_shared if shared_decoder == "tied" else 0
-    if same_basis is None:
-        same_basis = False
-        basis_reason = (
-            "same_basis=False, the default; pass same_basis=True only for two checkpoints of "
-            "one model"
-        )
-    else:
-        same_basis = bool(same_basis)
-        basis_reason = f"same_basis={same_basis} set by the caller"
-    widths = tuple(getattr(cfg, "widths", None) or (d_model,) * n_models_cc)
-    if same_basis and len(set(widths)) > 1:
-        raise CrossdiffError(
-            f"same_basis=True but the models have different widths {list(widths)}: their "
-            "activations cannot share one basis; leave same_basis out"
-        )
-    if len(set(widths)) > 1 and isinstance(acts_or_store, torch.Tensor):
-        check_zero_padding(acts_or_store, cfg)
+    same_basis, basis_reason = choose_basis(same_basis)
+    widths = checked_widths(cfg, d_model, n_models_cc, same_basis, acts_or_store)
 
     norms_t = (
         cc.decoder_norms().detach() if hasattr(cc, "decoder_norms") else w_dec.norm(dim=-1)
     ).float()
-    norms = norms_t.cpu().numpy().astype(np.float64)
     r = relative_norm(norms_t, a, b).cpu().numpy().astype(np.float64)
-    cosine = decoder_cosine(w_dec, a, b).cpu().numpy().astype(np.float64)
     # model-specific by weights (dead ones are dropped after the pass)
     spec_mask = np.zeros(d_sae, dtype=bool)
     spec_mask[n_tied:] = (r[n_tied:] < lo) | (r[n_tied:] > hi)
@@ -215,55 +142,17 @@ def diff_features(
         show_progress=show_progress,
         expert_layout=expert_layout,
     )
-    fires = stats.fire_count > 0
-    labels = classify(r, fires, n_tied, lo, hi, name_a, name_b)
-    n = stats.n_tokens
-    density = stats.fire_count / n
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_act = np.where(fires, stats.act_sum / np.maximum(stats.fire_count, 1), np.nan)
-
-    table = pd.DataFrame(
-        {
-            "latent": np.arange(d_sae),
-            "class": labels.astype(str),
-            "designated_shared": np.arange(d_sae) < n_shared,
-            f"norm_{name_a}": norms[:, a],
-            f"norm_{name_b}": norms[:, b],
-            "relative_norm": r,
-            "decoder_cosine": cosine,
-            "density": density,
-            "fire_count": stats.fire_count.astype(np.int64),
-            "mean_activation": mean_act,
-        }
-    )
-    for m, name in enumerate(source.model_names):
-        if m not in (a, b):
-            table[f"norm_{name}"] = norms[:, m]
-
-    domain_shares = None
-    if stats.domain_mass is not None:
-        mass_total = stats.domain_mass.sum(-1, keepdims=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            domain_shares = np.where(mass_total > 0, stats.domain_mass / mass_total, np.nan)
-        for i, dname in enumerate(source.domain_names):
-            table[f"share_{dname}"] = domain_shares[:, i]
-        lift = domain_lift(domain_shares, stats.domain_tokens)
-        for i, dname in enumerate(source.domain_names):
-            table[f"lift_{dname}"] = lift[:, i]
-
+    labels = classify(r, stats.fire_count > 0, n_tied, lo, hi, name_a, name_b)
+    table = _latent_table(stats, source, labels, norms_t, r, w_dec, a, b, n_shared)
+    domain_shares = _add_domain_columns(table, stats, source)
     attribution = None
     if stats.experts is not None:
         attribution = attribute(stats.experts, min_expert_firings)
         add_expert_columns(table, attribution)
 
-    # decoder_norms() may be in training units; bring latent scaling's norms to the same units
-    raw = w_dec.float().norm(dim=-1)
-    with torch.no_grad():
-        unit = torch.where(raw > 0, norms_t / raw.clamp_min(1e-30), torch.nan)
-    unit_scale = np.nan_to_num(torch.nanmean(unit, dim=0).cpu().numpy(), nan=1.0)
-    scaling_summary = _add_latent_scaling(
+    scaling_summary = add_latent_scaling(
         table, stats, w_dec, labels, scaling_ids, a, b, name_a, name_b, lo, hi, same_basis,
-        unit_scale,
+        _unit_scale(w_dec, norms_t),
     )  # fmt: skip
     summary = summarize(
         table,
@@ -276,7 +165,7 @@ def diff_features(
         n_shared=n_shared,
         shared_decoder=shared_decoder,
         same_basis=same_basis,
-        cosine_reason=_fmt_reason(same_basis, basis_reason, shared_decoder),
+        cosine_reason=cosine_reason(same_basis, basis_reason, shared_decoder),
         domain_shares=domain_shares,
         scaling_summary=scaling_summary,
         k=getattr(cfg, "k", None),
@@ -297,31 +186,16 @@ def diff_features(
     panel_ids = _panel_latents(table, class_names(name_a, name_b), panels_per_class, stats)
     centers = {j: context_centers(stats.top_indices, j, n_top_contexts) for j in panel_ids}
     contexts = build_contexts(cc, source, centers, tokenizer=tokenizer, window=context_window)
-    details: dict[int, dict[str, Any]] = {}
-    for j in panel_ids:
-        details[j] = {
-            "contexts": contexts.get(j, []),
-            "expert_counts": (
-                stats.expert_counts[j].astype(int).tolist()
-                if stats.expert_counts is not None
-                else None
-            ),
-            "expert_layers": (
-                expert_detail(stats.experts, j) if stats.experts is not None else None
-            ),
-            "domain_shares": (
-                {d: _finite(domain_shares[j, i]) for i, d in enumerate(source.domain_names)}
-                if domain_shares is not None
-                else None
-            ),
-        }
+    details = {
+        j: _panel_detail(j, contexts.get(j, []), stats, source, domain_shares) for j in panel_ids
+    }
     config = {
         "split": {"name": split_name, "lo": lo, "hi": hi},
         "direction": {"A": name_a, "B": name_b},
         "model_names": list(source.model_names),
         "domain_names": list(source.domain_names),
         "max_tokens": max_tokens,
-        "n_tokens_analysed": n,
+        "n_tokens_analysed": stats.n_tokens,
         "n_tokens_available": source.n_tokens,
         "evaluated_on": evaluated_on,
         "n_token_ranges": len(ranges),
@@ -351,117 +225,88 @@ def diff_features(
     )
 
 
-def _add_latent_scaling(
-    table: pd.DataFrame,
+def _latent_table(
     stats: PassStats,
-    w_dec: torch.Tensor,
+    source: TokenSource,
     labels: np.ndarray,
-    ids: np.ndarray,
+    norms_t: torch.Tensor,
+    r: np.ndarray,
+    w_dec: torch.Tensor,
     a: int,
     b: int,
-    name_a: str,
-    name_b: str,
-    lo: float,
-    hi: float,
-    same_basis: bool,
-    unit_scale: np.ndarray,
-) -> dict[str, Any]:
-    """Latent-scaling columns for the live model-specific latents (see latent_scaling.py)."""
-    d_sae = len(table)
-    nan = {
-        key: np.full(d_sae, np.nan)
-        for key in (
-            f"scaling_signal_{name_a}", f"scaling_signal_{name_b}", f"scaling_share_{name_a}",
-            f"scaling_share_{name_b}", "scaling_ratio", "scaling_ratio_rec", "scaling_share_rec",
-            f"beta_err_{name_a}", f"beta_err_{name_b}", f"beta_rec_{name_a}",
-            f"beta_rec_{name_b}", "nu_err", "nu_rec",
-        )
-    }  # fmt: skip
-    cols: dict[str, np.ndarray] = {**nan, "scaling_artifact": np.zeros(d_sae, dtype=bool)}
-    tol_a, tol_b = lo / (1 - lo), (1 - hi) / hi
-    sums = stats.scaling
-    if sums is not None:
-        live = np.isin(labels[sums.latents], [f"{name_a}-only", f"{name_b}-only"])
-        sums = sums.subset(live)
-    if sums is not None and len(sums.latents):
-        ids = sums.latents
-        is_b = labels[ids] == f"{name_b}-only"
-        own, other = np.where(is_b, b, a), np.where(is_b, a, b)
-        tol = np.where(is_b, tol_b, tol_a)
-        w = w_dec.double().cpu().numpy()
-        free = free_direction_scaling(
-            sums, w, stats.fire_count, stats.act_sum, stats.act_sq_sum, own, other, tol,
-            unit_scale,
-        )  # fmt: skip
-
-        for name, mine in ((name_a, ~is_b), (name_b, is_b)):
-            for key in ("signal", "share"):
-                cols[f"scaling_{key}_{name}"][ids] = np.where(
-                    mine, free[f"{key}_own"], free[f"{key}_other"]
-                )
-        cols["scaling_ratio"][ids] = free["ratio_act"]
-        cols["scaling_ratio_rec"][ids] = free["ratio_rec"]
-        cols["scaling_share_rec"][ids] = free["share_rec_other"]
-        flags = free["artifact"]
-        if same_basis:
-            minder = own_direction_scaling(sums, w, stats.act_sq_sum, own, other, tol, unit_scale)
-            for name, mine in ((name_a, ~is_b), (name_b, is_b)):
-                for target in ("err", "rec"):
-                    cols[f"beta_{target}_{name}"][ids] = np.where(
-                        mine, minder[f"beta_{target}_own"], minder[f"beta_{target}_other"]
-                    )
-            cols["nu_err"][ids] = minder["nu_err"]
-            cols["nu_rec"][ids] = minder["nu_rec"]
-            flags = minder["artifact"]
-        cols["scaling_artifact"][ids] = flags
-    n_computed = 0 if sums is None else len(sums.latents)
-    for key, value in cols.items():
-        table[key] = value
-    flagged = {
-        cls: int(table.loc[table["class"] == cls, "scaling_artifact"].sum())
-        for cls in (f"{name_a}-only", f"{name_b}-only")
-    }
-    tolerance = {f"{name_a}-only": tol_a, f"{name_b}-only": tol_b}
-    if same_basis:
-        return {
-            "computed": bool(n_computed),
-            "n_latents": int(n_computed),
-            "n_flagged": flagged,
-            "tolerance": tolerance,
-            "form": "own-direction (Minder, Dumas et al.; same_basis=True)",
-            "columns": ["nu_err", "nu_rec"],
-            "direction": "the specific model's decoder vector in both models (shared basis)",
-            "targets": {
-                "err": "x - x_hat + f d (the error with the latent's own contribution added back)",
-                "rec": "x_hat (the full reconstruction, decoder bias included)",
-            },
-            "rule": (
-                "beta = <d_own, sum f y> / (|d_own|^2 sum f^2); nu = beta_other / beta_own; a "
-                "latent is flagged when nu_err or nu_rec exceeds the norm ratio its class allows "
-                "(lo/(1-lo) or (1-hi)/hi)"
-            ),
+    n_shared: int,
+) -> pd.DataFrame:
+    """One row per latent: class, decoder norms and cosine, density and mean activation."""
+    d_sae = len(labels)
+    name_a, name_b = source.model_names[a], source.model_names[b]
+    norms = norms_t.cpu().numpy().astype(np.float64)
+    fires = stats.fire_count > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_act = np.where(fires, stats.act_sum / np.maximum(stats.fire_count, 1), np.nan)
+    table = pd.DataFrame(
+        {
+            "latent": np.arange(d_sae),
+            "class": labels.astype(str),
+            "designated_shared": np.arange(d_sae) < n_shared,
+            f"norm_{name_a}": norms[:, a],
+            f"norm_{name_b}": norms[:, b],
+            "relative_norm": r,
+            "decoder_cosine": decoder_cosine(w_dec, a, b).cpu().numpy().astype(np.float64),
+            "density": stats.fire_count / stats.n_tokens,
+            "fire_count": stats.fire_count.astype(np.int64),
+            "mean_activation": mean_act,
         }
+    )
+    for m, name in enumerate(source.model_names):
+        if m not in (a, b):
+            table[f"norm_{name}"] = norms[:, m]
+    return table
+
+
+def _add_domain_columns(
+    table: pd.DataFrame, stats: PassStats, source: TokenSource
+) -> np.ndarray | None:
+    """share_{domain} and lift_{domain} columns; returns the shares [d_sae, n_domains]."""
+    if stats.domain_mass is None:
+        return None
+    mass_total = stats.domain_mass.sum(-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        domain_shares = np.where(mass_total > 0, stats.domain_mass / mass_total, np.nan)
+    for i, dname in enumerate(source.domain_names):
+        table[f"share_{dname}"] = domain_shares[:, i]
+    lift = domain_lift(domain_shares, stats.domain_tokens)
+    for i, dname in enumerate(source.domain_names):
+        table[f"lift_{dname}"] = lift[:, i]
+    return domain_shares
+
+
+def _unit_scale(w_dec: torch.Tensor, norms_t: torch.Tensor) -> np.ndarray:
+    """Per model, decoder_norms() over the stored norms: decoder_norms() may be in training
+    units, and latent scaling's norms must be in the same units."""
+    raw = w_dec.float().norm(dim=-1)
+    with torch.no_grad():
+        unit = torch.where(raw > 0, norms_t / raw.clamp_min(1e-30), torch.nan)
+    return np.nan_to_num(torch.nanmean(unit, dim=0).cpu().numpy(), nan=1.0)
+
+
+def _panel_detail(
+    j: int,
+    contexts: list[Any],
+    stats: PassStats,
+    source: TokenSource,
+    domain_shares: np.ndarray | None,
+) -> dict[str, Any]:
+    """What a report shows of latent j beyond its table row."""
     return {
-        "computed": bool(n_computed),
-        "n_latents": int(n_computed),
-        "n_flagged": flagged,
-        "tolerance": tolerance,
-        "min_share": MIN_SHARE,
-        "form": "free direction (unrelated bases; same_basis=False)",
-        "columns": ["scaling_ratio", "scaling_ratio_rec"],
-        "direction": "fitted freely in each model's space over the tokens where the latent fires",
-        "targets": {
-            "act": "each model's activation x (own and other model)",
-            "rec": "the other model's reconstruction without the latent, x_hat - f d "
-            "(decoder bias included)",
-        },
-        "rule": (
-            "fit y ~ a + v f over the latent's firing tokens (intercept; chance part of |v|^2 "
-            "removed); ratio = s_other |v_other| / (s_own |v_own(x)|) in the classes' units; a "
-            "latent is flagged when the ratio on the other model's activation or on its "
-            "reconstruction without the latent exceeds the norm ratio its class allows "
-            f"(lo/(1-lo) or (1-hi)/hi) and that fit explains >= {MIN_SHARE:g} of the other "
-            "model's variance on those tokens"
+        "contexts": contexts,
+        "expert_counts": (
+            stats.expert_counts[j].astype(int).tolist() if stats.expert_counts is not None else None
+        ),
+        "expert_layers": (expert_detail(stats.experts, j) if stats.experts is not None else None),
+        "domain_shares": (
+            {d: _finite(domain_shares[j, i]) for i, d in enumerate(source.domain_names)}
+            if domain_shares is not None
+            else None
         ),
     }
 

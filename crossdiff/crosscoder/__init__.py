@@ -8,9 +8,6 @@ pull in the activation store and the data stage, load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from crossdiff.crosscoder.config import (
     ARCHITECTURE,
     CrossCoderConfig,
@@ -20,6 +17,7 @@ from crossdiff.crosscoder.config import (
 from crossdiff.crosscoder.model import CrossCoder
 from crossdiff.crosscoder.registration import load_crosscoder, register_with_sae_lens
 from crossdiff.crosscoder.training import TrainingCrossCoder
+from crossdiff.lazy import lazy_exports
 
 register_with_sae_lens()
 
@@ -44,13 +42,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'crossdiff.crosscoder' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

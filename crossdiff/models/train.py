@@ -11,107 +11,76 @@ Layout of `out_dir`:
     tokenizer/            when a tokenizer is given
     eval.json             held-out cross-entropy per model and domain vs the unigram baseline,
                           the MoE's expert load table, and the evaluation history
+
+The loop is here; one step and its schedule are in crossdiff.models.step, checkpoints and the
+settings a resume must match in crossdiff.models.checkpoints, the two-process runner in
+crossdiff.models.processes. The loop calls `train_step` and `tqdm` through this module's
+namespace, so a test can replace them here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Int
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from crossdiff.common import (
-    CrossdiffError,
-    atomic_path,
-    read_json,
-    seed_everything,
-    tensors_nbytes,
-    write_json_atomic,
-)
+from crossdiff.common import CrossdiffError, read_json, seed_everything, write_json_atomic
 from crossdiff.data.tokens import TokenSet
 from crossdiff.distributed import (
-    all_reduce_sum_,
     barrier,
     check_same_on_all_ranks,
     compute_device,
     dist_info,
     shard_rows,
 )
-from crossdiff.integrity import (
-    check_finite_module,
-    check_finite_tensors,
-    sha256_of_file,
-    verify_checksum,
-    write_checksum,
-)
+from crossdiff.integrity import check_finite_module
 from crossdiff.models.build import build_model
+from crossdiff.models.checkpoints import (
+    CHECKPOINT_FORMAT,
+    finished_history,
+    load_checkpoint,
+    run_settings,
+    save_checkpoint,
+)
 from crossdiff.models.configs import get_preset, matched_configs
 from crossdiff.models.evaluate import evaluate_models, heldout_cross_entropy, print_evaluation
-from crossdiff.models.io import (
-    CONFIG_FILE,
-    check_state_dict_fits,
-    config_from_dict,
-    config_to_dict,
-    load_model,
-    read_model_header,
-    save_model,
-)
-from crossdiff.models.lifetime import PARENT_PID_ENV, parent_death_signal
-from crossdiff.models.moe import (
-    DEFAULT_LOAD_BALANCE_COEF,
-    DEFAULT_Z_LOSS_COEF,
-    moe_aux_loss,
-    moe_modules,
+from crossdiff.models.io import config_from_dict, config_to_dict, load_model, save_model
+from crossdiff.models.moe import DEFAULT_LOAD_BALANCE_COEF, DEFAULT_Z_LOSS_COEF, moe_modules
+from crossdiff.models.processes import train_in_processes
+from crossdiff.models.step import (
+    TrainOptions,
+    batch_rows,
+    learning_rate,
+    make_optimizer,
+    train_step,
 )
 
-CHECKPOINT_FORMAT = "crossdiff.lm-checkpoint/1"
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "MODEL_NAMES",
+    "TrainOptions",
+    "TrainedModels",
+    "batch_rows",
+    "learning_rate",
+    "make_optimizer",
+    "run_worker",
+    "train_language_models",
+    "train_step",
+]
+
 MODEL_NAMES = ("dense", "moe")
-
-
-@dataclass
-class TrainOptions:
-    steps: int
-    batch_size: int
-    lr: float
-    warmup: int
-    seed: int = 0
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    min_lr_ratio: float = 0.1
-    eval_every: int = 200
-    checkpoint_every: int = 100
-    eval_rows: int = 64  # held-out rows per domain in the final evaluation
-    load_balance_coef: float = DEFAULT_LOAD_BALANCE_COEF
-    z_loss_coef: float = DEFAULT_Z_LOSS_COEF
-    autocast: bool = False  # bfloat16 autocast of the forward (fp32 weights, AdamW and loss)
-    # the weights' initialization seed; None: `seed`, which also orders the batches. A control
-    # model (crossdiff run --controls) differs from its twin only by this.
-    init_seed: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out = json.loads(json.dumps(self.__dict__))
-        if out["init_seed"] is None:  # a model trained before init_seed keeps its settings
-            del out["init_seed"]
-        return out
 
 
 @dataclass
@@ -270,112 +239,6 @@ def _check_data_fits(
             )
 
 
-def batch_rows(step: int, batch_size: int, n_rows: int, seed: int) -> Tensor:
-    """Row indices of batch `step`: consecutive slices of one seeded permutation per epoch."""
-    start = step * batch_size
-    epochs = range(start // n_rows, (start + batch_size - 1) // n_rows + 1)
-    perm = torch.cat([_epoch_permutation(n_rows, seed, epoch) for epoch in epochs])
-    offset = start - epochs[0] * n_rows
-    return perm[offset : offset + batch_size]
-
-
-def _epoch_permutation(n_rows: int, seed: int, epoch: int) -> Tensor:
-    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-
-
-def learning_rate(step: int, opts: TrainOptions) -> float:
-    if step < opts.warmup:
-        return opts.lr * (step + 1) / opts.warmup
-    progress = (step - opts.warmup) / max(1, opts.steps - opts.warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * cosine)
-
-
-def make_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms or biases), as in nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": opts.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=opts.lr, betas=(0.9, 0.95))
-
-
-def train_step(
-    model: HookedTransformer,
-    optimizer: torch.optim.Optimizer,
-    tokens: Int[Tensor, "batch pos"],
-    lr: float,
-    grad_clip: float,
-    *,
-    ddp: DistributedDataParallel | None = None,
-    autocast: bool = False,
-) -> tuple[float, float]:
-    """One optimizer step; returns (cross-entropy, aux loss), averaged over ranks under DDP.
-
-    `ddp` is the DistributedDataParallel wrapping `model` in a torchrun job: the forward goes
-    through it so that backward all-reduces the gradients before they are clipped."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
-        cross_entropy = (ddp or model)(tokens, return_type="loss").float()
-        aux = moe_aux_loss(model).to(cross_entropy.device).float()
-    (cross_entropy + aux).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    losses = torch.stack([cross_entropy.detach(), aux.detach()]).float()
-    if ddp is not None:
-        losses = all_reduce_sum_(losses) / dist_info().world_size
-    ce, aux_value = losses.tolist()
-    return ce, aux_value
-
-
-def _run_settings(cfg: HookedTransformerConfig, opts: TrainOptions, train: TokenSet) -> dict:
-    """What a finished model or a checkpoint must match to be reused."""
-    cfg_dict = config_to_dict(cfg)
-    cfg_dict.pop("device")
-    return {
-        "config": cfg_dict,
-        # how often to evaluate and save, and the compute precision, do not change what is trained
-        "options": opts.as_dict()
-        | {"eval_every": None, "checkpoint_every": None, "autocast": None},
-        "train_rows": len(train),
-        "train_seq_len": train.seq_len,
-        "train_fingerprint": _fingerprint(train.tokens),
-    }
-
-
-def _fingerprint(tokens: Tensor) -> str:
-    return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
-
-
-def _finished_history(
-    name: str,
-    cfg: HookedTransformerConfig,
-    train: TokenSet,
-    out_dir: Path,
-    opts: TrainOptions,
-    quiet: bool = False,
-) -> list[dict[str, Any]] | None:
-    """The training history of a complete model folder with these settings; None if there is
-    no complete folder; an error if the folder holds a model trained otherwise."""
-    model_dir = out_dir / name
-    if not (model_dir / CONFIG_FILE).exists():
-        return None
-    saved = read_model_header(model_dir).get("training")
-    if saved is not None and saved.get("settings") == _run_settings(cfg, opts, train):
-        if not quiet:
-            print(f"{name}: {model_dir} is complete with the same settings; skipping training")
-        return list(saved.get("history", []))
-    raise CrossdiffError(
-        f"{model_dir} holds a {name} model trained with other settings (config, data or "
-        "training options differ); use another --out folder or delete that one to retrain"
-    )
-
-
 def _train_both(
     cfgs: dict[str, HookedTransformerConfig],
     train: TokenSet,
@@ -387,14 +250,14 @@ def _train_both(
     parallel: bool | None,
 ) -> tuple[dict[str, HookedTransformer], dict[str, list[dict[str, Any]]]]:
     history = {
-        name: _finished_history(name, cfg, train, out_dir, opts) for name, cfg in cfgs.items()
+        name: finished_history(name, cfg, train, out_dir, opts) for name, cfg in cfgs.items()
     }
     todo = [name for name in cfgs if history[name] is None]
     cores = os.cpu_count() or 1
     if parallel is None:
         parallel = device.type == "cpu" and cores >= 2
     if parallel and len(todo) == 2:
-        histories = _train_in_processes(
+        histories = train_in_processes(
             cfgs, train, heldout, out_dir, opts, device, threads or max(1, cores // 2)
         )
         history.update(histories)
@@ -411,84 +274,6 @@ def _train_both(
             torch.set_num_threads(previous)
     models = {name: load_model(out_dir / name, device=device) for name in cfgs}
     return models, history  # type: ignore[return-value]
-
-
-def _train_in_processes(
-    cfgs: dict[str, HookedTransformerConfig],
-    train: TokenSet,
-    heldout: TokenSet,
-    out_dir: Path,
-    opts: TrainOptions,
-    device: torch.device,
-    threads: int,
-) -> dict[str, list[dict[str, Any]]]:
-    """Train each model in its own `python -m crossdiff.models.worker` process with `threads`
-    threads. The token sets go through safetensors files and the rest through a JSON spec, so
-    nothing is pickled and a user's script needs no `if __name__ == "__main__"` guard."""
-    work_dir = out_dir / "checkpoints"
-    train_path = train.save(work_dir / "train_tokens.safetensors")
-    heldout_path = heldout.save(work_dir / "heldout_tokens.safetensors")
-    print(f"training both models at once in two processes, {threads} thread(s) each")
-    processes: dict[str, subprocess.Popen] = {}
-    error_files = {name: work_dir / f"{name}.error.txt" for name in cfgs}
-    env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
-    die_with_parent = parent_death_signal()  # set in the child between fork and exec
-    previous_handler = _exit_on_sigterm()
-    try:
-        for position, (name, cfg) in enumerate(cfgs.items()):
-            error_files[name].unlink(missing_ok=True)
-            spec = {
-                "name": name,
-                "config": config_to_dict(cfg),
-                "train": str(train_path),
-                "heldout": str(heldout_path),
-                "out_dir": str(out_dir),
-                "options": opts.as_dict(),
-                "device": str(device),
-                "threads": threads,
-                "position": position,
-                "error_file": str(error_files[name]),
-            }
-            spec_path = write_json_atomic(work_dir / f"{name}.worker.json", spec)
-            command = [sys.executable, "-m", "crossdiff.models.worker", str(spec_path)]
-            processes[name] = subprocess.Popen(command, env=env, preexec_fn=die_with_parent)
-        codes = {name: process.wait() for name, process in processes.items()}
-    finally:
-        for process in processes.values():  # on an error, Ctrl-C or SIGTERM: reap the workers
-            if process.poll() is None:
-                process.terminate()
-                process.wait()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-    failed = {name: code for name, code in codes.items() if code != 0}
-    if failed:
-        messages = [
-            f"{name} (exit code {code}): "
-            + (error_files[name].read_text().strip() if error_files[name].exists() else "")
-            for name, code in failed.items()
-        ]
-        raise CrossdiffError(
-            "training failed for " + "; ".join(messages) + " (its output is above; a rerun "
-            "resumes from the last checkpoint; --no-parallel trains in this process)"
-        )
-    for path in (train_path, heldout_path, *work_dir.glob("*.worker.json")):
-        path.unlink(missing_ok=True)
-    return {
-        name: _finished_history(name, cfgs[name], train, out_dir, opts, quiet=True) or []
-        for name in cfgs
-    }
-
-
-def _exit_on_sigterm() -> Any:
-    """Make SIGTERM raise SystemExit, so the `finally` that reaps the workers runs; return the
-    previous handler (None when not in the main thread, where handlers cannot be set)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    return signal.signal(signal.SIGTERM, handler)
 
 
 def run_worker(spec_path: str) -> None:
@@ -521,14 +306,14 @@ def _train_model(
     data-parallel, rank 0 writing)."""
     info = dist_info()
     model_dir = out_dir / name
-    settings = _run_settings(cfg, opts, train)
+    settings = run_settings(cfg, opts, train)
     seed_everything(opts.seed if opts.init_seed is None else opts.init_seed)
     cfg = _on_device(cfg, device)
     model = build_model(cfg, load_balance_coef=opts.load_balance_coef, z_loss_coef=opts.z_loss_coef)
     model.train()
     optimizer = make_optimizer(model, opts)
     ckpt_dir = out_dir / "checkpoints" / name
-    start, history, curve = _load_checkpoint(ckpt_dir, model, optimizer, settings)
+    start, history, curve = load_checkpoint(ckpt_dir, model, optimizer, settings)
     if start and info.is_main:
         print(f"{name}: resuming from the checkpoint at step {start} in {ckpt_dir}")
     ddp = None
@@ -576,7 +361,7 @@ def _train_model(
             if info.is_main:
                 tqdm.write(f"{name} step {step + 1}: train ce {ce:.3f}; held-out ce {shown}")
         if (step + 1) % opts.checkpoint_every == 0 and step + 1 < opts.steps and info.is_main:
-            _save_checkpoint(ckpt_dir, model, optimizer, step + 1, settings, history, curve)
+            save_checkpoint(ckpt_dir, model, optimizer, step + 1, settings, history, curve)
     bar.close()
 
     model.eval()
@@ -609,84 +394,3 @@ def _data_parallel(model: HookedTransformer, device: torch.device) -> Distribute
 
 def _on_device(cfg: HookedTransformerConfig, device: torch.device) -> HookedTransformerConfig:
     return config_from_dict(config_to_dict(cfg), device=str(device))
-
-
-def _save_checkpoint(
-    ckpt_dir: Path,
-    model: HookedTransformer,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    settings: dict,
-    history: list,
-    curve: list,
-) -> None:
-    """One safetensors file holds weights, AdamW moments and the RNG state; its metadata holds
-    the step and settings as JSON, so the file alone is a consistent checkpoint. state.json is
-    a readable copy of that metadata."""
-    check_finite_module(
-        model, f"the model at step {step}", "lower the learning rate", buffers=False
-    )
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    optim_state = optimizer.state_dict()
-    for index, state in optim_state["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optim_state["param_groups"]]
-    state_json = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "settings": settings,
-        "history": history,
-        "loss_curve": curve,
-        "param_groups": groups,
-    }
-    path = ckpt_dir / "checkpoint.safetensors"
-    with atomic_path(path, needed_bytes=tensors_nbytes(tensors)) as tmp:
-        save_file(tensors, str(tmp), metadata={"state": json.dumps(state_json)})
-        digest = sha256_of_file(tmp)
-    write_checksum(path, digest)
-    write_json_atomic(ckpt_dir / "state.json", state_json)
-
-
-def _load_checkpoint(
-    ckpt_dir: Path, model: HookedTransformer, optimizer: torch.optim.Optimizer, settings: dict
-) -> tuple[int, list[dict[str, Any]], list[list[float]]]:
-    path = ckpt_dir / "checkpoint.safetensors"
-    if not path.exists():
-        return 0, [], []
-    advice = f"delete {ckpt_dir} to start over (or restore the file from a copy)"
-    verify_checksum(path, "language-model checkpoint", advice)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            state_json = json.loads((f.metadata() or {})["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except Exception as err:
-        raise CrossdiffError(
-            f"cannot read the checkpoint {path} ({err}); delete {ckpt_dir} to start over"
-        ) from err
-    if state_json.get("format") != CHECKPOINT_FORMAT or state_json.get("settings") != settings:
-        raise CrossdiffError(
-            f"the checkpoint in {ckpt_dir} comes from another config, data set or training "
-            f"options than this run; delete {ckpt_dir} to start over, or rerun with the "
-            "settings it was made with"
-        )
-    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    check_state_dict_fits(model, weights, source=str(path))
-    parameters = dict(model.named_parameters())
-    check_finite_tensors(
-        {k: v for k, v in weights.items() if k in parameters}, f"the checkpoint {path}", advice
-    )
-    model.load_state_dict(weights)
-    optim_state: dict[str, Any] = {"state": {}, "param_groups": []}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            optim_state["state"].setdefault(int(index), {})[name] = value
-    fresh_groups = optimizer.state_dict()["param_groups"]
-    for group, saved in zip(fresh_groups, state_json["param_groups"], strict=True):
-        optim_state["param_groups"].append(saved | {"params": group["params"]})
-    optimizer.load_state_dict(optim_state)
-    torch.set_rng_state(tensors["rng.torch"])
-    history = list(state_json.get("history", []))
-    return int(state_json["step"]), history, list(state_json.get("loss_curve", []))
