@@ -63,7 +63,6 @@ def harvest_pair(
 ) -> Any:
     """The store stage `stage` for `pair`: harvest (resuming) unless done; the store."""
     from crossdiff.activations import ActivationStore, harvest
-    from crossdiff.models import load_model
 
     store_opts = options["store"]
     stage_options = {**store_opts, "seed": seed}
@@ -71,44 +70,48 @@ def harvest_pair(
         stage_options["pair"] = [pair[0][1], pair[1][1]]
     store_dir, done = runner.begin(stage, stage_options)
     if not done:
-        (dir_a, name_a), (dir_b, name_b) = pair
+        models, tokens, pairing, common = _pair_reading(pair, options, data, seed, device)
         harvest(
-            load_model(dir_a, device=str(device)),
-            load_model(dir_b, device=str(device)),
-            data.train,
-            pair_pairing(options, pair),
+            *models,
+            tokens,
+            pairing,
             store_dir,
+            **common,
             n_tokens=live_store_tokens(options) if _is_live(options) else store_opts["n_tokens"],
-            dtype=store_opts["dtype"],
-            model_names=(name_a, name_b),
-            device=str(device),
             resume=True,
-            heldout_fraction=store_opts.get("heldout_fraction", 0.1),
-            split_seed=seed,
             model_dtype=store_opts.get("model_dtype"),  # default: bfloat16 on CUDA
         )
         runner.finish(stage)
     return ActivationStore(store_dir)
 
 
-def _live_source(pair: Pair, options: dict[str, dict[str, Any]], data: Any, seed: int, device: Any):
-    """The live activations of the pair's store harvest (same tokens, split and dtype)."""
-    from crossdiff.activations.live import LiveActivations
+def _pair_reading(
+    pair: Pair, options: dict[str, dict[str, Any]], data: Any, seed: int, device: Any
+) -> tuple[tuple[Any, Any], Any, Any, dict[str, Any]]:
+    """What a harvest and a live source of `pair` both read: the two loaded models, the training
+    tokens, the pairing, and the keywords that fix the dtype, names, device and held-out split."""
     from crossdiff.models import load_model
 
     store_opts = options["store"]
     (dir_a, name_a), (dir_b, name_b) = pair
+    models = (load_model(dir_a, device=str(device)), load_model(dir_b, device=str(device)))
+    common = {
+        "dtype": store_opts["dtype"],
+        "model_names": (name_a, name_b),
+        "device": str(device),
+        "heldout_fraction": store_opts.get("heldout_fraction", 0.1),
+        "split_seed": seed,
+    }
+    return models, data.train, pair_pairing(options, pair), common
+
+
+def _live_source(pair: Pair, options: dict[str, dict[str, Any]], data: Any, seed: int, device: Any):
+    """The live activations of the pair's store harvest (same tokens, split and dtype)."""
+    from crossdiff.activations.live import LiveActivations
+
+    models, tokens, pairing, common = _pair_reading(pair, options, data, seed, device)
     return LiveActivations(
-        load_model(dir_a, device=str(device)),
-        load_model(dir_b, device=str(device)),
-        data.train,
-        pair_pairing(options, pair),
-        n_tokens=store_opts["n_tokens"],
-        dtype=store_opts["dtype"],
-        model_names=(name_a, name_b),
-        device=str(device),
-        heldout_fraction=store_opts.get("heldout_fraction", 0.1),
-        split_seed=seed,
+        *models, tokens, pairing, **common, n_tokens=options["store"]["n_tokens"]
     )
 
 
