@@ -89,22 +89,25 @@ def harvest_pair(
 
 
 def _live_source(pair: Pair, options: dict[str, dict[str, Any]], data: Any, seed: int, device: Any):
-    """The live activations of the pair's store harvest (same tokens, split and dtype)."""
+    """The live activations of the pair's store harvest: the same store config (tokens, dtype,
+    held-out split) and pairing as `harvest_pair`, all `n_tokens` of it."""
     from crossdiff.activations.live import LiveActivations
+    from crossdiff.activations.stage import StoreStageConfig
     from crossdiff.models import load_model
 
-    store_opts = options["store"]
+    store = {k: v for k, v in options["store"].items() if k != "activations"}
+    config = StoreStageConfig.from_options(store)
     (dir_a, name_a), (dir_b, name_b) = pair
     return LiveActivations(
         load_model(dir_a, device=str(device)),
         load_model(dir_b, device=str(device)),
         data.train,
         pair_pairing(options, pair),
-        n_tokens=store_opts["n_tokens"],
-        dtype=store_opts["dtype"],
+        n_tokens=config.n_tokens,
+        dtype=config.dtype,
         model_names=(name_a, name_b),
         device=str(device),
-        heldout_fraction=store_opts.get("heldout_fraction", 0.1),
+        heldout_fraction=config.heldout_fraction,
         split_seed=seed,
     )
 

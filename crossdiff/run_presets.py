@@ -35,8 +35,8 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "report": {"split": "paper", "max_tokens": 200_000},
     },
     # tiny's corpus and tokenizer, a larger and longer-trained pair (d_model 256), a 2,048-latent
-    # crosscoder: sized so that --controls --crosscoder-seeds 3 runs in about 60-90 minutes on a
-    # 2-core CPU (docs/findings.md)
+    # crosscoder: sized for --controls --crosscoder-seeds 3 in about an hour on a 2-core CPU
+    # (predicted 81 min; 87 CPU-minutes, 116 min on a shared machine: docs/findings.md)
     "small": {
         "data": {"source": "embedded", "preset": "tiny"},
         "models": {"preset": "small"},

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from planted_controls import SHARED_ONLY, planted_models, three_pairs
 
 from crossdiff.analysis.controls import CANNOT_TELL, HOLDS, compare_with_controls
@@ -16,12 +15,7 @@ from crossdiff.common import CrossdiffError
 EXTRA_IN_A = {**SHARED_ONLY, "dense_extra": (10, (0.02, 0.08), ("a", "a2"))}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

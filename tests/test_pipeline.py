@@ -20,7 +20,11 @@ from crossdiff.pipeline import resolve_options, run_pipeline
 from crossdiff.stage_record import RECORD
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+# One torch thread in the examples' processes and (one_thread) in this one: reports made in a
+# subprocess and in-process are compared for equality, and a matmul's sums split over another
+# number of threads differ in their last bits.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_example(*args: str) -> subprocess.CompletedProcess:

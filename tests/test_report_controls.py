@@ -9,7 +9,6 @@ import json
 
 import matplotlib.image as mpimg
 import pytest
-import torch
 from test_analysis_planted import planted
 from test_report_files import unmatched_numbers
 
@@ -21,13 +20,7 @@ from crossdiff.report.html import render_html
 from crossdiff.report.markdown import render_markdown
 from crossdiff.report.writer import report_data
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture in conftest.py
 
 
 def _diff(p, names):

@@ -56,8 +56,8 @@ PRESETS: dict[str, Preset] = {
             checkpoint_every=100,
         ),
     ),
-    # the largest pair whose `crossdiff run --preset small --controls --crosscoder-seeds 3` (four
-    # models, nine crosscoders) fits in about 60-90 minutes on a 2-core CPU (docs/findings.md)
+    # a pair sized for `crossdiff run --preset small --controls --crosscoder-seeds 3` (four models,
+    # nine crosscoders) in about an hour on a 2-core CPU (measured: docs/findings.md)
     "small": Preset(
         description="a 2-core CPU in about 10 minutes per pair; d_model 256, vocab 4096",
         model=_SHARED | dict(d_model=256, n_heads=4, d_head=64, n_ctx=256, d_vocab=4096),
