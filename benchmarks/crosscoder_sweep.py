@@ -40,7 +40,6 @@ BATCHES = (1024, 4096)
 PHASES = ("selection", "encode", "decode", "aux", "backward", "optimizer", "bookkeeping")
 DEFAULT_STEPS = 300
 MIN_STEPS = 8
-OPTIMIZER_STEP = torch.optim.Adam.step  # the end of a training step (both trainers use Adam)
 
 
 def grid() -> list[dict[str, Any]]:
@@ -130,7 +129,7 @@ class PhaseClock:
         """Wall time per step after the first (from its end to the last step's end)."""
         return (self.last_end - self.first_end) / max(self.steps - 1, 1) * 1e3
 
-    def wrap(self, phase: str, fn: Any, absorbing: bool = False) -> Any:
+    def wrap(self, phase: str, fn: Any, absorbing: bool = False, ends_step: bool = False) -> Any:
         clock = self
 
         @functools.wraps(fn)
@@ -149,7 +148,7 @@ class PhaseClock:
                 clock.totals[done[0]] += end - done[1]
                 if clock.stack:
                     clock.stack[-1][1] = end
-                if fn is OPTIMIZER_STEP:
+                if ends_step:
                     clock.step_done()
 
         return timed
@@ -188,7 +187,9 @@ def phase_timers(clock: PhaseClock, contender: str):
         own = name in vars(owner)
         original = getattr(owner, name)
         saved.append((owner, name, own, vars(owner).get(name)))
-        setattr(owner, name, clock.wrap(phase, original, absorbing=phase == "aux"))
+        # Adam.step ends a training step (both trainers use Adam)
+        ends = owner is torch.optim.Adam and name == "step"
+        setattr(owner, name, clock.wrap(phase, original, phase == "aux", ends))
     try:
         yield clock
     finally:
