@@ -8,6 +8,11 @@ benchmarks/out/bench_crosscoder.json.
     .venv/bin/python benchmarks/bench_crosscoder.py            # full
     .venv/bin/python benchmarks/bench_crosscoder.py --quick    # small, about a minute
     .venv/bin/python benchmarks/bench_crosscoder.py --store runs/x/store   # on harvested acts
+    .venv/bin/python benchmarks/bench_crosscoder.py --sweep --points small  # the shape grid
+
+--sweep runs a grid of shapes (benchmarks/crosscoder_sweep.py): throughput only, each point
+crossdiff vs SAELens interleaved, median of --repeats, with a per-phase split of the step and the
+fraction of the step's matmul FLOP floor; writes benchmarks/out/bench_crosscoder_sweep.json.
 """
 
 from __future__ import annotations
@@ -118,12 +123,33 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/bench_crosscoder.json"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--sweep", action="store_true", help="the grid of shapes (throughput)")
+    parser.add_argument(
+        "--points", default="small", help="sweep subset: small, medium, large, all, or a list of "
+        "names like 64x8k6b1024 (inputs per model x expansion, k, batch), comma-separated"
+    )  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="sweep: runs per contender")
+    parser.add_argument(
+        "--point-seconds", type=float, default=60.0,
+        help="sweep: the time one run of a point may take; longer points train fewer steps",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-gib", type=float, default=4.0,
+        help="sweep: points whose training state would exceed this are not run",
+    )  # fmt: skip
+    parser.add_argument("--estimate", action="store_true", help="sweep: print the plan only")
     args = parser.parse_args()
-    args.tokens = args.tokens or (32768 if args.quick else 131072)
-    args.steps = args.steps or (100 if args.quick else 600)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sweep:
+        from crosscoder_sweep import run_sweep
+
+        run_sweep(args, train_saelens, planted=load_acts)
+        return
+    args.out = args.out or Path("benchmarks/out/bench_crosscoder.json")
+    args.tokens = args.tokens or (32768 if args.quick else 131072)
+    args.steps = args.steps or (100 if args.quick else 600)
 
     acts = load_acts(args)
     n, m, d = acts.shape

@@ -184,7 +184,11 @@ class CrossCoderWeights:
         x = self.hook_sae_input(x.to(self.dtype))
         flat_enc = self.W_enc.reshape(self.cfg.d_in, self.cfg.d_sae)
         # (x - b_dec) W = x W - b_dec W: b_dec's gradient then costs a vector, not a matmul
-        pre = x.reshape(x.shape[0], -1) @ flat_enc + self.encoder_bias()
+        x_flat = x.reshape(x.shape[0], -1)
+        if torch.is_autocast_enabled(x.device.type):  # bfloat16 matmul, float32 bias and pre
+            pre = x_flat @ flat_enc + self.encoder_bias()
+        else:  # the bias added inside the GEMM: one pass over [batch, d_sae] fewer
+            pre = torch.addmm(self.encoder_bias(), x_flat, flat_enc)
         return self.hook_sae_acts_pre(pre)
 
     def encoder_bias(self) -> Float[Tensor, " d_sae"]:
@@ -198,7 +202,7 @@ class CrossCoderWeights:
         self, pre: Float[Tensor, "batch d_sae"], k: float
     ) -> tuple[Int[Tensor, " n_selected"], Float[Tensor, " n_selected"]]:
         """BatchTopK: flat indices (sorted, so grouped by token) and scores of the kept latents."""
-        scores = (pre.relu() * self.selection_weights()).flatten()
+        scores = selection_scores(pre, self.selection_weights())
         n_keep = min(max(int(k * pre.shape[0]), 1), scores.numel())
         # Exact shortcut: if at least n_keep scores exceed half the running threshold, the top
         # n_keep are all among them, and topk over those few is much cheaper than over all.
@@ -428,6 +432,14 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
         check_finite_module(sae, f"the crosscoder in {path}", advice)
         sae.check_padding(f"the crosscoder in {path}", advice)
         return sae
+
+
+def selection_scores(
+    pre: Float[Tensor, "batch d_sae"], weights: Float[Tensor, " d_sae"]
+) -> Float[Tensor, " batch_x_d_sae"]:
+    """ReLU(pre) * weights, flattened, in one new tensor: the weights are >= 0, so this is
+    ReLU(pre * weights), value for value."""
+    return torch.mul(pre, weights).clamp_min_(0).flatten()
 
 
 def code_weights(

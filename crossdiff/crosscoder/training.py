@@ -24,7 +24,7 @@ from sae_lens.saes.sae import TrainingSAE, TrainStepInput, TrainStepOutput
 from torch import Tensor
 
 from crossdiff.crosscoder.config import TrainingCrossCoderConfig
-from crossdiff.crosscoder.model import CrossCoder, CrossCoderWeights
+from crossdiff.crosscoder.model import CrossCoder, CrossCoderWeights, selection_scores
 from crossdiff.distributed import all_gather_cat, all_reduce_min_, dist_info
 
 
@@ -80,7 +80,10 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
             feature_acts = torch.zeros_like(pre).flatten()
             feature_acts[flat] = values.detach()
             feature_acts = feature_acts.view_as(pre)
-        return TrainStepOutput(
+            # (feature_acts > 0).sum(0) from the k * batch selected entries, not the dense grid
+            fires = pre.new_zeros(self.cfg.d_sae, dtype=torch.float32)
+            fires.index_add_(0, latents, (values.detach() > 0).float())
+        output = TrainStepOutput(
             sae_in=x,
             sae_out=recon,
             feature_acts=feature_acts,
@@ -89,6 +92,8 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
             losses=losses,
             metrics={"threshold": self.threshold.item, "k": k},
         )
+        output.latent_fires = fires  # type: ignore[attr-defined]  # read by CrossCoderTrainer
+        return output
 
     def sparsity_penalty(
         self,
@@ -135,10 +140,11 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
         (ReLU(pre) * selection weights), squared error divided by the residual's variance about
         its batch mean (0 when that is not finite).
 
-        On the CPU the number of dead latents is read to skip the work when there are none; on
-        an accelerator (`sync_free`, default: not on the CPU) that read would stall the queue
-        every step, so a fixed k_aux is taken and picks that are not dead get weight 0, which
-        gives the same loss."""
+        On the CPU the dead latents are listed (a free read there): no work when there are none,
+        and only their columns are ranked (no top-k at all when there are at most k_aux). On an
+        accelerator (`sync_free`, default: not on the CPU) that read would stall the queue every
+        step, so a fixed k_aux is taken over all latents and picks that are not dead get weight
+        0, which gives the same loss."""
         cfg = self.cfg
         if dead is None or cfg.aux_loss_coefficient == 0:
             return pre.new_zeros((), dtype=torch.float32)
@@ -148,16 +154,21 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
         n_dead = dead.sum()
         if sync_free is None:
             sync_free = pre.device.type != "cpu"
+        columns = None  # all latents, the live ones masked; or (CPU) only the dead ones
         if not sync_free:
-            if int(n_dead) == 0:
+            columns = dead.nonzero().squeeze(1)
+            if columns.numel() == 0:
                 return pre.new_zeros((), dtype=torch.float32)
-            k_aux = min(k_aux_nominal, int(n_dead))
+            k_aux = min(k_aux_nominal, columns.numel())
         else:
             k_aux = min(k_aux_nominal, cfg.d_sae)
         residual = (x - recon).detach().flatten(1).float()
         with torch.no_grad():
-            ranking = pre.detach().relu() * self.selection_weights() if fork else pre.detach()
-        aux_recon = self._dead_reconstruction(x, pre, dead, ranking, k_aux)
+            ranked = pre.detach() if columns is None else pre.detach()[:, columns]
+            if fork:
+                weights = self.selection_weights()
+                ranked = ranked.relu() * (weights if columns is None else weights[columns])
+        aux_recon = self._dead_reconstruction(x, pre, dead, ranked, k_aux, columns)
         error = (aux_recon - residual).pow(2).sum(-1).mean()
         if fork:
             variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
@@ -170,13 +181,23 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
         x: Float[Tensor, "batch n_models d_model"],
         pre: Float[Tensor, "batch d_sae"],
         dead: Tensor,
-        ranking: Float[Tensor, "batch d_sae"],
+        ranked: Float[Tensor, "batch n_columns"],
         k_aux: int,
+        columns: Int[Tensor, " n_columns"] | None = None,
     ) -> Float[Tensor, "batch d_in"]:
-        """Each token's k_aux dead latents of largest `ranking`, decoded without the bias."""
+        """Each token's k_aux dead latents of largest ranking, decoded without the bias.
+
+        `ranked` ranks the latents `columns` (all latents when None, the live ones then masked
+        out). When `columns` are the dead latents and there are at most k_aux of them, every
+        token takes them all, without a top-k."""
         with torch.no_grad():
-            masked = ranking.masked_fill(~dead[None, :], float("-inf"))
-            top = masked.topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux]
+            if columns is None:
+                masked = ranked.masked_fill(~dead[None, :], float("-inf"))
+                top = masked.topk(k_aux, dim=-1, sorted=False).indices  # [batch, k_aux]
+            elif k_aux >= columns.numel():
+                top = columns.expand(x.shape[0], -1).contiguous()
+            else:
+                top = columns[ranked.topk(k_aux, dim=-1, sorted=False).indices]
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(k_aux)
         values = self.selected_pre_activations(pre, x, rows, top.flatten()).relu()
         values = values * dead[top.flatten()]
@@ -189,7 +210,7 @@ class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig
     ) -> tuple[Int[Tensor, " n_selected"], Float[Tensor, " n_selected"]]:
         """BatchTopK over the global batch of all ranks: keep this rank's scores among the
         k * global_batch largest of all ranks (every rank's candidates are gathered)."""
-        scores = (pre.relu() * self.selection_weights()).flatten()
+        scores = selection_scores(pre, self.selection_weights())
         n_keep = max(int(k * pre.shape[0] * dist_info().world_size), 1)
         # On the CPU, as in select_batch_topk, only scores above half the (synced) threshold are
         # candidates when all ranks together have enough of them; they are gathered whole. Else
