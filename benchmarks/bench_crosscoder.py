@@ -138,6 +138,10 @@ def main() -> None:
         "--max-gib", type=float, default=4.0,
         help="sweep: points whose training state would exceed this are not run",
     )  # fmt: skip
+    parser.add_argument(
+        "--min-steps", type=int, default=8,
+        help="sweep: the fewest steps a run of a point trains (a handful at the largest shapes)",
+    )  # fmt: skip
     parser.add_argument("--estimate", action="store_true", help="sweep: print the plan only")
     args = parser.parse_args()
     if args.threads:

@@ -217,7 +217,12 @@ def run_saelens(
 
 
 def measure_point(
-    p: dict[str, Any], steps: int, repeats: int, train_saelens: Any, planted: Any
+    p: dict[str, Any],
+    steps: int,
+    repeats: int,
+    train_saelens: Any,
+    planted: Any,
+    min_steps: int = MIN_STEPS,
 ) -> dict[str, Any]:
     from crossdiff.crosscoder import default_lr
 
@@ -229,12 +234,12 @@ def measure_point(
         "saelens": lambda n: run_saelens(train_saelens, acts, p, n, lr),
     }
     for run in runs.values():  # first calls (allocation, lazy imports) outside the timing
-        run(3)
+        run(min(3, max(min_steps, 2)))
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             rates[name].append(run(steps))
-    phase_steps = max(MIN_STEPS, steps // 2)
+    phase_steps = max(min_steps, steps // 2, 2)  # the phase split needs a step after the first
     phases = {}
     for name, run in runs.items():
         clock = PhaseClock()
@@ -301,9 +306,9 @@ def run_sweep(args: argparse.Namespace, train_saelens: Any, planted: Any) -> Non
             plan.append((p, 0, f"needs ~{state_gib(p):.1f} GiB > --max-gib {args.max_gib}"))
             continue
         step_s = estimated_step_s(p, gemm_rate(min(p["batch"], 1024), p["d_in"], p["d_sae"], 3))
-        steps = max(MIN_STEPS, min(default_steps, int(args.point_seconds / step_s)))
+        steps = max(args.min_steps, min(default_steps, int(args.point_seconds / step_s)))
         # both contenders: warm-up, repeats, the timed-phase run
-        total += 2 * step_s * (3 + args.repeats * steps + max(MIN_STEPS, steps // 3))
+        total += 2 * step_s * (3 + args.repeats * steps + max(args.min_steps, steps // 2, 2))
         plan.append((p, steps, None))
     print(f"sweep: {len(points)} points, {args.repeats} runs each, threads "
           f"{torch.get_num_threads()}; estimated {total / 60:.0f} min")  # fmt: skip
@@ -318,7 +323,7 @@ def run_sweep(args: argparse.Namespace, train_saelens: Any, planted: Any) -> Non
         if why:
             results.append({**p, "skipped": why})
             continue
-        r = measure_point(p, steps, args.repeats, train_saelens, planted)
+        r = measure_point(p, steps, args.repeats, train_saelens, planted, args.min_steps)
         r["estimated"] = steps < default_steps
         results.append(r)
         print(f"  {p['name']}: crossdiff {r['crossdiff_samples_per_s']:,.0f}/s, SAELens "
