@@ -18,7 +18,11 @@ from pathlib import Path
 # newcomer meets the stages. Only the module of the command being run is imported, so
 # `crossdiff --help` and `--version` start without torch; the others are listed by name and help.
 _COMMANDS = (
-    ("run", "crossdiff.pipeline", "all stages, from the embedded corpus to report.html (resumes)"),
+    (
+        "run",
+        "crossdiff.run_command",
+        "all stages, from the embedded corpus to report.html (resumes)",
+    ),
     (
         "prepare-data",
         "crossdiff.data.commands",

@@ -34,7 +34,7 @@ from crossdiff.activations.job import HarvestJob, HarvestOptions, fill, prepare_
 from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.pairing import Pairing
 from crossdiff.activations.runner import eval_mode
-from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
+from crossdiff.activations.shuffle import BatchedSource, shuffled_rows
 from crossdiff.activations.store import StoreWriter, mask_ranges
 from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
@@ -61,7 +61,7 @@ class _NoBar:
         pass
 
 
-class LiveActivations:
+class LiveActivations(BatchedSource):
     """The training part of a paired harvest, computed on demand: an ActivationSource (source.py)
     that reads as the store `harvest` would write from the same arguments reads its training
     part."""
@@ -228,34 +228,16 @@ class LiveActivations:
             self._scaling = torch.tensor(factors, dtype=torch.float32)
         return self._scaling
 
-    def iter_batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        normalize: bool = True,
-        loop: bool = True,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        shuffle_buffer: int | None = None,
-        chunk_tokens: int = 4096,
-        skip: int = 0,
-        part: DistInfo | None = None,
-    ) -> Iterator[Float[Tensor, "batch n_models d_model"]]:
-        """The batches ActivationStore.iter_batches yields for the same arguments. `skip` passes
-        over the first batches without running the models (a resumed run); `part` gives this
-        rank's rows of each global batch (shard_rows), computing only the shards they need."""
-        if batch_size <= 0:
-            raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
-        if self.n_tokens == 0:
-            raise CrossdiffError("the live source has no training tokens; harvest more tokens")
-        if not loop and batch_size > self.n_tokens:
-            raise CrossdiffError(
-                f"batch_size {batch_size} is larger than the source's {self.n_tokens} training "
-                "tokens, so one pass (loop=False) yields no full batch; use a smaller batch"
-            )
-        scale = self.scaling_factors[None, :, None] if normalize else None
+    source_label = "the live source"
+    empty_advice = "give it more tokens (n_tokens) or a smaller heldout_fraction"
+
+    def raw_batches(
+        self, batch_size: int, *, seed: int, shuffle: bool, loop: bool, capacity: int,
+        chunk_tokens: int, skip: int, part: DistInfo | None,
+    ) -> Iterator[Tensor]:  # fmt: skip
+        """The batches ActivationStore yields for the same arguments: the shuffle runs over row
+        indices, and only the batches after `skip` are gathered (their shards computed); `part`
+        gives this rank's rows of each global batch, computing only the shards they need."""
         indices = shuffled_rows(
             self.n_shards,
             lambda index: self._pieces[index],
@@ -264,16 +246,12 @@ class LiveActivations:
             seed=seed,
             shuffle=shuffle,
             loop=loop,
-            capacity=buffer_capacity(batch_size, shuffle_buffer, chunk_tokens),
+            capacity=capacity,
             chunk_tokens=chunk_tokens,
         )
         for step, rows in enumerate(indices):
-            if step < skip:
-                continue
-            batch = self.gather(rows, part).to(torch.float32)
-            if scale is not None:
-                batch = batch * scale
-            yield batch.to(device=device, dtype=dtype)
+            if step >= skip:
+                yield self.gather(rows, part)
 
     def gather(
         self, rows: Tensor, part: DistInfo | None = None

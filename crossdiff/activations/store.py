@@ -42,9 +42,10 @@ from crossdiff.activations.shards import (
     read_running_stats,
     sha256_file,
 )
-from crossdiff.activations.shuffle import buffer_capacity, shuffled_rows
+from crossdiff.activations.shuffle import BatchedSource, shuffled_rows
 from crossdiff.activations.writer import StoreWriter, write_store_file
 from crossdiff.common import CrossdiffError, resolve_dtype
+from crossdiff.distributed import DistInfo, shard_rows
 
 __all__ = [  # the layout's, shards' and writer's names are re-exported: store.py was their home
     "FORMAT",
@@ -66,7 +67,7 @@ __all__ = [  # the layout's, shards' and writer's names are re-exported: store.p
 ]
 
 
-class ActivationStore:
+class ActivationStore(BatchedSource):
     """A store folder, read lazily: shards are memory-mapped; only requested rows are read."""
 
     def __init__(self, path: str | Path, part: str | None = None) -> None:
@@ -270,39 +271,16 @@ class ActivationStore:
         stop = self.n_tokens if stop is None else stop
         return {key: self._read(key, start, stop).long() for key in METADATA_KEYS}
 
-    def iter_batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        normalize: bool = True,
-        loop: bool = True,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        shuffle_buffer: int | None = None,
-        chunk_tokens: int = 4096,
-    ) -> Iterator[Float[Tensor, "batch n_models d_model"]]:
-        """Training batches [batch_size, n_models, d_model]; every batch is full.
+    @property
+    def source_label(self) -> str:
+        where = "" if self.part_name == "all" else f" (its {self.part_name} part)"
+        return f"the store {self.path}{where}"
 
-        With shuffle, each pass visits the shards in an order drawn from `seed`, the chunks of a
-        shard in a drawn order, and mixes tokens in a buffer of `shuffle_buffer` tokens (default
-        max(16 * batch_size, 4 * chunk_tokens)); two readers with the same seed yield the same
-        batches. With loop=False one pass is made and the last partial batch is dropped (read the
-        whole store in order with read_acts).
-        """
-        if batch_size <= 0:
-            raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
-        if self.n_tokens == 0:
-            where = "" if self.part_name == "all" else f" in its {self.part_name} part"
-            raise CrossdiffError(f"store {self.path} has no tokens{where}; harvest into it first")
-        if not loop and batch_size > self.n_tokens:
-            raise CrossdiffError(
-                f"batch_size {batch_size} is larger than the store's {self.n_tokens} tokens, so "
-                "one pass (loop=False) yields no full batch; use a smaller batch or loop=True"
-            )
-        capacity = buffer_capacity(batch_size, shuffle_buffer, chunk_tokens)
-        scale = self.scaling_factors[None, :, None] if normalize else None
+    def raw_batches(
+        self, batch_size: int, *, seed: int, shuffle: bool, loop: bool, capacity: int,
+        chunk_tokens: int, skip: int, part: DistInfo | None,
+    ) -> Iterator[Tensor]:  # fmt: skip
+        """Batches read from the shards (the store's dtype); skipped ones are read and dropped."""
         expected = (batch_size, self.n_models, self.d_model)
         rows = shuffled_rows(
             self.n_shards,
@@ -315,15 +293,13 @@ class ActivationStore:
             capacity=capacity,
             chunk_tokens=chunk_tokens,
         )
-        for raw in rows:
-            batch = raw.to(torch.float32)
-            if scale is not None:
-                batch = batch * scale
+        for step, batch in enumerate(rows):
             if tuple(batch.shape) != expected:
                 raise CrossdiffError(
                     f"internal error: batch of shape {tuple(batch.shape)}, expected {expected}"
                 )
-            yield batch.to(device=device, dtype=dtype)
+            if step >= skip:
+                yield batch if part is None else shard_rows(batch, part)
 
 
 def training_part(acts_or_store: Any) -> Any:

@@ -1,4 +1,5 @@
-"""The crosscoder as a SAELens SAE: weights, BatchTopK selection, encode/decode, folding, save/load.
+"""The crosscoder as a SAELens SAE: weights, BatchTopK selection, encode/decode, folding, save/load
+(the sparse arithmetic is in sparse.py, the folder on disk in folder.py).
 
 Shapes: x [batch, n_models, d_model]; latents f [batch, d_sae];
 W_enc [n_models, d_model, d_sae], b_enc [d_sae], W_dec [d_sae, n_models, d_model],
@@ -26,9 +27,6 @@ d_model] (norms, relative norms, latent scaling, FVE) sees the model's own width
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +36,15 @@ from jaxtyping import Float, Int
 from sae_lens.saes.sae import SAE
 from torch import Tensor, nn
 
-from crossdiff.common import (
-    DISK_FULL_ERRNOS,
-    FILE_MODE,
-    CrossdiffError,
-    allocation_guard,
-    disk_full_error,
-    read_json,
-)
+from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.config import CrossCoderConfig
-from crossdiff.integrity import (
-    check_finite_module,
-    sha256_of_file,
-    verify_checksum,
-    write_checksum,
+from crossdiff.crosscoder.folder import load_folder, save_folder
+from crossdiff.crosscoder.sparse import (
+    SelectedPreActivations,
+    code_weights,
+    selection_scores,
+    width_mask,
 )
-
-WEIGHTS_FILE = "sae_weights.safetensors"
 
 
 class CrossCoderWeights:
@@ -231,7 +221,7 @@ class CrossCoderWeights:
         x_flat = x.to(self.dtype).reshape(x.shape[0], -1)
         if cfg.apply_b_dec_to_input:
             x_flat = x_flat - self.b_dec.detach().reshape(1, -1)
-        return _SelectedPreActivations.apply(
+        return SelectedPreActivations.apply(
             pre.detach()[rows, latents],
             x_flat.detach(),
             self.W_enc.reshape(cfg.d_in, cfg.d_sae),
@@ -291,8 +281,10 @@ class CrossCoderWeights:
         return self.hook_sae_recons(out)
 
     @torch.no_grad()
-    def fold_scaling_factors(self, factors: Float[Tensor, " n_models"]) -> None:
-        """Make weights trained on x_m * factors[m] work on raw x_m, with identical latents.
+    def fold_scaling_factors(self, factors: Float[Tensor, " n_models"]) -> Any:
+        """Make weights trained on x_m * factors[m] work on raw x_m, with identical latents, in
+        place; returns the crosscoder. Its reconstructions are then the scaled ones divided by
+        factors[m].
 
         The selection score keeps its training units through `scaling_factors`, so the
         threshold needs no change; the decoder bias is folded along with the decoder.
@@ -306,6 +298,7 @@ class CrossCoderWeights:
         self.W_dec_untied.div_(c[None, :, None])
         self.b_dec.div_(c[:, None])
         self.scaling_factors.mul_(c)
+        return self
 
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
@@ -320,35 +313,6 @@ class CrossCoderWeights:
     @torch.no_grad()
     def log_histograms(self) -> dict[str, Any]:
         return {"weights/W_dec_norms": self.decoder_norms().sum(-1).float().cpu().numpy()}
-
-
-class _SelectedPreActivations(torch.autograd.Function):
-    """Forward: the given values of pre = (x - b_dec) W + b_enc at (rows, latents).
-    Backward: the gradient of those entries only, through a sparse [d_sae, batch] matrix."""
-
-    @staticmethod
-    def forward(ctx, values, x_centered, W_flat, b_enc, b_dec_flat, rows, latents, uses_b_dec):
-        ctx.save_for_backward(x_centered, W_flat, rows, latents)
-        ctx.uses_b_dec = uses_b_dec
-        return values.to(
-            W_flat.dtype, copy=True
-        )  # float32 even when autocast computed `pre` in bfloat16
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_centered, W_flat, rows, latents = ctx.saved_tensors
-        d_in, d_sae = W_flat.shape
-        grad_t = torch.sparse_coo_tensor(
-            torch.stack([latents, rows]),
-            grad,
-            (d_sae, x_centered.shape[0]),
-            check_invariants=False,
-        )
-        grad_W = torch.sparse.mm(grad_t, x_centered).t()
-        grad_b_enc = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device)
-        grad_b_enc.index_add_(0, latents, grad)
-        grad_b_dec = -(W_flat @ grad_b_enc) if ctx.uses_b_dec else None
-        return None, None, grad_W, grad_b_enc, grad_b_dec, None, None, None
 
 
 class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
@@ -368,103 +332,9 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
     def save(self, path: str | Path) -> Path:
         """Write `path/cfg.json` and `path/sae_weights.safetensors` (SAELens names) and the
         weights' checksum `sae_weights.safetensors.sha256`, each file replaced atomically."""
-        path = Path(path)
-        self.check_padding("the crosscoder", "It was changed by hand after training; retrain it")
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".crosscoder.", dir=path))
-        try:
-            try:
-                written = list(self.save_model(tmp))
-                weights = tmp / WEIGHTS_FILE
-                written.append(write_checksum(weights, sha256_of_file(weights)))
-                for file in written:
-                    os.chmod(file, FILE_MODE)  # safetensors creates 0600
-            except OSError as err:
-                if err.errno in DISK_FULL_ERRNOS:
-                    needed = sum(p.numel() * p.element_size() for p in self.state_dict().values())
-                    raise disk_full_error(path / WEIGHTS_FILE, err, needed) from err
-                raise
-            # the checksum goes last: an interrupted save never pairs new weights with an old sum
-            for file in sorted(written, key=lambda p: p.name.endswith(".sha256")):
-                os.replace(file, path / file.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return save_folder(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> CrossCoder:
-        path = Path(path)
-        if not (path / "cfg.json").exists() or not (path / WEIGHTS_FILE).exists():
-            raise CrossdiffError(
-                f"{path} is not a saved crosscoder (expected cfg.json and "
-                f"{WEIGHTS_FILE}); train one with `crossdiff train-crosscoder`"
-            )
-        advice = (
-            f"the folder {path} was damaged or edited after it was saved; save or train the "
-            "crosscoder again (or restore the folder from a copy)"
-        )
-        weights = path / WEIGHTS_FILE
-        verify_checksum(weights, "crosscoder weights", advice)
-        cfg = read_json(path / "cfg.json", "crosscoder config")
-        if not isinstance(cfg, dict):
-            raise CrossdiffError(f"{path / 'cfg.json'} is not a JSON object; {advice}")
-        try:
-            n_weights = 2 * int(cfg.get("d_sae", 0)) * int(cfg.get("d_in", 0))
-        except (TypeError, ValueError):
-            n_weights = 0
-        from crossdiff.crosscoder.loading import crossdiff_disk_loader
-
-        try:
-            with allocation_guard(f"the crosscoder in {path}", 4 * n_weights):
-                sae = SAE.load_from_disk(
-                    path, device=device, dtype=dtype, converter=crossdiff_disk_loader
-                )
-        except CrossdiffError:
-            raise
-        except Exception as err:  # SAELens/safetensors/torch errors for a config that misfits
-            raise CrossdiffError(
-                f"cannot load the crosscoder in {path}: {type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else ''}. cfg.json and {WEIGHTS_FILE} "
-                f"do not fit each other; {advice}"
-            ) from err
-        if not isinstance(sae, CrossCoder):
-            raise CrossdiffError(f"{path} holds a {type(sae).__name__}, not a crosscoder")
-        check_finite_module(sae, f"the crosscoder in {path}", advice)
-        sae.check_padding(f"the crosscoder in {path}", advice)
-        return sae
-
-
-def selection_scores(
-    pre: Float[Tensor, "batch d_sae"], weights: Float[Tensor, " d_sae"]
-) -> Float[Tensor, " batch_x_d_sae"]:
-    """ReLU(pre) * weights, flattened, in one new tensor: the weights are >= 0, so this is
-    ReLU(pre * weights), value for value."""
-    return torch.mul(pre, weights).clamp_min_(0).flatten()
-
-
-def code_weights(
-    norms: Float[Tensor, "d_sae n_models"], normalization: str = "sum", alpha: float = 0.7
-) -> Float[Tensor, " d_sae"]:
-    """A latent's code weight from its per-model decoder norms n_m: "sum" = sum_m n_m,
-    "concat" = sqrt(sum_m n_m^2) (the norm of the concatenated decoder), "mixed" =
-    alpha * concat + (1 - alpha) * sum."""
-    if normalization == "sum":
-        return norms.sum(-1)
-    concat = norms.pow(2).sum(-1).sqrt()
-    if normalization == "concat":
-        return concat
-    if normalization == "mixed":
-        return alpha * concat + (1 - alpha) * norms.sum(-1)
-    raise CrossdiffError(
-        f"code_normalization={normalization!r}; expected one of ('sum', 'concat', 'mixed')"
-    )
-
-
-def width_mask(
-    widths: tuple[int, ...], d_model: int, **kw: Any
-) -> Float[Tensor, "n_models d_model"]:
-    """1 on each model's own coordinates [0, width_m), 0 on its padding up to d_model."""
-    mask = torch.zeros(len(widths), d_model, **kw)
-    for m, width in enumerate(widths):
-        mask[m, :width] = 1
-    return mask
+        """The crosscoder saved in `path` (checksum, finiteness and padding checked)."""
+        return load_folder(path, cls, device=device, dtype=dtype)

@@ -92,7 +92,7 @@ class CrosscoderStageConfig(StageConfig):
     wandb: bool = False
     wandb_project: str = "crossdiff"
     autocast: bool | None = None
-    prefetch: int = 2
+    prefetch: int | None = None  # train_crosscoder's default (0 for a tensor on the CPU, else 2)
 
     def d_sae_for(self, d_model: int) -> int:
         return self.d_sae if self.d_sae is not None else int(round(self.expansion * d_model))

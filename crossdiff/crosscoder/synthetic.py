@@ -12,13 +12,16 @@ through the directions of co-firing B-only latents, so a crosscoder classes them
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from crossdiff.activations.shuffle import BatchedSource
 from crossdiff.common import CrossdiffError
+from crossdiff.distributed import DistInfo, shard_rows
 
 KINDS = ("shared", "a_only", "b_only")
 
@@ -160,7 +163,7 @@ def match_planted_latents(
     }
 
 
-class InMemoryStore:
+class InMemoryStore(BatchedSource):
     """Activations in memory as an ActivationSource (crossdiff.activations.source): what
     training and evaluation read from a store, without per-token metadata or domains.
 
@@ -168,6 +171,9 @@ class InMemoryStore:
     """
 
     domain_names: tuple[str, ...] = ()
+    source_label = "the in-memory activations"
+    drops_partial_batch = False
+    empty_advice = "pass a tensor with at least one token"
 
     def __init__(
         self,
@@ -198,29 +204,21 @@ class InMemoryStore:
         """No per-token metadata: an empty dict."""
         return {}
 
-    def iter_batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        normalize: bool = True,
-        loop: bool = True,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-    ):
-        g = torch.Generator().manual_seed(seed)
-        scale = self.scaling_factors[:, None] if normalize else torch.ones(self.n_models, 1)
+    def raw_batches(
+        self, batch_size: int, *, seed: int, shuffle: bool, loop: bool, capacity: int,
+        chunk_tokens: int, skip: int, part: DistInfo | None,
+    ) -> Iterator[Tensor]:  # fmt: skip
+        """Rows of a permutation of all tokens per pass (no shards, so no buffer or chunks);
+        one pass (loop=False) ends with the partial batch."""
+        g, n, step = torch.Generator().manual_seed(seed), self.n_tokens, 0
         while True:
-            order = (
-                torch.randperm(self.n_tokens, generator=g)
-                if shuffle
-                else torch.arange(self.n_tokens)
-            )
-            stop = self.n_tokens - self.n_tokens % batch_size if loop else self.n_tokens
+            order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+            stop = n - n % batch_size if loop else n
             for start in range(0, stop, batch_size):
-                rows = order[start : start + batch_size]
-                yield (self.acts[rows].float() * scale).to(device, dtype)
+                if step >= skip:
+                    rows = order[start : start + batch_size]
+                    yield self.acts[rows if part is None else shard_rows(rows, part)]
+                step += 1
             if not loop:
                 return
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -58,15 +57,8 @@ from crossdiff.distributed import (
 from crossdiff.fingerprint import store_fingerprint
 from crossdiff.integrity import check_finite_module
 
-
-def fold_scaling_factors(cc: CrossCoder, scaling_factors: Float[Tensor, " n_models"]) -> CrossCoder:
-    """Fold per-model activation scaling factors into `cc` (in place) and return it.
-
-    A crosscoder trained on x_m * scaling_factors[m] then gives the same latents on raw x_m, and
-    reconstructions equal to the scaled ones divided by scaling_factors[m].
-    """
-    cc.fold_scaling_factors(scaling_factors)
-    return cc
+# the public function form of the method: fold_scaling_factors(cc, factors) -> cc
+fold_scaling_factors = CrossCoder.fold_scaling_factors
 
 
 def _crosscoder_bar(*args: Any, **kwargs: Any) -> Any:

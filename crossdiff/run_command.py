@@ -1,0 +1,112 @@
+"""The `crossdiff run` subcommand: its flags, mapped onto the run's per-stage options
+(crossdiff.pipeline.run_pipeline does the work)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from crossdiff.common import add_runtime_arguments
+from crossdiff.pipeline import ACTIVATIONS, STAGES, run_pipeline
+from crossdiff.run_presets import RUN_PRESETS
+from crossdiff.run_summary import _print_summary
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="all stages, from the embedded corpus to report.html (resumes)",
+        description=(
+            "Build the corpus and tokenizer, train a dense and an MoE model on the same tokens, "
+            "harvest their paired activations, train a crosscoder, and write the report. "
+            "Each finished stage is skipped on a re-run, so an interrupted run resumes. Under "
+            "torchrun --nproc_per_node N -m crossdiff run ..., the models, harvest and "
+            "crosscoder run data-parallel over the N processes."
+        ),
+    )
+    parser.add_argument(
+        "--preset",
+        default="tiny",
+        choices=sorted(RUN_PRESETS),
+        help=(
+            "tiny: 2-core CPU in minutes; small: a larger pair (about an hour with --controls "
+            "--crosscoder-seeds 3); micro: seconds (tests); paper: the seed paper on a GPU"
+        ),
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder")
+    parser.add_argument("--stop-after", choices=STAGES, default=None, help="stop after this stage")
+    parser.add_argument("--harvest-tokens", type=int, default=None, help="tokens to harvest")
+    parser.add_argument("--lm-steps", type=int, default=None, help="language-model steps")
+    parser.add_argument("--crosscoder-steps", type=int, default=None, help="crosscoder steps")
+    parser.add_argument("--k", type=int, default=None, help="crosscoder BatchTopK k")
+    parser.add_argument("--expansion", type=float, default=None, help="d_sae / d_model")
+    parser.add_argument("--pairing", default=None, help="pairing preset name or TOML path")
+    parser.add_argument(
+        "--activations",
+        choices=ACTIVATIONS,
+        default=None,
+        help=(
+            "store: harvest to disk, then train; live: train from the models' activations "
+            "computed on the fly (a small store is harvested for the report). Default: store "
+            "if it fits on the disk by an estimate, else live"
+        ),
+    )
+    parser.add_argument(
+        "--controls",
+        action="store_true",
+        default=None,
+        help=(
+            "also train a second dense and a second MoE model (another init seed, the same "
+            "tokens in the same order) and crosscoders for dense vs dense' and MoE vs MoE'; the "
+            "report compares dense vs MoE with these same-architecture pairs"
+        ),
+    )
+    parser.add_argument(
+        "--crosscoder-seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train N crosscoders (seeds seed..seed+N-1) per pair; the report gives the spread",
+    )
+    parser.add_argument(
+        "--splice-sequences",
+        type=int,
+        default=None,
+        help="held-out rows for the spliced-in LM loss in the report (default 64; 0: off)",
+    )
+    add_runtime_arguments(parser)
+    for action in parser._actions:
+        if action.dest == "dtype":
+            action.help = "the crosscoder's parameter dtype (default: float32)"
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    overrides = {
+        "models": {"steps": args.lm_steps},
+        "store": {"n_tokens": args.harvest_tokens, "pairing": args.pairing},
+        "report": {"splice_sequences": args.splice_sequences},
+        "replicates": {"crosscoder_seeds": args.crosscoder_seeds},
+        "controls": {"enabled": args.controls},
+        "crosscoder": {
+            "steps": args.crosscoder_steps,
+            "k": args.k,
+            "expansion": args.expansion,
+            # the crosscoder's parameter dtype; models and harvest keep their preset's dtypes
+            "dtype": None if args.dtype == "float32" else args.dtype,
+        },
+    }
+    summary = run_pipeline(
+        args.out,
+        args.preset,
+        overrides=overrides,
+        seed=args.seed,
+        device=args.device,
+        stop_after=args.stop_after,
+        activations=args.activations,
+    )
+    from crossdiff.distributed import dist_info
+
+    if dist_info().is_main:
+        _print_summary(summary)
+    return 0
