@@ -159,6 +159,7 @@ def run_crosscoder_stage(
     CrossCoder. OUT already holding this crosscoder (training.json's identity) is loaded;
     holding another one is an error unless `overwrite`."""
     from crossdiff.crosscoder import CrossCoder, train_crosscoder
+    from crossdiff.crosscoder.folder import WEIGHTS_FILE
     from crossdiff.crosscoder.memory import check_crosscoder_fits
     from crossdiff.distributed import barrier, compute_device, dist_info
     from crossdiff.fingerprint import describe_changes
@@ -175,16 +176,21 @@ def run_crosscoder_stage(
     ident = identity(cfg, config, seed, _data_fingerprint(source))
     if (out / "training.json").exists() and not overwrite:
         previous = read_json(out / "training.json", "training record").get("identity")
-        if previous == ident:
+        if previous != ident:
+            changed = (
+                describe_changes(previous, ident)
+                if previous
+                else "its record predates fingerprints"
+            )
+            raise CrossdiffError(
+                f"{out} holds a crosscoder trained with other settings or another store "
+                f"({changed}); pass --overwrite to train again from the start, or choose another "
+                "--out"
+            )
+        if (out / "cfg.json").exists() and (out / WEIGHTS_FILE).exists():
             print(f"crosscoder: {out} is already trained with these settings; --overwrite to redo")
             return CrossCoder.load(out)
-        changed = (
-            describe_changes(previous, ident) if previous else "its record predates fingerprints"
-        )
-        raise CrossdiffError(
-            f"{out} holds a crosscoder trained with other settings or another store "
-            f"({changed}); pass --overwrite to train again from the start, or choose another --out"
-        )
+        # the record is this crosscoder's but its files are gone: train again (from checkpoints)
     barrier()  # every rank has read OUT before rank 0 clears it
     if overwrite and info.is_main:
         start_over(out, checkpoints)

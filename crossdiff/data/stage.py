@@ -32,7 +32,7 @@ def run_data_stage(
 ) -> Any:
     """Build (or load, when `out_dir` already has it) the corpus, tokenizer and token sets; the
     PreparedData. The data stage reads no other stage (`inputs` is None)."""
-    from crossdiff.data.prepare import prepare_data
+    from crossdiff.data import prepare_data  # the package's name, so a patched one is used
 
     options = {f.name: getattr(config, f.name) for f in fields(config)}
     return prepare_data(out_dir, seed=seed, **options)
