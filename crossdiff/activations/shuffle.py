@@ -132,9 +132,7 @@ class BatchedSource:
         if batch_size <= 0:
             raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
         if self.n_tokens == 0:
-            raise CrossdiffError(
-                f"{self.source_label} has no tokens to read; harvest into it first"
-            )
+            raise CrossdiffError(f"{self.source_label} has no tokens; {self.empty_advice}")
         if not loop and self.drops_partial_batch and batch_size > self.n_tokens:
             raise CrossdiffError(
                 f"batch_size {batch_size} is larger than {self.source_label}'s {self.n_tokens} "

@@ -171,7 +171,7 @@ class InMemoryStore(BatchedSource):
     """
 
     domain_names: tuple[str, ...] = ()
-    source_label = "the in-memory activations"
+    source_label = "the InMemoryStore"
     drops_partial_batch = False
     empty_advice = "pass a tensor with at least one token"
 
