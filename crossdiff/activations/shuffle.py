@@ -10,6 +10,7 @@ that is what makes training from a live source equal to training from a store.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 import torch
@@ -82,26 +83,27 @@ def shuffled_rows(
             yield buffer[lo_out : lo_out + batch_size]
 
 
-class BatchedSource:
+class BatchedSource(ABC):
     """`iter_batches` of a source (ActivationSource), written once: the argument checks, the
     scaling, the dtype and the device. A subclass yields its raw batches (`raw_batches`), says
     what it is (`source_label`) and whether one pass drops the last partial batch."""
 
     n_tokens: int
+    scaling_factors: Tensor  # [n_models]
     drops_partial_batch = True  # a one-pass read (loop=False) drops the rows that do not fill one
     empty_advice = "harvest into it first"  # what to do when it has no tokens
 
     @property
+    @abstractmethod
     def source_label(self) -> str:
         """How errors name this source ("the store runs/x/store")."""
-        raise NotImplementedError
 
+    @abstractmethod
     def raw_batches(
         self, batch_size: int, *, seed: int, shuffle: bool, loop: bool, capacity: int,
         chunk_tokens: int, skip: int, part: DistInfo | None,
     ) -> Iterator[Tensor]:  # fmt: skip
         """Unscaled batches (any float dtype, CPU), the first `skip` of them left out."""
-        raise NotImplementedError
 
     def iter_batches(
         self,
@@ -139,7 +141,7 @@ class BatchedSource:
                 "tokens, so one pass (loop=False) yields no full batch; use a smaller batch or "
                 "loop=True"
             )
-        scale = self.scaling_factors[None, :, None] if normalize else None  # type: ignore[attr-defined]
+        scale = self.scaling_factors[None, :, None] if normalize else None
         raw = self.raw_batches(
             batch_size, seed=seed, shuffle=shuffle, loop=loop,
             capacity=buffer_capacity(batch_size, shuffle_buffer, chunk_tokens),
