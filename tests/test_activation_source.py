@@ -1,4 +1,4 @@
-"""The ActivationSource protocol: a store, its parts, a live source and an in-memory store all
+"""The ActivationSource contract: a store, its parts, a live source and an in-memory store all
 implement it, and a live source reads (acts and metadata) as the store's training part does."""
 
 from __future__ import annotations
@@ -48,3 +48,20 @@ def test_a_live_source_reads_as_the_stores_training_part(setup):
     assert set(got) == set(want) - {"experts"}
     for key, values in got.items():
         assert torch.equal(values, want[key]), key
+
+
+def test_checking_the_type_of_a_live_source_does_not_run_the_models():
+    # beartype checks isinstance on every function typed with ActivationSource; a structural
+    # protocol would read `scaling_factors`, which runs the pair on a live source's first shards
+    models = (tiny_model(seed=0), tiny_model(seed=1, moe=True))
+    live = LiveActivations(*models, packed_token_set(n_seq=16), "paper", scale_tokens=None, **KW)
+    assert isinstance(live, ActivationSource)
+    assert live._scaling is None
+
+
+def test_a_source_without_its_reads_cannot_be_made():
+    class BatchesOnly(InMemoryStore):
+        read_metadata = ActivationSource.read_metadata  # abstract again
+
+    with pytest.raises(TypeError, match="read_metadata"):
+        BatchesOnly(torch.randn(4, 2, 3))

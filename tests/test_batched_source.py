@@ -1,4 +1,4 @@
-"""The one iter_batches every source shares (activations.shuffle.BatchedSource): its checks name
+"""The one iter_batches every source shares (activations.source.ActivationSource): its checks name
 the source, `skip` leaves out exactly the first batches, and an in-memory pass keeps its tail."""
 
 from __future__ import annotations

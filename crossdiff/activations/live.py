@@ -34,7 +34,8 @@ from crossdiff.activations.job import HarvestJob, HarvestOptions, fill, prepare_
 from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.pairing import Pairing
 from crossdiff.activations.runner import eval_mode
-from crossdiff.activations.shuffle import BatchedSource, shuffled_rows
+from crossdiff.activations.shuffle import shuffled_rows
+from crossdiff.activations.source import ActivationSource
 from crossdiff.activations.store import StoreWriter, mask_ranges
 from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
@@ -61,7 +62,7 @@ class _NoBar:
         pass
 
 
-class LiveActivations(BatchedSource):
+class LiveActivations(ActivationSource):
     """The training part of a paired harvest, computed on demand: an ActivationSource (source.py)
     that reads as the store `harvest` would write from the same arguments reads its training
     part."""

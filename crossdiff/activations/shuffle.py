@@ -10,15 +10,10 @@ that is what makes training from a live source equal to training from a store.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
-
-from crossdiff.common import CrossdiffError
-from crossdiff.distributed import DistInfo
 
 
 def buffer_capacity(batch_size: int, shuffle_buffer: int | None, chunk_tokens: int) -> int:
@@ -81,74 +76,3 @@ def shuffled_rows(
             buffer = buffer[torch.randperm(len(buffer), generator=generator)]
         for lo_out in range(0, len(buffer) // batch_size * batch_size, batch_size):
             yield buffer[lo_out : lo_out + batch_size]
-
-
-class BatchedSource(ABC):
-    """`iter_batches` of a source (ActivationSource), written once: the argument checks, the
-    scaling, the dtype and the device. A subclass yields its raw batches (`raw_batches`), says
-    what it is (`source_label`) and whether one pass drops the last partial batch."""
-
-    n_tokens: int
-    scaling_factors: Tensor  # [n_models]
-    drops_partial_batch = True  # a one-pass read (loop=False) drops the rows that do not fill one
-    empty_advice = "harvest into it first"  # what to do when it has no tokens
-
-    @property
-    @abstractmethod
-    def source_label(self) -> str:
-        """How errors name this source ("the store runs/x/store")."""
-
-    @abstractmethod
-    def raw_batches(
-        self, batch_size: int, *, seed: int, shuffle: bool, loop: bool, capacity: int,
-        chunk_tokens: int, skip: int, part: DistInfo | None,
-    ) -> Iterator[Tensor]:  # fmt: skip
-        """Unscaled batches (any float dtype, CPU), the first `skip` of them left out."""
-
-    def iter_batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        normalize: bool = True,
-        loop: bool = True,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        shuffle_buffer: int | None = None,
-        chunk_tokens: int = 4096,
-        skip: int = 0,
-        part: DistInfo | None = None,
-    ) -> Iterator[Float[Tensor, "batch n_models d_model"]]:
-        """Training batches [batch_size, n_models, d_model], scaled by `scaling_factors` when
-        normalize, shuffled by `seed`; endless when loop. Two readers with the same seed yield the
-        same batches.
-
-        A store (and a live source) visits the shards in an order drawn from `seed`, the chunks
-        (<= chunk_tokens rows) of a shard in a drawn order, and mixes tokens in a buffer of
-        `shuffle_buffer` tokens (default max(16 * batch_size, 4 * chunk_tokens)); with loop=False
-        it makes one pass and drops the last partial batch (read a whole store in order with
-        read_acts). `skip` leaves out the first batches (a resumed run); `part` keeps this
-        rank's rows of each batch (distributed.shard_rows).
-        """
-        if batch_size <= 0:
-            raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
-        if self.n_tokens == 0:
-            raise CrossdiffError(f"{self.source_label} has no tokens; {self.empty_advice}")
-        if not loop and self.drops_partial_batch and batch_size > self.n_tokens:
-            raise CrossdiffError(
-                f"batch_size {batch_size} is larger than {self.source_label}'s {self.n_tokens} "
-                "tokens, so one pass (loop=False) yields no full batch; use a smaller batch or "
-                "loop=True"
-            )
-        scale = self.scaling_factors[None, :, None] if normalize else None
-        raw = self.raw_batches(
-            batch_size, seed=seed, shuffle=shuffle, loop=loop,
-            capacity=buffer_capacity(batch_size, shuffle_buffer, chunk_tokens),
-            chunk_tokens=chunk_tokens, skip=skip, part=part,
-        )  # fmt: skip
-        for batch in raw:
-            batch = batch.to(torch.float32)
-            if scale is not None:
-                batch = batch * scale
-            yield batch.to(device=device, dtype=dtype)

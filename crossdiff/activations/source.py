@@ -12,55 +12,72 @@ Training reads `iter_batches` and `scaling_factors`; evaluation and analysis rea
 and `read_metadata` (whose keys are a subset of layout.METADATA_KEYS: a source without metadata
 returns an empty dict).
 
-`isinstance(x, ActivationSource)` works (runtime_checkable), but on Python 3.11 it reads every
-member, and a live source's `scaling_factors` runs the models on its first shards: check types
-statically, or with isinstance only where that cost is acceptable.
+It is an abstract base class, not a structural protocol: `iter_batches` (the argument checks, the
+scaling, the dtype and the device) is written once here and each source yields only its raw
+batches, and `isinstance(x, ActivationSource)` (what beartype checks on every function typed with
+it) costs nothing, where a runtime-checkable protocol on Python 3.11 reads every member, and a
+live source's `scaling_factors` runs the models on its first shards. A source of your own
+subclasses it and implements the abstract members.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from crossdiff.activations.shuffle import buffer_capacity
+from crossdiff.common import CrossdiffError
+from crossdiff.distributed import DistInfo
 
-@runtime_checkable
-class ActivationSource(Protocol):
-    """Paired activations and per-token metadata (see the module's docstring)."""
 
-    @property
-    def n_tokens(self) -> int:
-        """Tokens this source reads (a store's view: the whole store or one part)."""
-        ...
+class ActivationSource(ABC):
+    """Paired activations and per-token metadata (see the module's docstring).
 
-    @property
-    def n_models(self) -> int: ...
+    Attributes (or properties) a source has:
+        n_tokens         tokens this source reads (a store's view: the whole store or one part)
+        n_models, d_model   the stored width d_model is the largest of `d_models`
+        d_models         each model's own width
+        model_names      one name per model
+        domain_names     names of the `domains` metadata indices (empty without domains)
+        scaling_factors  [n_models]: multiply model m's raw activations by factor m to bring
+                         their mean norm to sqrt(d_m)
+    """
 
-    @property
-    def d_model(self) -> int:
-        """The stored width: the largest of d_models."""
-        ...
-
-    @property
-    def d_models(self) -> Sequence[int]:
-        """Each model's own width."""
-        ...
-
-    @property
-    def model_names(self) -> Sequence[str]: ...
-
-    @property
-    def domain_names(self) -> Sequence[str]:
-        """Names of the `domains` metadata indices (empty when the tokens have no domains)."""
-        ...
+    n_tokens: int
+    n_models: int
+    d_model: int
+    d_models: Sequence[int]
+    model_names: Sequence[str]
+    domain_names: Sequence[str]
+    scaling_factors: Tensor
+    drops_partial_batch = True  # a one-pass read (loop=False) drops the rows that do not fill one
+    empty_advice = "harvest into it first"  # what to do when it has no tokens
 
     @property
-    def scaling_factors(self) -> Float[Tensor, " n_models"]:
-        """Multiply model m's raw activations by factor m to bring their mean norm to sqrt(d_m)."""
-        ...
+    @abstractmethod
+    def source_label(self) -> str:
+        """How errors name this source ("the store runs/x/store")."""
+
+    @abstractmethod
+    def read_acts(
+        self, start: int = 0, stop: int | None = None, normalize: bool = False
+    ) -> Float[Tensor, "n n_models d_model"]:
+        """Activations of tokens [start, stop) in the source's order (raw unless normalize)."""
+
+    @abstractmethod
+    def read_metadata(self, start: int = 0, stop: int | None = None) -> dict[str, Tensor]:
+        """Per-token metadata of tokens [start, stop), int64, keyed by layout.METADATA_KEYS."""
+
+    @abstractmethod
+    def raw_batches(
+        self, batch_size: int, *, seed: int, shuffle: bool, loop: bool, capacity: int,
+        chunk_tokens: int, skip: int, part: DistInfo | None,
+    ) -> Iterator[Tensor]:  # fmt: skip
+        """Unscaled batches (any float dtype, CPU), the first `skip` of them left out."""
 
     def iter_batches(
         self,
@@ -72,16 +89,40 @@ class ActivationSource(Protocol):
         loop: bool = True,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        shuffle_buffer: int | None = None,
+        chunk_tokens: int = 4096,
+        skip: int = 0,
+        part: DistInfo | None = None,
     ) -> Iterator[Float[Tensor, "batch n_models d_model"]]:
-        """Full training batches (scaled when normalize), shuffled by `seed`; forever when loop."""
-        ...
+        """Training batches [batch_size, n_models, d_model], scaled by `scaling_factors` when
+        normalize, shuffled by `seed`; endless when loop. Two readers with the same seed yield the
+        same batches.
 
-    def read_acts(
-        self, start: int = 0, stop: int | None = None, normalize: bool = False
-    ) -> Float[Tensor, "n n_models d_model"]:
-        """Activations of tokens [start, stop) in the source's order (raw unless normalize)."""
-        ...
-
-    def read_metadata(self, start: int = 0, stop: int | None = None) -> dict[str, Tensor]:
-        """Per-token metadata of tokens [start, stop), int64, keyed by layout.METADATA_KEYS."""
-        ...
+        A store (and a live source) visits the shards in an order drawn from `seed`, the chunks
+        (<= chunk_tokens rows) of a shard in a drawn order, and mixes tokens in a buffer of
+        `shuffle_buffer` tokens (default max(16 * batch_size, 4 * chunk_tokens)); with loop=False
+        it makes one pass and drops the last partial batch (read a whole store in order with
+        read_acts). `skip` leaves out the first batches (a resumed run); `part` keeps this
+        rank's rows of each batch (distributed.shard_rows).
+        """
+        if batch_size <= 0:
+            raise CrossdiffError(f"batch_size must be positive, got {batch_size}")
+        if self.n_tokens == 0:
+            raise CrossdiffError(f"{self.source_label} has no tokens; {self.empty_advice}")
+        if not loop and self.drops_partial_batch and batch_size > self.n_tokens:
+            raise CrossdiffError(
+                f"batch_size {batch_size} is larger than {self.source_label}'s {self.n_tokens} "
+                "tokens, so one pass (loop=False) yields no full batch; use a smaller batch or "
+                "loop=True"
+            )
+        scale = self.scaling_factors[None, :, None] if normalize else None
+        raw = self.raw_batches(
+            batch_size, seed=seed, shuffle=shuffle, loop=loop,
+            capacity=buffer_capacity(batch_size, shuffle_buffer, chunk_tokens),
+            chunk_tokens=chunk_tokens, skip=skip, part=part,
+        )  # fmt: skip
+        for batch in raw:
+            batch = batch.to(torch.float32)
+            if scale is not None:
+                batch = batch * scale
+            yield batch.to(device=device, dtype=dtype)

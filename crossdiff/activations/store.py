@@ -42,7 +42,8 @@ from crossdiff.activations.shards import (
     read_running_stats,
     sha256_file,
 )
-from crossdiff.activations.shuffle import BatchedSource, shuffled_rows
+from crossdiff.activations.shuffle import shuffled_rows
+from crossdiff.activations.source import ActivationSource
 from crossdiff.activations.writer import StoreWriter, write_store_file
 from crossdiff.common import CrossdiffError, resolve_dtype
 from crossdiff.distributed import DistInfo, shard_rows
@@ -67,7 +68,7 @@ __all__ = [  # the layout's, shards' and writer's names are re-exported: store.p
 ]
 
 
-class ActivationStore(BatchedSource):
+class ActivationStore(ActivationSource):
     """A store folder, read lazily: shards are memory-mapped; only requested rows are read."""
 
     def __init__(self, path: str | Path, part: str | None = None) -> None:

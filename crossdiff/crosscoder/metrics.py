@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossdiff.activations.source import ActivationSource
 from crossdiff.activations.store import evaluation_part
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.fve import ReconstructionMeter
@@ -81,7 +82,7 @@ def check_zero_padding(acts: Tensor, cfg: Any) -> None:
 @torch.no_grad()
 def evaluate_crosscoder(
     cc: Any,
-    acts_or_store: Any,
+    acts_or_store: Tensor | ActivationSource,
     *,
     batch_size: int = 4096,
     max_tokens: int | None = None,

@@ -17,6 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from crossdiff.activations.live import LiveActivations
+from crossdiff.activations.source import ActivationSource
 from crossdiff.activations.store import training_part
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.config import CrossCoderConfig
@@ -107,7 +108,7 @@ class _TensorSource:
 class _StoreSource:
     """An ActivationStore (duck-typed): iter_batches yields scaled [batch, n_models, d] tensors."""
 
-    def __init__(self, store: Any, cfg: CrossCoderConfig, batch_size: int):
+    def __init__(self, store: ActivationSource, cfg: CrossCoderConfig, batch_size: int):
         store = training_part(store)  # never the held-out part
         widths = tuple(getattr(store, "d_models", None) or [store.d_model] * store.n_models)
         if (store.n_models, store.d_model) == (cfg.n_models, cfg.d_model) and widths != tuple(
@@ -200,8 +201,8 @@ class _LiveSource(_StoreSource):
             yield batch
 
 
-def training_source(acts: Any, cfg: CrossCoderConfig, batch_size: int) -> Any:
-    """The source for `acts`: a tensor, a LiveActivations, or (duck-typed) a store."""
+def training_source(acts: Tensor | ActivationSource, cfg: CrossCoderConfig, batch_size: int) -> Any:
+    """The source for `acts`: a tensor, a LiveActivations, or another ActivationSource."""
     if isinstance(acts, Tensor):
         return _TensorSource(acts, cfg, batch_size)
     if isinstance(acts, LiveActivations):

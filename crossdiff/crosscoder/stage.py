@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crossdiff.activations.source import ActivationSource
 from crossdiff.common import CrossdiffError, read_json, write_json_atomic
 from crossdiff.crosscoder.trainer import DEFAULT_STEPS
 from crossdiff.stage_config import StageConfig
@@ -97,7 +98,7 @@ class CrosscoderStageConfig(StageConfig):
     def d_sae_for(self, d_model: int) -> int:
         return self.d_sae if self.d_sae is not None else int(round(self.expansion * d_model))
 
-    def crosscoder_config(self, source: Any) -> Any:
+    def crosscoder_config(self, source: ActivationSource) -> Any:
         """The CrossCoderConfig for activations of `source`'s models and widths."""
         from crossdiff.crosscoder.config import CrossCoderConfig, store_widths
 
@@ -128,7 +129,7 @@ def identity(cfg: Any, config: CrosscoderStageConfig, seed: int, data_print: str
     return canonical({"config": cc_config, "options": options, "store": data_print})
 
 
-def _data_fingerprint(source: Any) -> str:
+def _data_fingerprint(source: ActivationSource) -> str:
     from crossdiff.activations.live import LiveActivations
     from crossdiff.fingerprint import store_fingerprint
 
@@ -144,12 +145,12 @@ def start_over(out: Path, checkpoints: str = CHECKPOINTS) -> None:
 
 def run_crosscoder_stage(
     config: CrosscoderStageConfig,
-    source: Any,
+    source: ActivationSource,
     out_dir: str | Path,
     *,
     seed: int = 0,
     device: Any = "auto",
-    evaluate_on: Any = None,
+    evaluate_on: ActivationSource | None = None,
     resume: bool = True,
     overwrite: bool = False,
     checkpoints: str = CHECKPOINTS,
@@ -215,8 +216,8 @@ def _write_training_record(
     cc: Any,
     config: CrosscoderStageConfig,
     out: Path,
-    source: Any,
-    evaluate_on: Any,
+    source: ActivationSource,
+    evaluate_on: ActivationSource | None,
     ident: Any,
     seed: int,
     device: Any,

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from crossdiff.activations.shuffle import BatchedSource
+from crossdiff.activations.source import ActivationSource
 from crossdiff.common import CrossdiffError
 from crossdiff.distributed import DistInfo, shard_rows
 
@@ -163,7 +163,7 @@ def match_planted_latents(
     }
 
 
-class InMemoryStore(BatchedSource):
+class InMemoryStore(ActivationSource):
     """Activations in memory as an ActivationSource (crossdiff.activations.source): what
     training and evaluation read from a store, without per-token metadata or domains.
 

@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from crossdiff.activations.live import LiveActivations
+from crossdiff.activations.source import ActivationSource
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.checkpoint import (
     read_checkpoint,
@@ -71,7 +72,7 @@ def _crosscoder_bar(*args: Any, **kwargs: Any) -> Any:
 
 
 def train_crosscoder(
-    acts: Any,
+    acts: Tensor | ActivationSource,
     cfg: CrossCoderConfig,
     *,
     steps: int | None = None,
