@@ -106,7 +106,7 @@ class _TensorSource:
 
 
 class _StoreSource:
-    """An ActivationStore (duck-typed): iter_batches yields scaled [batch, n_models, d] tensors."""
+    """An ActivationSource (a store, its training part): scaled [batch, n_models, d] batches."""
 
     def __init__(self, store: ActivationSource, cfg: CrossCoderConfig, batch_size: int):
         store = training_part(store)  # never the held-out part
