@@ -18,6 +18,7 @@ from typing import Any
 
 from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 
+from crossdiff.activations.source import ActivationSource
 from crossdiff.common import CrossdiffError
 
 # namespaced: "crosscoder" alone is generic enough for another plugin to claim it
@@ -322,10 +323,10 @@ class TrainingCrossCoderConfig(CrossCoderConfig, TrainingSAEConfig):
         return cls(**fields, metadata=metadata, **training)  # type: ignore[arg-type]
 
 
-def store_widths(store: Any) -> tuple[int, ...] | None:
+def store_widths(store: ActivationSource) -> tuple[int, ...] | None:
     """A store's per-model widths for `CrossCoderConfig(d_models=...)`: None when they are equal
     (so an equal-width config, its cfg.json and its run identity stay as they always were)."""
-    widths = tuple(int(w) for w in (getattr(store, "d_models", None) or ()))
+    widths = tuple(int(w) for w in store.d_models)
     return widths if len(set(widths)) > 1 else None
 
 

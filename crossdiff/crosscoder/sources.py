@@ -110,7 +110,7 @@ class _StoreSource:
 
     def __init__(self, store: ActivationSource, cfg: CrossCoderConfig, batch_size: int):
         store = training_part(store)  # never the held-out part
-        widths = tuple(getattr(store, "d_models", None) or [store.d_model] * store.n_models)
+        widths = tuple(store.d_models)
         if (store.n_models, store.d_model) == (cfg.n_models, cfg.d_model) and widths != tuple(
             cfg.widths
         ):
