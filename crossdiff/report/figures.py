@@ -224,12 +224,16 @@ def latent_scaling_scatter(table, summary: dict[str, Any], path: Path) -> Path |
         "nu_err": "nu_err: other/own beta on the error",
         "nu_rec": "nu_rec: other/own beta on the reconstruction",
     }
-    colors = class_colors(summary["classes"])
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    plotted = {}
     for cls, tol in ls["tolerance"].items():
         rows = table[(table["class"] == cls) & table[x_col].notna() & table[y_col].notna()]
-        if rows.empty:
-            continue
+        if not rows.empty:
+            plotted[cls] = (rows, tol)
+    if not plotted:  # no model-specific latent has both ratios: an empty plot says nothing
+        return None
+    colors = class_colors(summary["classes"])
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for cls, (rows, tol) in plotted.items():
         ax.scatter(rows[x_col], rows[y_col], s=10, color=colors[cls], alpha=0.7,
                    label=f"{cls} ({int(rows['scaling_artifact'].sum())} flagged)")  # fmt: skip
         ax.axvline(tol, color=colors[cls], linestyle="--", linewidth=1)
