@@ -1,8 +1,8 @@
 """The tables of docs/findings.md, read from finished run folders of
-`crossdiff run --controls --crosscoder-seeds N` (their report.json and the models' eval.json);
+`crossdiff run --model-seeds N --crosscoder-seeds C` (their report.json and the models' eval.json);
 nothing is recomputed.
 
-    .venv/bin/python benchmarks/findings_tables.py runs/tiny runs/small
+    .venv/bin/python benchmarks/findings_tables.py runs/tiny-n3 runs/small-n3
 """
 
 from __future__ import annotations
@@ -15,100 +15,100 @@ from typing import Any
 
 def _load(run: Path) -> dict[str, Any]:
     report = json.loads((run / "report" / "report.json").read_text())["summary"]
-    models = json.loads((run / "models" / "eval.json").read_text())
-    controls = run / "control-models" / "eval.json"
+    evals = [json.loads((run / "models" / "eval.json").read_text())]
+    evals += [
+        json.loads((d / "eval.json").read_text())
+        for d in sorted(run.glob("models-seed*"))
+        if (d / "eval.json").exists()
+    ]
     return {
         "name": run.name,
         "summary": report,
-        "models": models,
-        "control_models": json.loads(controls.read_text()) if controls.exists() else None,
+        "models": evals,
         "seconds": json.loads((run / "summary.json").read_text()).get("stage_seconds", {}),
     }
 
 
-def _spread(s: dict[str, Any] | None, digits: int = 1) -> str:
-    if not s or s.get("mean") is None:
+def _est(e: dict[str, Any] | None) -> str:
+    if not e or e.get("value") is None:
         return "n/a"
-    values = ", ".join(f"{v:.{digits}f}" if v is not None else "n/a" for v in s["values"])
-    sd = f" ± {s['sd']:.{digits}f}" if s.get("sd") is not None else ""
-    return f"{s['mean']:.{digits}f}{sd} ({values})"
-
-
-def _interval(ci: list[float] | None) -> str:
-    return "n/a" if not ci else f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+    ci = "" if not e.get("ci") else f" [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]"
+    return f"{e['value']:.3g}{ci}"
 
 
 def lm_table(runs: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| run | model | held-out CE code | science | stories |",
-        "|---|---|---|---|---|",
-    ]
+    lines = ["| run | model seed | model | held-out CE code | science | stories |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for run in runs:
-        for which, evals in (("", run["models"]), (" (control)", run["control_models"])):
-            if evals is None:
-                continue
+        for seed, evals in enumerate(run["models"]):
             for model, result in evals["models"].items():
                 ce = [result["domains"][d]["cross_entropy"] for d in ("code", "science", "stories")]
                 cells = " | ".join(f"{v:.3f}" for v in ce)
-                lines.append(f"| {run['name']} | {model}{which} | {cells} |")
+                lines.append(f"| {run['name']} | {seed} | {model} | {cells} |")
     return lines
 
 
-def pairs_table(runs: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| run | pair | A-only | B-only | FVE (pooled, raw) | median density: A-only / B-only / "
-        "shared |",
-        "|---|---|---|---|---|---|",
-    ]
+def classes_table(runs: list[dict[str, Any]]) -> list[str]:
+    lines = ["| run | split | class | latents [95% interval over model and crosscoder seeds] |",
+             "|---|---|---|---|"]  # fmt: skip
     for run in runs:
-        controls = run["summary"].get("controls")
-        if not controls:
+        arch = run["summary"].get("architectures")
+        if not arch:
             continue
-        for role, pair in controls["pairs"].items():
-            a, b = pair["A"], pair["B"]
-            ex, dens = pair["exclusive"], pair["density_median"]
-            density = " / ".join(_spread(dens[c], 4) for c in (f"{a}-only", f"{b}-only", "shared"))
-            lines.append(
-                f"| {run['name']} | {a} vs {b} ({role}) | {_spread(ex[f'{a}-only'])} | "
-                f"{_spread(ex[f'{b}-only'])} | {_spread(pair['fve'], 3)} | {density} |"
-            )
+        for split, s in arch["splits"].items():
+            for cls, e in s["class_counts"].items():
+                lines.append(f"| {run['name']} | {split} | {cls} | {_est(e)} |")
     return lines
 
 
 def claims_table(runs: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| run | claim | within the main pair (seed 0) | beyond controls: effect | 95% interval "
-        "| verdict |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = ["| run | split | claim | effect [95% interval] | test | verdict |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for run in runs:
-        summary = run["summary"]
-        within = {c["key"]: c for c in summary["claims"]}
-        for claim in (summary.get("controls") or {}).get("claims", []):
-            own = within[claim["key"]]
-            effect = "n/a" if claim["effect"] is None else f"{claim['effect']:.3g}"
-            own_effect = "n/a" if own["effect"] is None else f"{own['effect']:.3g}"
-            lines.append(
-                f"| {run['name']} | {claim['key']} | {own['verdict']} ({own_effect}, "
-                f"CI {_interval(own['ci'])}) | {effect} | {_interval(claim['ci'])} | "
-                f"{claim['verdict']} |"
-            )
+        arch = run["summary"].get("architectures")
+        if not arch:
+            continue
+        for split, s in arch["splits"].items():
+            for c in s["claims"]:
+                perm = c.get("permutation")
+                test = (
+                    f"p = {perm['p']:.3g} (rank {perm['rank']}/{perm['n_splits']})" if perm else ""
+                )
+                reason = f" ({c['reason']})" if c["reason"] else ""
+                lines.append(
+                    f"| {run['name']} | {split} | {c['key']} | {_est(c['estimate'])} | {test} | "
+                    f"{c['verdict']}{reason} |"
+                )
     return lines
 
 
-def seeds_table(runs: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "| run | class | count per seed: mean ± sd (values) | stable across all seeds |",
-        "|---|---|---|---|",
-    ]
+def norms_table(runs: list[dict[str, Any]]) -> list[str]:
+    lines = ["| run | pair | sd of r | r: 1% / 50% / 99% | range |", "|---|---|---|---|---|"]
     for run in runs:
-        replicates = run["summary"].get("replicates")
-        if not replicates:
+        arch = run["summary"].get("architectures")
+        for d in (arch or {}).get("relative_norms", {}).values():
+            if d.get("n"):
+                q = d["quantiles"]
+                lines.append(
+                    f"| {run['name']} | {' vs '.join(d['models'])} | {d['sd']:.3f} | "
+                    f"{q['q01']:.3f} / {q['q50']:.3f} / {q['q99']:.3f} | "
+                    f"[{d['min']:.3f}, {d['max']:.3f}] |"
+                )
+    return lines
+
+
+def stability_table(runs: list[dict[str, Any]]) -> list[str]:
+    lines = ["| run | class (main pair) | live latents | matched at 0.5 / 0.7 / 0.9 | stable |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for run in runs:
+        st = (run["summary"].get("replicates") or {}).get("seed_stability")
+        if not st:
             continue
-        stability = replicates.get("stability") or {}
-        for cls, spread in replicates["figures"]["class_counts"].items():
-            stable = stability.get(cls, {}).get("fraction")
-            lines.append(f"| {run['name']} | {cls} | {_spread(spread)} | {_spread(stable, 2)} |")
+        for cls, n in st["n_live"].items():
+            shares = " / ".join(
+                f"{st['share_matched'][t][cls]['mean']:.2f}" for t in ("0.5", "0.7", "0.9")
+            )
+            lines.append(f"| {run['name']} | {cls} | {n} | {shares} | {st['n_stable'][cls]} |")
     return lines
 
 
@@ -119,19 +119,20 @@ def main() -> None:
     runs = [_load(run) for run in args.runs]
     for title, table in (
         ("Language models (held-out cross-entropy, nats)", lm_table(runs)),
-        ("Pairs (per crosscoder seed)", pairs_table(runs)),
-        ("Claims", claims_table(runs)),
-        ("Crosscoder seeds (main pair)", seeds_table(runs)),
+        ("Latents attributed over model seeds", classes_table(runs)),
+        ("Claims over model seeds", claims_table(runs)),
+        ("Relative norms in the joint crosscoder", norms_table(runs)),
+        ("Seed stability (main pair's crosscoder seeds)", stability_table(runs)),
     ):
         print(f"\n### {title}\n")
         print("\n".join(table))
     for run in runs:
+        arch = run["summary"].get("architectures") or {}
         fve = run["summary"]["reconstruction"]
         seconds = sum(run["seconds"].values())
         print(
-            f"\n{run['name']}: seed-0 FVE per model {fve['fve_per_model']}, pooled normalized "
-            f"{fve.get('fve_pooled_normalized')}; stage seconds of the last invocation "
-            f"{seconds:.0f}"
+            f"\n{run['name']}: headline {arch.get('headline')}; main-pair seed-0 FVE per model "
+            f"{fve['fve_per_model']}; stage seconds of the last invocation {seconds:.0f}"
         )
 
 

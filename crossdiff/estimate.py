@@ -247,17 +247,18 @@ def estimate_run(
     n_seeds = int(options.get("replicates", {}).get("crosscoder_seeds", 1))
     if n_seeds > 1:
         out["cc seeds"] = _times(crosscoder, n_seeds - 1)
-    if options.get("controls", {}).get("enabled"):
-        # the control models are the main ones again; dense vs dense' and MoE vs MoE' cost about
-        # what dense vs MoE costs (same widths), each with every crosscoder seed
+    n_models = int(options.get("model_seeds", {}).get("n", 1))
+    if n_models > 1:
+        # each extra model seed is the main pair again, with its own store; the joint crosscoder
+        # reads all 2N models, so its step costs about N pair crosscoders' (one per seed)
         out |= {
-            "ctl models": models,
-            "ctl stores": _times(store, 2),
-            "ctl ccs": _times(crosscoder, 2 * n_seeds),
+            "seed models": _times(models, n_models - 1),
+            "seed stores": _times(store, n_models - 1),
+            "joint ccs": _times(crosscoder, n_models * n_seeds),
         }
     out["report"] = _report_stage(options, d_store, dev)
-    if n_seeds > 1 or options.get("controls", {}).get("enabled"):
-        n_diffs = n_seeds * (3 if options.get("controls", {}).get("enabled") else 1)
+    if n_seeds > 1 or n_models > 1:
+        n_diffs = n_seeds * (1 + (n_models > 1))
         out["report"] = replace(_times(out["report"], n_diffs), disk_bytes=out["report"].disk_bytes)
     return out
 

@@ -28,8 +28,8 @@ from crossdiff.run_summary import _print_summary, _summary_lines  # noqa: F401 (
 from crossdiff.stage_runner import (
     BASE_STAGES,
     StageRunner,
-    controls_enabled,
     crosscoder_seeds,
+    model_seeds,
     stage_graph,
 )
 from crossdiff.validation import validate_run_options
@@ -81,9 +81,10 @@ def run_pipeline(
     harvests only a small store for the report (see replication.live_store_tokens); None
     chooses 'store' when the estimated store fits in 90% of the free disk, else 'live'.
 
-    options["replicates"]["crosscoder_seeds"] = N trains N crosscoders per pair (seeds seed ..
-    seed + N - 1); options["controls"]["enabled"] also trains the same-architecture controls
-    (see crossdiff.replication). The report then holds their comparison.
+    options["replicates"]["crosscoder_seeds"] = C trains C crosscoders per pair (seeds seed ..
+    seed + C - 1); options["model_seeds"]["n"] = N trains N dense and N MoE models and C joint
+    crosscoders over all 2N (see crossdiff.replication). The report then holds their seed
+    stability and the claims about the architectures over model seeds.
 
     Under torchrun the language models, the harvest and the crosscoder run data-parallel over
     all processes (docs/distributed.md); rank 0 prepares the data first, writes the stage
@@ -153,7 +154,7 @@ def _print_estimates(
     spec = device_spec(device)
     last = STAGES.index(stop_after) if stop_after else len(STAGES) - 1
     wanted = set(STAGES[: last + 1])
-    # the extra seeds' and the controls' stages run with the crosscoder stage
+    # the extra seeds' and model seeds' stages run with the crosscoder stage
     estimates = {
         k: v
         for k, v in estimate_run(options, spec).items()
@@ -220,16 +221,16 @@ def _store_stage(run: _Run) -> None:
 
 
 def _crosscoder_stage(run: _Run) -> None:
-    """The crosscoders: the main one, one per extra seed, and the controls' (with --controls)."""
-    from crossdiff.replication import run_controls, train_pair_crosscoder, train_replicates
+    """The crosscoders: the main one, one per extra seed, and with --model-seeds N the other
+    seeds' models and stores and the joint crosscoders over all 2N models."""
+    from crossdiff.replication import run_model_seeds, train_pair_crosscoder, train_replicates
 
     args = (run.main_pair(), run.options, run.made["data"], run.seed, run.device)
     store = run.made["store"]
     run.made["crosscoder"] = train_pair_crosscoder(run.runner, "crosscoder", store, *args)
     train_replicates(run.runner, store, *args)
-    if controls_enabled(run.options):
-        data = run.made["data"]
-        run_controls(run.runner, run.models_dir, run.options, data, run.seed, run.device)
+    if model_seeds(run.options) > 1:
+        run_model_seeds(run.runner, run.options, run.made["data"], run.seed, run.device)
 
 
 def _report_stage(run: _Run) -> None:
@@ -239,7 +240,7 @@ def _report_stage(run: _Run) -> None:
     t0 = time.perf_counter()
     options, data, summary = run.options, run.made["data"], run.summary
     extra = None
-    if crosscoder_seeds(options) > 1 or controls_enabled(options):
+    if crosscoder_seeds(options) > 1 or model_seeds(options) > 1:
         from crossdiff.replication import replication_summary
 
         def extra(diff: Any) -> dict[str, Any]:
@@ -269,7 +270,7 @@ def _report_stage(run: _Run) -> None:
 
 
 # each base stage of `crossdiff run`, in order, and the function that runs it (with the stages
-# the graph adds next to it: the extra seeds' and the controls' run with "crosscoder")
+# the graph adds next to it: the extra seeds' and the model seeds' run with "crosscoder")
 STAGE_STEPS = (
     ("data", _data_stage),
     ("models", _models_stage),

@@ -1,23 +1,25 @@
-"""The stages of `crossdiff run` that pair two models and train crosscoders on them, for the main
-pair (dense vs MoE), for the extra crosscoder seeds (`--crosscoder-seeds N`) and for the
-same-architecture controls (`--controls`): a second dense and a second MoE model trained from
-another initialization seed on the same tokens in the same order, each paired with its twin.
+"""The stages of `crossdiff run` that pair models and train crosscoders on them: the main pair
+(dense vs MoE), the extra crosscoder seeds (`--crosscoder-seeds C`) and the model seeds
+(`--model-seeds N`): N - 1 more dense and MoE models trained from other initialization seeds on
+the same tokens in the same order, each pair harvested on the same tokens, and one crosscoder
+over all 2N models' activations per crosscoder seed (crossdiff.analysis.architectures attributes
+its latents to an architecture per latent).
 
-A count of "exclusive" latents is only a finding beyond what two models of one architecture and
-several crosscoder seeds give anyway; `replication_summary` measures both for the report.
+A statement about the architectures is a finding only beyond what model seeds and crosscoder
+seeds give anyway; `replication_summary` measures both for the report.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-from crossdiff.stage_runner import CONTROL_PAIRS, StageRunner, crosscoder_seeds, seed_suffix
+from crossdiff.activations.store import ActivationStore
+from crossdiff.stage_runner import StageRunner, crosscoder_seeds, model_seeds, seed_suffix
 
-# the control models' initialization seed is the run's seed plus this (their batches keep the
-# run's seed, so they see exactly the main models' tokens in the same order)
-CONTROL_INIT_OFFSET = 1_000
+# model seed i's initialization seed is the run's seed plus i times this (its batches keep the
+# run's seed, so every model sees exactly the main models' tokens in the same order)
+MODEL_SEED_OFFSET = 1_000
 Pair = tuple[tuple[Path, str], tuple[Path, str]]  # ((model folder, name), (model folder, name))
 
 
@@ -34,22 +36,10 @@ def live_store_tokens(options: dict[str, dict[str, Any]]) -> int:
 
 
 def pair_pairing(options: dict[str, dict[str, Any]], pair: Pair) -> Any:
-    """The run's pairing, or for a same-architecture pair the pairing's sites of that model on
-    both sides (model A's hooks for dense vs dense', model B's for MoE vs MoE')."""
+    """The run's pairing (every pair of a run is a dense model and an MoE)."""
     from crossdiff.activations import load_pairing
 
-    pairing = load_pairing(options["store"]["pairing"])
-    (_, name_a), (_, name_b) = pair
-    if (name_a, name_b) == ("dense", "moe"):
-        return pairing
-    side = pairing.hooks_a if name_a == "dense" else pairing.hooks_b
-    return dataclasses.replace(
-        pairing,
-        name=f"{pairing.name} ({name_a} vs {name_b})",
-        sites=tuple((hook, hook) for hook in side),
-        expert_indices=() if name_a == "dense" else pairing.expert_indices,
-        expert_model="auto" if name_a == "dense" else "a",
-    )
+    return load_pairing(options["store"]["pairing"])
 
 
 def store_config(options: dict[str, dict[str, Any]]) -> Any:
@@ -159,53 +149,86 @@ def train_replicates(
         train_pair_crosscoder(runner, stage, store, pair, options, data, seed + i, device)
 
 
-def run_controls(
+def seed_pair(out: Path, index: int) -> Pair:
+    """The dense and MoE models of model seed `index` (0: the main pair)."""
+    models = out / ("models" if index == 0 else f"models-seed{index}")
+    suffix = "" if index == 0 else str(index + 1)
+    return ((models / "dense", f"dense{suffix}"), (models / "moe", f"moe{suffix}"))
+
+
+def run_model_seeds(
     runner: StageRunner,
-    models_dir: Path,
     options: dict[str, dict[str, Any]],
     data: Any,
     seed: int,
     device: Any,
 ) -> None:
-    """Train the control models, harvest dense vs dense' and MoE vs MoE', and train their
-    crosscoders with the main crosscoder's settings and seeds."""
+    """Train the extra model seeds' dense and MoE models, harvest each pair, and train the joint
+    crosscoders over all 2N models (one per crosscoder seed)."""
     from crossdiff.models.stage import ModelsStageConfig, run_models_stage
 
-    init_seed = seed + CONTROL_INIT_OFFSET
-    control_dir, done = runner.begin(
-        "control-models", {**options["models"], "seed": seed, "init_seed": init_seed}
+    stores = [ActivationStore(runner.out / "store")]
+    for i in range(1, model_seeds(options)):
+        init_seed = seed + i * MODEL_SEED_OFFSET
+        stage = f"models-seed{i}"
+        models_dir, done = runner.begin(
+            stage, {**options["models"], "seed": seed, "init_seed": init_seed}
+        )
+        if not done:
+            config = ModelsStageConfig.from_options({**options["models"], "init_seed": init_seed})
+            run_models_stage(config, data, models_dir, seed=seed, device=device)
+            runner.finish(stage)
+        pair = seed_pair(runner.out, i)
+        stores.append(harvest_pair(runner, f"store-seed{i}", pair, options, data, seed, device))
+    joint = joint_store(stores)
+    for i in range(crosscoder_seeds(options)):
+        stage = f"joint-crosscoder{seed_suffix(i)}"
+        train_joint_crosscoder(runner, stage, joint, options, seed + i, device)
+
+
+def joint_store(stores: list[Any]) -> Any:
+    """The JointSource over the model seeds' stores: every dense model, then every MoE."""
+    from crossdiff.activations.joint import joint_source
+
+    order = [(i, 0) for i in range(len(stores))] + [(i, 1) for i in range(len(stores))]
+    return joint_source(stores, order)
+
+
+def train_joint_crosscoder(
+    runner: StageRunner, stage: str, joint: Any, options: dict[str, Any], seed: int, device: Any
+) -> Any:
+    from crossdiff.crosscoder import CrossCoder
+    from crossdiff.crosscoder.stage import CrosscoderStageConfig, run_crosscoder_stage
+
+    cc_dir, done = runner.begin(stage, {**options["crosscoder"], "seed": seed})
+    if done:
+        return CrossCoder.load(cc_dir)
+    crosscoder = run_crosscoder_stage(
+        CrosscoderStageConfig.from_options(options["crosscoder"]),
+        joint.part("train"),
+        cc_dir,
+        seed=seed,
+        device=device,
+        evaluate_on=joint.part("heldout"),
     )
-    if not done:
-        config = ModelsStageConfig.from_options({**options["models"], "init_seed": init_seed})
-        run_models_stage(config, data, control_dir, seed=seed, device=device)
-        runner.finish("control-models")
-    for name, model in CONTROL_PAIRS:
-        pair: Pair = ((models_dir / model, name), (control_dir / model, f"{name}2"))
-        store = harvest_pair(runner, f"control-store-{name}", pair, options, data, seed, device)
-        prefix = f"control-crosscoder-{name}"
-        train_pair_crosscoder(runner, prefix, store, pair, options, data, seed, device)
-        train_replicates(runner, store, pair, options, data, seed, device, prefix=prefix)
+    runner.finish(stage)
+    return crosscoder
 
 
 def _pair_diffs(
-    out: Path,
-    store_stage: str,
-    crosscoder_stage: str,
-    options: dict[str, dict[str, Any]],
-    data: Any,
-    first: Any = None,
+    out: Path, options: dict[str, dict[str, Any]], data: Any, first: Any = None
 ) -> list[Any]:
-    """One FeatureDiff per crosscoder seed of a pair (held-out tokens; the first may be given)."""
-    from crossdiff.activations import ActivationStore
+    """One FeatureDiff per crosscoder seed of the main pair (held-out tokens; the first may be
+    given)."""
     from crossdiff.analysis import diff_features
     from crossdiff.crosscoder import CrossCoder
 
-    store = ActivationStore(out / store_stage)
+    store = ActivationStore(out / "store")
     diffs = [] if first is None else [first]
     for i in range(len(diffs), crosscoder_seeds(options)):
         diffs.append(
             diff_features(
-                CrossCoder.load(out / f"{crosscoder_stage}{seed_suffix(i)}"),
+                CrossCoder.load(out / f"crosscoder{seed_suffix(i)}"),
                 store,
                 tokenizer=data.tokenizer,
                 split=options["report"]["split"],
@@ -218,23 +241,40 @@ def _pair_diffs(
     return diffs
 
 
+def architecture_summary(out: Path, options: dict[str, dict[str, Any]], seed: int) -> Any:
+    """The report's `architectures` block: the joint crosscoders' latents attributed per latent
+    and the three claims over model seeds (crossdiff.analysis.architectures)."""
+    from crossdiff.analysis.architectures import compare_architectures, joint_fit
+    from crossdiff.crosscoder import CrossCoder
+
+    n = model_seeds(options)
+    stores = [ActivationStore(out / "store")]
+    stores += [ActivationStore(out / f"store-seed{i}") for i in range(1, n)]
+    heldout = joint_store(stores).part("heldout")
+    limit = options["report"].get("max_tokens")
+    fits = [
+        joint_fit(
+            CrossCoder.load(out / f"joint-crosscoder{seed_suffix(i)}"),
+            heldout,
+            max_tokens=limit,
+            seed=seed + i,
+        )
+        for i in range(crosscoder_seeds(options))
+    ]
+    return compare_architectures(fits, ["dense"] * n + ["moe"] * n, model_names=heldout.model_names)
+
+
 def replication_summary(
     out: Path, main: Any, options: dict[str, dict[str, Any]], data: Any, seed: int
 ) -> dict[str, Any]:
-    """The report's `replicates` block (the main pair over crosscoder seeds) and, with controls,
-    its `controls` block (the main pair against dense vs dense' and MoE vs MoE')."""
+    """The report's `replicates` block (the main pair over crosscoder seeds, with seed
+    stability) and, with model seeds, its `architectures` block."""
     from crossdiff.analysis.replicates import replicate_summary
 
-    seeds = [seed + i for i in range(crosscoder_seeds(options))]
-    main_diffs = _pair_diffs(out, "store", "crosscoder", options, data, first=main)
-    blocks: dict[str, Any] = {"replicates": replicate_summary(main_diffs, seeds)}
-    if options.get("controls", {}).get("enabled"):
-        from crossdiff.analysis.controls import compare_with_controls
-
-        controls = [
-            _pair_diffs(out, f"control-store-{name}", f"control-crosscoder-{name}", options, data)
-            for name, _ in CONTROL_PAIRS
-        ]
-        blocks["controls"] = compare_with_controls(main_diffs, *controls)
-        blocks["controls"]["init_seed_offset"] = CONTROL_INIT_OFFSET
+    blocks: dict[str, Any] = {}
+    if crosscoder_seeds(options) > 1:
+        seeds = [seed + i for i in range(crosscoder_seeds(options))]
+        blocks["replicates"] = replicate_summary(_pair_diffs(out, options, data, first=main), seeds)
+    if model_seeds(options) > 1:
+        blocks["architectures"] = architecture_summary(out, options, seed)
     return blocks

@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="tiny",
         choices=sorted(RUN_PRESETS),
         help=(
-            "tiny: 2-core CPU in minutes; small: a larger pair (about an hour with --controls "
-            "--crosscoder-seeds 3); micro: seconds (tests); paper: the seed paper on a GPU"
+            "tiny: 2-core CPU in minutes (one model seed); small: a larger pair, three model "
+            "seeds; micro: seconds (tests); paper: the seed paper on a GPU, three model seeds"
         ),
     )
     parser.add_argument("--out", type=Path, default=Path("runs/tiny"), help="run folder")
@@ -52,15 +52,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument(
-        "--controls",
-        action="store_true",
+        "--model-seeds",
+        type=int,
         default=None,
+        metavar="N",
         help=(
-            "also train a second dense and a second MoE model (another init seed, the same "
-            "tokens in the same order) and crosscoders for dense vs dense' and MoE vs MoE'; the "
-            "report compares dense vs MoE with these same-architecture pairs"
+            "train N dense and N MoE models (other init seeds, the same tokens in the same "
+            "order) and a crosscoder over all 2N; the report attributes latents to an "
+            "architecture per latent and judges the paper's claims over model seeds (N >= 3 "
+            "for a verdict; default: the preset's)"
         ),
     )
+    parser.add_argument("--controls", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--crosscoder-seeds",
         type=int,
@@ -82,12 +85,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.controls:
+        from crossdiff.common import CrossdiffError
+
+        raise CrossdiffError(
+            "--controls was replaced by --model-seeds N: N dense and N MoE models and one "
+            "crosscoder over all 2N, whose latents are attributed to an architecture per "
+            "latent; --model-seeds 2 is what --controls trained, --model-seeds 3 can give a "
+            "verdict (docs/user-guide.md, 'Model seeds')"
+        )
     overrides = {
         "models": {"steps": args.lm_steps},
         "store": {"n_tokens": args.harvest_tokens, "pairing": args.pairing},
         "report": {"splice_sequences": args.splice_sequences},
         "replicates": {"crosscoder_seeds": args.crosscoder_seeds},
-        "controls": {"enabled": args.controls},
+        "model_seeds": {"n": args.model_seeds},
         "crosscoder": {
             "steps": args.crosscoder_steps,
             "k": args.k,

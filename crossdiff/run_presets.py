@@ -35,7 +35,7 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "report": {"split": "paper", "max_tokens": 200_000},
     },
     # tiny's corpus and tokenizer, a larger and longer-trained pair (d_model 256), a 2,048-latent
-    # crosscoder: sized for --controls --crosscoder-seeds 3 in about an hour on a 2-core CPU
+    # crosscoder: sized for three model seeds and --crosscoder-seeds 3 on a 2-core CPU
     # (predicted 81 min; 87 CPU-minutes, 116 min on a shared machine: docs/findings.md)
     "small": {
         "data": {"source": "embedded", "preset": "tiny"},
@@ -56,6 +56,7 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "aux_loss_coefficient": 0.25,  # as tiny: keeps the dead fraction low in a short run
         },
         "report": {"split": "paper", "max_tokens": 200_000},
+        "model_seeds": {"n": 3},
     },
     "micro": {
         "data": {"source": "embedded", "preset": "tiny", "n_chars_per_domain": 150_000},
@@ -113,12 +114,14 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "lr_decay_fraction": 0.0,
         },
         "report": {"split": "paper", "max_tokens": 2_000_000},
+        "model_seeds": {"n": 3},
     },
 }
 
 
-# run-wide sections next to the stages' options: extra crosscoder seeds, and the controls
+# run-wide sections next to the stages' options: extra crosscoder seeds, and model seeds (N dense
+# and N MoE models; the science presets small and paper default to 3, tiny is the quick look)
 RUN_SECTIONS: dict[str, dict[str, Any]] = {
     "replicates": {"crosscoder_seeds": 1},
-    "controls": {"enabled": False},
+    "model_seeds": {"n": 1},
 }

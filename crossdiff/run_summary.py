@@ -54,7 +54,7 @@ def _summary_lines(diff: dict[str, Any]) -> list[str]:
 
 
 def _replication_lines(diff: dict[str, Any]) -> list[str]:
-    """The crosscoder seeds' spread of the class counts, and the claims beyond the controls."""
+    """The crosscoder seeds' spread and stability, and the claims over model seeds."""
     lines = []
     replicates = diff.get("replicates")
     if replicates and replicates.get("n_seeds", 1) > 1:
@@ -63,5 +63,19 @@ def _replication_lines(diff: dict[str, Any]) -> list[str]:
             f"{cls}={c['mean']:.1f}±{c['sd']:.1f}" for cls, c in counts.items() if c["mean"]
         )
         lines.append(f"over {replicates['n_seeds']} crosscoder seeds (mean±sd): {spread}")
-    lines.extend(f"control: {s}" for s in (diff.get("controls") or {}).get("sentences", []))
+        st = replicates.get("seed_stability")
+        if st:
+            share = st["share_matched"].get("0.7", {}).get("all", {}).get("mean")
+            lines.append(
+                f"seed stability: {st['n_stable']['all']} of {st['n_live']['all']} live latents "
+                f"stable; {share:.0%} matched at cosine >= 0.7"
+            )
+    arch = diff.get("architectures")
+    if arch:
+        lines.extend(arch["headline"])
+        n = arch["n_model_seeds"]
+        for name, split in arch["splits"].items():
+            for c in split["claims"]:
+                reason = f" ({c['reason']})" if c["reason"] else ""
+                lines.append(f"over {n} model seeds, {name}: {c['claim']}: {c['verdict']}{reason}")
     return lines

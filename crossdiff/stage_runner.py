@@ -2,10 +2,12 @@
 reads, and when each is reused, resumed or redone (records in crossdiff.stage_record).
 
 The stage graph is built from the options: the five base stages, plus, with
-`replicates.crosscoder_seeds` N > 1, one crosscoder stage per extra seed, and with
-`controls.enabled`, the control models, their paired stores and their crosscoders (one per seed).
-Redoing a stage redoes every stage that reads it, directly or not, and nothing else: changing the
-crosscoder's options retrains every crosscoder, never the control models.
+`replicates.crosscoder_seeds` C > 1, one crosscoder stage per extra seed, and with
+`model_seeds.n` N > 1, per extra model seed i its dense and MoE models (`models-seed<i>`) and
+their paired store (`store-seed<i>`), and the joint crosscoders over all 2N models
+(`joint-crosscoder`, one per crosscoder seed). Redoing a stage redoes every stage that reads it,
+directly or not, and nothing else: changing the crosscoder's options retrains every crosscoder,
+never the models.
 """
 
 from __future__ import annotations
@@ -18,16 +20,14 @@ from typing import Any
 from crossdiff import stage_record
 
 BASE_STAGES = ("data", "models", "store", "crosscoder", "report")
-# the same-architecture controls: (pair name, model of the main pair it doubles)
-CONTROL_PAIRS = (("dense", "dense"), ("moe", "moe"))
 
 
 def crosscoder_seeds(options: dict[str, dict[str, Any]]) -> int:
     return int(options.get("replicates", {}).get("crosscoder_seeds", 1))
 
 
-def controls_enabled(options: dict[str, dict[str, Any]]) -> bool:
-    return bool(options.get("controls", {}).get("enabled", False))
+def model_seeds(options: dict[str, dict[str, Any]]) -> int:
+    return int(options.get("model_seeds", {}).get("n", 1))
 
 
 def seed_suffix(index: int) -> str:
@@ -46,15 +46,14 @@ def stage_graph(options: dict[str, dict[str, Any]]) -> dict[str, tuple[str, ...]
     crosscoders = [f"crosscoder{seed_suffix(i)}" for i in range(n_seeds)]
     graph.update({name: ("store",) for name in crosscoders})
     stores = ["store"]
-    if controls_enabled(options):
-        graph["control-models"] = ("data",)
-        for pair, _ in CONTROL_PAIRS:
-            graph[f"control-store-{pair}"] = ("data", "models", "control-models")
-            stores.append(f"control-store-{pair}")
-            for i in range(n_seeds):
-                name = f"control-crosscoder-{pair}{seed_suffix(i)}"
-                graph[name] = (f"control-store-{pair}",)
-                crosscoders.append(name)
+    if model_seeds(options) > 1:
+        for i in range(1, model_seeds(options)):
+            graph[f"models-seed{i}"] = ("data",)
+            graph[f"store-seed{i}"] = ("data", f"models-seed{i}")
+            stores.append(f"store-seed{i}")
+        for i in range(n_seeds):
+            graph[f"joint-crosscoder{seed_suffix(i)}"] = tuple(stores)
+            crosscoders.append(f"joint-crosscoder{seed_suffix(i)}")
     graph["report"] = ("data", *stores, *crosscoders)
     return graph
 

@@ -21,7 +21,8 @@ from crossdiff.crosscoder.memory import (  # noqa: F401 (re-exported: tests and 
 )
 
 REPLICATES_OPTIONS = ("crosscoder_seeds",)
-CONTROLS_OPTIONS = ("enabled",)
+MODEL_SEEDS_OPTIONS = ("n",)
+MAX_MODEL_SEEDS = 8
 MAX_CROSSCODER_SEEDS = 32
 
 
@@ -41,7 +42,7 @@ def allowed_options() -> dict[str, set[str]]:
     return {
         **{config.STAGE: config.option_names() for config in configs},
         "replicates": set(REPLICATES_OPTIONS),
-        "controls": set(CONTROLS_OPTIONS),
+        "model_seeds": set(MODEL_SEEDS_OPTIONS),
     }
 
 
@@ -114,9 +115,13 @@ def validate_run_options(
             f"replicates: crosscoder_seeds={seeds!r} must be an integer in "
             f"[1, {MAX_CROSSCODER_SEEDS}] (--crosscoder-seeds N trains N crosscoders)"
         )
-    enabled = options.get("controls", {}).get("enabled", False)
-    if not isinstance(enabled, bool):
-        problems.append(f"controls: enabled={enabled!r} must be true or false (--controls)")
+    n_models = options.get("model_seeds", {}).get("n", 1)
+    if not (_is_int(n_models) and 1 <= n_models <= MAX_MODEL_SEEDS):
+        problems.append(
+            f"model_seeds: n={n_models!r} must be an integer in [1, {MAX_MODEL_SEEDS}] "
+            "(--model-seeds N trains N dense and N MoE models; 3 is the smallest N whose "
+            "permutation test can reach p = 0.05)"
+        )
 
     cc = options["crosscoder"]
     for key in ("steps", "batch_size"):

@@ -62,8 +62,9 @@ SKIPPED = {
     ("README.md", "# main job: corpus -> tokenizer -> dense + MoE models -> paired activations"):
         "installs a virtualenv and runs the whole test suite, this test included",
     ("docs/user-guide.md", "bash scripts/setup.sh"): "installs a virtualenv",
-    ("docs/user-guide.md", "crossdiff run --preset small --controls --crosscoder-seeds 3"):
-        "an hour on 2 CPU cores; the same flags run at the micro size in tests/test_pipeline.py",
+    ("docs/user-guide.md", "crossdiff run --preset small --model-seeds 3 --crosscoder-seeds 3"):
+        "over an hour on 2 CPU cores; the same flags run at the micro size in "
+        "tests/test_pipeline.py",
     ("docs/user-guide.md", "torchrun --standalone --nproc_per_node 4 -m crossdiff harvest \\"):
         "four processes on four GPUs",
     ("docs/distributed.md", "torchrun --standalone --nproc_per_node 4 -m crossdiff train-models"):

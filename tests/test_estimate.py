@@ -52,11 +52,15 @@ def test_paper_store_is_refused_on_a_64_gib_disk(tmp_path, monkeypatch):
     with pytest.raises(CrossdiffError, match="--activations live") as err:
         check_disk(tmp_path / "run", stages)
     assert "309.6 GB" in str(err.value) and "68.7 GB free" in str(err.value)
-    # a 10M-token store (31 GB) fits on the same disk
-    small = estimate_run(
+    # one model seed's 10M-token store (31 GB) fits on the same disk; three such stores do not
+    overrides = {"store": {"n_tokens": 10_000_000}, "model_seeds": {"n": 1}}
+    small = estimate_run(resolve_options("paper", overrides), gpu_spec("NVIDIA H200"))
+    assert 30e9 < check_disk(tmp_path / "run", small) < 60e9
+    three = estimate_run(
         resolve_options("paper", {"store": {"n_tokens": 10_000_000}}), gpu_spec("NVIDIA H200")
     )
-    assert 30e9 < check_disk(tmp_path / "run", small) < 60e9
+    with pytest.raises(CrossdiffError, match="more disk"):
+        check_disk(tmp_path / "run", three)
 
 
 @pytest.mark.parametrize("preset", ["micro", "tiny"])

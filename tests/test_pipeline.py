@@ -105,16 +105,17 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(micro_run: Path, tm
     assert "n_tokens: 12000 -> 9000" in capsys.readouterr().out
 
 
-CONTROLS = {"controls": {"enabled": True}, "replicates": {"crosscoder_seeds": 2}}
+SEEDS = {"model_seeds": {"n": 2}, "replicates": {"crosscoder_seeds": 2}}
 
 
 @pytest.mark.slow
-def test_controls_and_seeds_extend_a_finished_run_and_the_report_compares_them(
+def test_model_and_crosscoder_seeds_extend_a_finished_run_and_the_report_judges_them(
     micro_run: Path, tmp_path: Path
 ):
-    """`--controls --crosscoder-seeds 2` on a finished run: the main stages are reused, the
-    control models differ from their twins only by the init seed, and the report's json lays the
-    seeds and the three pairs side by side with the claims judged beyond the controls."""
+    """`--model-seeds 2 --crosscoder-seeds 2` on a finished run: the main stages are reused, the
+    second model seed differs from the first only by its init seed, and report.json carries
+    the seed stability, the per-class counts at the three splits with intervals over model
+    seeds, the permutation null and the verdicts (cannot tell: N = 2 cannot reach p = 0.05)."""
     import torch
     from safetensors.torch import load_file
 
@@ -125,57 +126,69 @@ def test_controls_and_seeds_extend_a_finished_run_and_the_report_compares_them(
     main = json.loads((micro_run / "report" / "report.json").read_text())["summary"]
     result = run_example(
         "-m", "crossdiff", "run", "--preset", "micro", "--out", str(out), "--device", "cpu",
-        "--controls", "--crosscoder-seeds", "2",
+        "--model-seeds", "2", "--crosscoder-seeds", "2",
     )  # fmt: skip
     for stage in ("data", "models", "store", "crosscoder"):
         assert f"[crossdiff] {stage}: already done" in result.stdout
-    assert "[crossdiff] control-crosscoder-moe-seed1: running into" in result.stdout
-    report = json.loads((out / "report" / "report.json").read_text())["summary"]
-    assert report["class_counts"] == main["class_counts"]  # the main crosscoder is the same
+    assert "[crossdiff] joint-crosscoder-seed1: running into" in result.stdout
+    report = json.loads((out / "report" / "report.json").read_text())
+    summary = report["summary"]
+    assert summary["class_counts"] == main["class_counts"]  # the main crosscoder is the same
 
-    replicates, controls = report["replicates"], report["controls"]
+    replicates = summary["replicates"]
     assert replicates["seeds"] == [0, 1]
-    assert replicates["per_seed"][0]["class_counts"] == main["class_counts"]
     seed0, seed1 = CrossCoder.load(out / "crosscoder"), CrossCoder.load(out / "crosscoder-seed1")
     assert not torch.allclose(seed0.W_dec, seed1.W_dec)  # another crosscoder seed
-    seed1_counts = replicates["per_seed"][1]["class_counts"]
-    assert replicates["figures"]["class_counts"]["shared"]["values"] == [
-        main["class_counts"]["shared"],
-        seed1_counts["shared"],
-    ]
+    st = replicates["seed_stability"]
+    assert st["method"] == "hungarian" and st["n_seeds"] == 2
+    shares = [st["share_matched"][t]["all"]["mean"] for t in ("0.5", "0.7", "0.9")]
+    assert 0 <= shares[2] <= shares[1] <= shares[0] <= 1
+    assert st["n_stable"]["all"] == len(st["stable_latents"])
+    stable_col = [row["stable"] for row in report["latents"]]
+    assert sum(stable_col) == st["n_stable"]["all"]
 
-    assert controls["roles"] == {
-        "main": ["dense", "moe"],
-        "control_a": ["dense", "dense2"],
-        "control_b": ["moe", "moe2"],
-    }
-    main_pair = controls["pairs"]["main"]
-    assert main_pair["exclusive"]["moe-only"]["values"] == [
-        s["class_counts"]["moe-only"] for s in replicates["per_seed"]
-    ]
-    for pair in controls["pairs"].values():
-        assert pair["n_seeds"] == 2 and len(pair["fve"]["values"]) == 2
-        assert all(0 < v <= 1 for v in pair["fve"]["values"])
-    assert [c["key"] for c in controls["claims"]] == [
-        "b_fewer_unique",
-        "b_denser_than_shared",
-        "a_sparser_than_shared",
-    ]
-    verdicts = {"holds beyond controls", "does not hold beyond controls", "cannot tell"}
-    assert {c["verdict"] for c in controls["claims"]} <= verdicts
+    arch = summary["architectures"]
+    assert arch["architectures"] == {"dense": ["dense", "dense2"], "moe": ["moe", "moe2"]}
+    assert arch["n_model_seeds"] == 2 and arch["n_crosscoder_seeds"] == 2
+    joint = CrossCoder.load(out / "joint-crosscoder")
+    assert joint.cfg.n_models == 4
+    assert list(arch["splits"]) == ["0.3/0.7", "0.2/0.8", "0.1/0.9"]
+    for split in arch["splits"].values():
+        counts = split["class_counts"]
+        assert sum(c["value"] for c in counts.values()) == joint.cfg.d_sae
+        for est in counts.values():
+            assert est["ci"][0] <= est["value"] <= est["ci"][1]
+            assert len(est["per_fit"]) == 2
+        claim = next(c for c in split["claims"] if c["key"] == "b_fewer_unique")
+        assert claim["permutation"]["n_splits"] == 6
+        assert claim["verdict"] == "cannot tell" and "1/6" in claim["reason"]
+    md = (out / "report" / "report.md").read_text()
+    assert "## Model seeds and crosscoder seeds" in md and "permutation p" in md
+    assert (out / "report" / "seed_stability.png").exists()
 
-    # the control models: the run's batches (seed 0), another initialization
-    control_eval = json.loads((out / "control-models" / "eval.json").read_text())
-    assert control_eval["training"]["seed"] == 0
-    assert control_eval["training"]["init_seed"] == 1000
+    # the second model seed: the run's batches (seed 0), another initialization
+    seed_eval = json.loads((out / "models-seed1" / "eval.json").read_text())
+    assert seed_eval["training"]["seed"] == 0
+    assert seed_eval["training"]["init_seed"] == 1000
     main_dense = load_file(next((out / "models" / "dense").glob("*.safetensors")))
-    control_dense = load_file(next((out / "control-models" / "dense").glob("*.safetensors")))
+    other_dense = load_file(next((out / "models-seed1" / "dense").glob("*.safetensors")))
     embed = next(k for k in main_dense if "embed" in k)
-    assert not torch.allclose(main_dense[embed], control_dense[embed])
+    assert not torch.allclose(main_dense[embed], other_dense[embed])
 
     # a re-run with the same options reuses every stage, the new ones included
-    again = run_pipeline(out, "micro", overrides=CONTROLS, device="cpu")
-    assert len(again.skipped) == 12 and "control-crosscoder-moe-seed1" in again.skipped
+    again = run_pipeline(out, "micro", overrides=SEEDS, device="cpu")
+    assert len(again.skipped) == 9 and "joint-crosscoder-seed1" in again.skipped
+
+
+def test_controls_flag_says_what_replaced_it(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "crossdiff", "run", "--preset", "micro", "--out",
+         str(tmp_path / "r"), "--controls"],
+        cwd=REPO, env=ENV, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--model-seeds" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def _run_until(out: Path, marker_glob: str, stage: str) -> bool:

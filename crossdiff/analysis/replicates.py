@@ -250,6 +250,23 @@ def replicate_summary(
         out["stable_exclusive"] = {
             c: spread(out["stability"][c]["stable"]) for c in (f"{name_a}-only", f"{name_b}-only")
         }
+        out["seed_stability"] = _seed_stability(diffs)
+    return out
+
+
+def _seed_stability(diffs: list[Any]) -> dict[str, Any]:
+    """Hungarian seed stability of the first diff's crosscoder against the others' (per class of
+    the first), and its per-latent columns added to the first diff's table: `seed_match` (the
+    worst matched cosine over the other seeds) and `stable` (>= the stable cosine in every one)."""
+    from crossdiff.analysis.stability import seed_stability
+
+    labels = [d.table["class"].to_numpy().astype(str) for d in diffs]
+    out = seed_stability(
+        [d.crosscoder for d in diffs], live=[t != DEAD for t in labels], classes=labels[0]
+    )
+    per_latent = out.pop("per_latent")
+    diffs[0].table["seed_match"] = per_latent["worst_match"]
+    diffs[0].table["stable"] = per_latent["stable"]
     return out
 
 

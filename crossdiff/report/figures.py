@@ -245,42 +245,55 @@ def latent_scaling_scatter(table, summary: dict[str, Any], path: Path) -> Path |
     return _save(fig, path)
 
 
-def controls_counts(table, summary: dict[str, Any], path: Path) -> Path | None:
-    """Exclusive latents per side for the main pair and the two same-architecture controls,
-    one dot per crosscoder seed and a bar at the mean (only when the summary has controls)."""
-    controls = summary.get("controls")
-    if not controls:
+def seed_relative_norms(table, summary: dict[str, Any], path: Path) -> Path | None:
+    """The joint crosscoder's relative norms for the main pair (dense_1 vs MoE_1) and one
+    same-architecture pair of each architecture, with the three splits marked (only with model
+    seeds): one peak whose tails a split calls classes looks the same in all three."""
+    arch = summary.get("architectures")
+    if not arch:
         return None
-    fig, ax = plt.subplots(figsize=(10.5, 4.8))
-    rng = np.random.default_rng(0)
-    hues = {"main": (OKABE_ITO[2], OKABE_ITO[3]), "control_a": (OKABE_ITO[2], OKABE_ITO[2]),
-            "control_b": (OKABE_ITO[3], OKABE_ITO[3])}  # fmt: skip
-    ticks, labels, x, top = [], [], 0.0, 1.0
-    for role, pair in controls["pairs"].items():
-        for side, color in zip(("A", "B"), hues.get(role, (GREY, GREY)), strict=True):
-            values = np.asarray(pair["exclusive"][f"{pair[side]}-only"]["values"], dtype=float)
-            face = color if role == "main" else "white"
-            top = max(top, float(values.max(initial=0)))
-            ax.scatter(x + rng.uniform(-0.08, 0.08, len(values)), values, s=36, zorder=3,
-                       facecolors=face, edgecolors=color, linewidths=1.5)  # fmt: skip
-            ax.hlines(values.mean(), x - 0.25, x + 0.25, color="black", linewidth=2)
-            ticks.append(x)
-            labels.append(f"{pair[side]}-only\n({pair['A']} vs {pair['B']})")
-            x += 1.0
-        x += 0.6
-    ax.set_xticks(ticks, labels, fontsize=8)
-    ax.set_ylabel("exclusive latents (count per crosscoder)")
-    ax.set_ylim(-0.04 * top, 1.25 * top)  # room for the dots at 0 and for the claim line
-    title = "Exclusive latents per side: main pair (filled) vs same-architecture controls (open)"
-    ax.set_title(title + "\none dot per crosscoder seed; bar: mean over seeds", fontsize=10)
-    claim = next((c for c in controls["claims"] if c["key"] == "b_fewer_unique"), None)
-    if claim is not None:
-        ci = "" if claim["ci"] is None else f" [{claim['ci'][0]:.3g}, {claim['ci'][1]:.3g}]"
-        effect = "n/a" if claim["effect"] is None else f"{claim['effect']:.3g}"
-        a, b = controls["pairs"]["main"]["A"], controls["pairs"]["main"]["B"]
-        text = f"claim 1, excess_{a} - excess_{b} = {effect}{ci}: {claim['verdict']}"
-        ax.text(0.01, 0.98, text,
-                transform=ax.transAxes, va="top", fontsize=9)  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8.5, 4.4))
+    edges = np.linspace(0.0, 1.0, 21)
+    centers = (edges[:-1] + edges[1:]) / 2
+    colors = {"main": OKABE_ITO[3], "same_a": OKABE_ITO[2], "same_b": OKABE_ITO[0]}
+    for role, d in arch["relative_norms"].items():
+        if not d.get("n"):
+            continue
+        share = np.asarray(d["histogram"], dtype=float) / d["n"]
+        label = f"{' vs '.join(d['models'])} (sd {d['sd']:.3f})"
+        ax.step(centers, share, where="mid", color=colors.get(role, GREY), linewidth=2, label=label)
+    for lo in (0.1, 0.2, 0.3):
+        for x in (lo, 1 - lo):
+            ax.axvline(x, color=GREY, linestyle=":", linewidth=1)
+    ax.set_xlabel("relative decoder norm r = |d_second| / (|d_first| + |d_second|)")
+    ax.set_ylabel("share of live latents")
+    ax.set_title("Relative norms in the joint crosscoder (dotted: the 0.1, 0.2, 0.3 splits)")
+    ax.legend(frameon=False, fontsize=9)
+    return _save(fig, path)
+
+
+def seed_stability_curve(table, summary: dict[str, Any], path: Path) -> Path | None:
+    """Share of live latents matched one-to-one in the other crosscoder seeds at or above each
+    decoder cosine, per class (only with crosscoder seeds)."""
+    st = (summary.get("replicates") or {}).get("seed_stability")
+    if not st:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    x = np.asarray(st["curve"]["cosine"])
+    for i, (cls, share) in enumerate(st["curve"]["share"].items()):
+        if st["n_live"].get(cls, 0) == 0:
+            continue
+        y = np.array([np.nan if v is None else v for v in share], dtype=float)
+        color = "black" if cls == "all" else OKABE_ITO[i % len(OKABE_ITO)]
+        ax.plot(x, y, color=color, linewidth=2.5 if cls == "all" else 1.5,
+                label=f"{cls} ({st['n_live'][cls]})")  # fmt: skip
+    ax.axvline(st["stable_cosine"], color=GREY, linestyle=":", linewidth=1)
+    ax.axhline(0.5, color=GREY, linestyle="--", linewidth=1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("decoder cosine of the one-to-one match")
+    ax.set_ylabel("share of live latents matched at >= cosine")
+    ax.set_title(f"Seed stability over {st['n_seeds']} crosscoder seeds (dashed: the anchor, 0.5)")
+    ax.legend(frameon=False, fontsize=9)
     return _save(fig, path)
 
 
@@ -292,7 +305,8 @@ FIGURES: dict[str, tuple[str, Callable[..., Path | None]]] = {
     "expert_entropy": ("Expert entropy per class", expert_entropy),
     "fve": ("Fraction of variance explained per model", fve_per_model),
     "latent_scaling": ("Latent scaling of model-specific latents", latent_scaling_scatter),
-    "controls": ("Exclusive latents per side, main pair and controls", controls_counts),
+    "seed_relative_norms": ("Relative norms over model seeds", seed_relative_norms),
+    "seed_stability": ("Seed stability of latents", seed_stability_curve),
 }
 
 

@@ -11,7 +11,15 @@ from typing import Any
 
 from crossdiff.analysis.explorer import VISIBLE_WHITESPACE, visible_whitespace
 from crossdiff.report.figures import class_colors
-from crossdiff.report.markdown import CLAIM_HEADER, claim_rows, controls_parts, fmt, fve_line
+from crossdiff.report.markdown import (
+    CLAIM_HEADER,
+    ONE_MODEL_SEED,
+    SEEDS_TITLE,
+    claim_rows,
+    fmt,
+    fve_line,
+)
+from crossdiff.report.seeds_section import seeds_parts
 
 _TEMPLATE = Path(__file__).with_name("template.html")
 
@@ -196,11 +204,11 @@ def _explorer_blocks(explorer: dict[str, Any] | None) -> tuple[str, str]:
 
 
 def _controls_html(summary: dict[str, Any]) -> str:
-    """The "Controls and seeds" section, or "" (the page is then as without the feature)."""
-    parts = controls_parts(summary)
+    """The model seeds' and crosscoder seeds' section, or "" (the page is then as without it)."""
+    parts = seeds_parts(summary)
     if not parts:
         return ""
-    out = ['\n<h2 id="controls">Controls and seeds</h2>\n']
+    out = [f'\n<h2 id="seeds">{SEEDS_TITLE}</h2>\n']
     for kind, value in parts:
         if kind == "table":
             header, rows = value
@@ -301,7 +309,10 @@ def render_html(
         "{{CARDS}}": cards,
         "{{FACTS}}": facts_html,
         "{{SENTENCES}}": sentences,
-        "{{CLAIMS}}": claims_table,
+        "{{CLAIMS}}": (
+            "" if s.get("architectures") else f'<p class="notes">{_esc(ONE_MODEL_SEED)}</p>'
+        )
+        + claims_table,
         "{{CONTROLS}}": _controls_html(s),
         "{{WARNINGS}}": warnings + f'<p class="notes">{_esc(fve_line(rec))}</p>',
         "{{NOTES}}": "".join(f"<li>{_esc(n)}</li>" for n in notes),

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from crossdiff.report.numbers import fmt
+from crossdiff.report.seeds_section import seeds_parts
+
 _TOKENS = {
     "heldout": "held-out (never trained on)",
     "train": "training",
     "all": "all (training and held-out)",
     "given": "given",
 }
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """Numbers as the report shows them: ints exact, floats to `digits` significant digits."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -98,105 +88,14 @@ def fve_line(rec: dict[str, Any]) -> str:
     return text + f"; dead fraction: {fmt(rec['dead_fraction'])}."
 
 
-# The "Controls and seeds" section, from summary["controls"] and summary["replicates"]
-# (analysis/controls.py, analysis/replicates.py); report.html renders the same parts.
-PAIR_TITLES = {"main": "main", "control_a": "control (A vs A')", "control_b": "control (B vs B')"}
+SEEDS_TITLE = "Model seeds and crosscoder seeds"
 
 
-def mean_sd(spread: dict[str, Any]) -> str:
-    """'mean ± sd (v1, v2, ...)'; the sd is left out for one value."""
-    values = ", ".join(fmt(v) for v in spread["values"])
-    sd = "" if spread["sd"] is None else f" ± {fmt(spread['sd'])}"
-    return f"{fmt(spread['mean'])}{sd} ({values})"
-
-
-def control_pair_rows(controls: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    header = ["pair", "models", "seeds", "exclusive, first model", "exclusive, second model",
-              "FVE", "median density: first-only / second-only / shared"]  # fmt: skip
-    rows = []
-    for role, p in controls["pairs"].items():
-        first, second = f"{p['A']}-only", f"{p['B']}-only"
-        dens = p["density_median"]
-        rows.append([
-            PAIR_TITLES.get(role, role), f"{p['A']} vs {p['B']}", p["n_seeds"],
-            f"{first}: {mean_sd(p['exclusive'][first])}",
-            f"{second}: {mean_sd(p['exclusive'][second])}", mean_sd(p["fve"]),
-            " / ".join(fmt(dens[c]["mean"]) for c in (first, second, "shared")),
-        ])  # fmt: skip
-    return header, rows
-
-
-def beyond_controls_rows(controls: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    header = ["claim", "effect", "estimate [interval]", "verdict"]
-    rows = []
-    for c in controls["claims"]:
-        ci = "" if c["ci"] is None else f" [{fmt(c['ci'][0])}, {fmt(c['ci'][1])}]"
-        rows.append([c["claim"], c["effect_name"], f"{fmt(c['effect'])}{ci}", c["verdict"]])
-    return header, rows
-
-
-def replicate_rows(rep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    header = ["figure", "mean", "sd", "min", "max", "per seed"]
-    figs = rep["figures"]
-    named = [(f"latents: {c}", v) for c, v in figs["class_counts"].items()]
-    named += [("FVE (all models)", figs["fve"])]
-    named += [(f"FVE {m}", v) for m, v in figs["fve_per_model"].items()]
-    named += [(f"effect: {k}", v) for k, v in figs["claim_effects"].items()]
-    rows = [[name, v["mean"], v["sd"], v["min"], v["max"], ", ".join(fmt(x) for x in v["values"])]
-            for name, v in named]  # fmt: skip
-    return header, rows
-
-
-def stability_rows(rep: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    header = ["class", "latents per seed", "stable per seed", "stable fraction (mean ± sd)"]
-    rows = []
-    for cls, st in rep["stability"].items():
-        rows.append([cls, ", ".join(fmt(x) for x in st["n"]),
-                     ", ".join(fmt(x) for x in st["stable"]), mean_sd(st["fraction"])])  # fmt: skip
-    return header, rows
-
-
-def controls_parts(summary: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The section as ('p', text) / ('table', (header, rows)) / ('list', [text]) parts, or []
-    when the summary has neither block."""
-    controls, rep = summary.get("controls"), summary.get("replicates")
-    if not controls and not rep:
-        return []
-    parts: list[tuple[str, Any]] = []
-    if controls:
-        parts += [
-            ("p", "Exclusive latents, FVE and densities for the main pair and the "
-                  "same-architecture controls: mean ± sd over crosscoder seeds, per-seed values "
-                  "in parentheses; densities are per-seed medians, averaged over seeds."),
-            ("table", control_pair_rows(controls)),
-            ("table", beyond_controls_rows(controls)),
-            ("list", controls["sentences"]),
-            ("note", f"Rule: {controls['method']['rule']}."),
-        ]  # fmt: skip
-    if rep:
-        seeds = ", ".join(fmt(s) for s in rep["seeds"])
-        d = rep["direction"]
-        parts += [
-            ("p", f"Crosscoder seeds of {d['A']} vs {d['B']} ({fmt(rep['n_seeds'])} seeds: "
-                  f"{seeds}): each figure per seed and its spread."),
-            ("table", replicate_rows(rep)),
-        ]  # fmt: skip
-        if rep["stability"]:
-            parts += [
-                ("p", "Stability: latents of a class whose one-to-one decoder match (cosine at "
-                      f"least {fmt(rep['min_cosine'])}) has the same class in every other seed."),
-                ("table", stability_rows(rep)),
-            ]  # fmt: skip
-        if rep["note"]:
-            parts.append(("note", f"{rep['note'][0].upper()}{rep['note'][1:]}."))
-    return parts
-
-
-def _controls_section(summary: dict[str, Any]) -> list[str]:
-    parts = controls_parts(summary)
+def _seeds_section(summary: dict[str, Any]) -> list[str]:
+    parts = seeds_parts(summary)
     if not parts:
         return []
-    out = ["## Controls and seeds", ""]
+    out = [f"## {SEEDS_TITLE}", ""]
     for kind, value in parts:
         if kind == "table":
             out += _table(*value)
@@ -207,6 +106,13 @@ def _controls_section(summary: dict[str, Any]) -> list[str]:
         else:
             out += [value, ""]
     return out
+
+
+ONE_MODEL_SEED = (
+    "One dense and one MoE model: these claims describe this pair, and cannot separate the "
+    "architectures from what another initialization seed would change. `crossdiff run "
+    "--model-seeds 3` trains three of each and judges the claims over model seeds."
+)
 
 
 def render_markdown(data: dict[str, Any]) -> str:
@@ -233,15 +139,18 @@ def render_markdown(data: dict[str, Any]) -> str:
     out += _table(
         ["class", "latents", "density median", "density Q1", "density Q3", "mean activation"], rows
     )
+    out += _seeds_section(s)
     method = s["claims_method"]
-    out += ["## The paper's claims", "", f"_{method['caveat']} Rule: {method['rule']}._", ""]
+    out += ["## The paper's claims within the main pair", ""]
+    if not s.get("architectures"):
+        out += [ONE_MODEL_SEED, ""]
+    out += [f"_{method['caveat']} Rule: {method['rule']}._", ""]
     out += _table(CLAIM_HEADER, claim_rows(s))
     for c in s["claims"]:
         out.append(f"- {c['sentence']}")
         if c["excluding_artifacts"] is not None:
             out.append(f"  - {c['excluding_artifacts']['sentence']}")
     out.append("")
-    out += _controls_section(s)
     rec = s["reconstruction"]
     out += ["## Reconstruction", ""]
     topk = rec.get("fve_topk_per_model") or {}

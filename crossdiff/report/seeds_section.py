@@ -1,0 +1,142 @@
+"""The report's "Model seeds and crosscoder seeds" section, from summary["architectures"]
+(crossdiff.analysis.architectures: latents attributed per latent over N model seeds, the claims at
+three splits) and summary["replicates"] (crosscoder seeds: spread and seed stability), as parts
+that report.md and report.html render alike: ('p', text), ('table', (header, rows)),
+('list', [text]) or ('note', text)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crossdiff.report.numbers import fmt
+
+Part = tuple[str, Any]
+
+
+def mean_sd(spread: dict[str, Any]) -> str:
+    """'mean ± sd (v1, v2, ...)'; the sd is left out for one value."""
+    values = ", ".join(fmt(v) for v in spread["values"])
+    sd = "" if spread["sd"] is None else f" ± {fmt(spread['sd'])}"
+    return f"{fmt(spread['mean'])}{sd} ({values})"
+
+
+def _ci(est: dict[str, Any]) -> str:
+    if est["value"] is None:
+        return "n/a"
+    ci = "" if est["ci"] is None else f" [{fmt(est['ci'][0])}, {fmt(est['ci'][1])}]"
+    return f"{fmt(est['value'])}{ci}"
+
+
+def _class_rows(arch: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    splits = arch["splits"]
+    header = ["class", *(f"latents at {name} [95% interval]" for name in splits)]
+    classes = list(next(iter(splits.values()))["class_counts"])
+    rows = [[c, *(_ci(s["class_counts"][c]) for s in splits.values())] for c in classes]
+    rows.append(["shared, designated folded in (the paper's accounting)",
+                 *(_ci(s["shared_with_designated"]) for s in splits.values())])  # fmt: skip
+    return header, rows
+
+
+def _claim_rows(arch: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    header = ["split", "claim", "effect", "estimate [95% interval]", "test", "n", "verdict"]
+    rows = []
+    n_m, n_c = arch["n_model_seeds"], arch["n_crosscoder_seeds"]
+    for name, s in arch["splits"].items():
+        for c in s["claims"]:
+            perm = c.get("permutation")
+            test = (
+                f"permutation p = {fmt(perm['p'])} (rank {perm['rank']} of {perm['n_splits']})"
+                if perm
+                else "interval"
+            )
+            latents = c.get("n_latents")
+            n = f"{n_m} + {n_m} models, {n_c} crosscoder(s)"
+            if latents is not None:
+                n += f", latents per crosscoder {latents}"
+            verdict = c["verdict"] + (f" ({c['reason']})" if c["reason"] else "")
+            rows.append([name, c["claim"], c["effect_name"], _ci(c["estimate"]), test, n, verdict])
+    return header, rows
+
+
+def _norm_rows(arch: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    header = ["pair", "models", "latents", "sd of r", "r: 1% / 50% / 99%", "range"]
+    rows = []
+    for role, d in arch["relative_norms"].items():
+        if not d.get("n"):
+            continue
+        q = d["quantiles"]
+        rows.append([role, " vs ".join(d["models"]), d["n"], d["sd"],
+                     f"{fmt(q['q01'])} / {fmt(q['q50'])} / {fmt(q['q99'])}",
+                     f"[{fmt(d['min'])}, {fmt(d['max'])}]"])  # fmt: skip
+    return header, rows
+
+
+def architecture_parts(arch: dict[str, Any]) -> list[Part]:
+    models = "; ".join(f"{a}: {', '.join(m)}" for a, m in arch["architectures"].items())
+    parts: list[Part] = [("list", arch["headline"])] if arch["headline"] else []
+    parts += [
+        ("p", f"One crosscoder over all {2 * arch['n_model_seeds']} models ({models}), "
+              f"{arch['n_crosscoder_seeds']} crosscoder seed(s) of {fmt(arch['d_sae'])} "
+              "latents. A latent is architecture-specific when every model of one architecture "
+              "carries it and none of the other; seed-private when one model alone does. Counts "
+              "at three splits, with 95% intervals over model seeds (jackknife) and crosscoder "
+              "seeds."),
+        ("table", _class_rows(arch)),
+        ("table", _claim_rows(arch)),
+        ("p", "Relative decoder norms r = |d_second| / (|d_first| + |d_second|) of the joint "
+              "crosscoder's live latents, for the main pair and one same-architecture pair each:"),
+        ("table", _norm_rows(arch)),
+        ("note", f"Attribution: {arch['method']['attribution']}"),
+        ("note", f"Tests: {arch['method']['rule']}"),
+    ]  # fmt: skip
+    return parts
+
+
+def _stability_rows(st: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    thresholds = list(st["share_matched"])
+    header = ["class", "live latents", *(f"matched at >= {t}" for t in thresholds), "stable"]
+    rows = []
+    for cls, n in st["n_live"].items():
+        shares = [st["share_matched"][t][cls]["mean"] for t in thresholds]
+        rows.append([cls, n, *shares, st["n_stable"][cls]])
+    return header, rows
+
+
+def replicate_parts(rep: dict[str, Any]) -> list[Part]:
+    seeds = ", ".join(fmt(s) for s in rep["seeds"])
+    d = rep["direction"]
+    figs = rep["figures"]
+    named = [(f"latents: {c}", v) for c, v in figs["class_counts"].items()]
+    named += [("FVE (all models)", figs["fve"])]
+    named += [(f"FVE {m}", v) for m, v in figs["fve_per_model"].items()]
+    rows = [[name, v["mean"], v["sd"], v["min"], v["max"], ", ".join(fmt(x) for x in v["values"])]
+            for name, v in named]  # fmt: skip
+    parts: list[Part] = [
+        ("p", f"Crosscoder seeds of {d['A']} vs {d['B']} ({fmt(rep['n_seeds'])} seeds: {seeds})."),
+        ("table", (["figure", "mean", "sd", "min", "max", "per seed"], rows)),
+    ]
+    st = rep.get("seed_stability")
+    if st:
+        parts += [
+            ("p", f"Seed stability ({st['method']} matching of the first seed's live latents "
+                  "against every other seed, per class of the first seed; the share matched at "
+                  f"each decoder cosine, mean over the other seeds). {st['n_stable']['all']} of "
+                  f"{st['n_live']['all']} live latents are stable (matched at >= "
+                  f"{fmt(st['stable_cosine'])} in every other seed); the latent table's `stable` "
+                  "column marks them, the rest are single-draw. The anchor: about half of a TopK "
+                  "SAE's latents recur across seeds in small settings (Paulo and Belrose, 2025)."),
+            ("table", _stability_rows(st)),
+        ]  # fmt: skip
+    if rep["note"]:
+        parts.append(("note", f"{rep['note'][0].upper()}{rep['note'][1:]}."))
+    return parts
+
+
+def seeds_parts(summary: dict[str, Any]) -> list[Part]:
+    """The section's parts, or [] when the summary has neither block."""
+    parts: list[Part] = []
+    if summary.get("architectures"):
+        parts += architecture_parts(summary["architectures"])
+    if summary.get("replicates"):
+        parts += replicate_parts(summary["replicates"])
+    return parts
