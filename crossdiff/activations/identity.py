@@ -9,13 +9,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.model_bridge import TransformerBridge
 
 from crossdiff.common import CrossdiffError
-
-# the models a harvest runs: anything TransformerLens runs with named hook points
-LensModel = HookedTransformer | TransformerBridge
+from crossdiff.lens import LensModel  # the models a harvest runs: HookedTransformer or Bridge
 
 
 def config_hash(model: LensModel) -> str:
@@ -39,8 +35,23 @@ def vocab_fingerprint(model: LensModel) -> str | None:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return None
+    return tokenizer_fingerprint(tokenizer)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """One identity for a tokenizer however it reaches crossdiff: a crossdiff tokenizer's own
+    fingerprint, and for a Hugging Face fast tokenizer (or a bare `tokenizers.Tokenizer`) the same
+    hash of vocabulary and merges, so a TokenSet prepared with `prepare_data(tokenizer=<the
+    model's folder>)` matches the model's tokenizer. A slow tokenizer: a hash of its vocabulary."""
+    from crossdiff.data.tokenizer import _fingerprint
+
     if getattr(tokenizer, "fingerprint", None):
         return str(tokenizer.fingerprint)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None and hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab"):
+        backend = tokenizer  # a tokenizers.Tokenizer
+    if backend is not None:
+        return _fingerprint(backend)
     if hasattr(tokenizer, "get_vocab"):
         vocab = sorted(tokenizer.get_vocab().items())
         return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:32]

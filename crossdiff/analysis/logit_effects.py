@@ -19,7 +19,10 @@ from torch import Tensor
 
 from crossdiff.common import CrossdiffError
 
-_RESID = re.compile(r"^(blocks\.\d+\.hook_resid_(pre|mid|post)|ln_final\.hook_normalized)$")
+# a TransformerBridge's own names for the residual stream: blocks.{L}.hook_in (resid_pre), hook_out
+_RESID = re.compile(
+    r"^(blocks\.\d+\.hook_resid_(pre|mid|post)|blocks\.\d+\.hook_(in|out)|ln_final\.hook_normalized)$"
+)
 
 
 def is_residual_hook(hook: str) -> bool:

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from crossdiff.activations.identity import check_tokenizers, weights_hash
 from crossdiff.activations.pairing import Pairing, load_pairing
@@ -43,6 +42,7 @@ from crossdiff.crosscoder.splicer import (
     loss_recovered,
 )
 from crossdiff.data.tokens import TokenSet
+from crossdiff.lens import LensModel
 
 SPLICE_SEQUENCES = 64  # held-out rows `crossdiff run` and `crossdiff report` splice by default
 
@@ -63,7 +63,7 @@ __all__ = [  # the splicer's names are re-exported: splice.py was their home
 @torch.no_grad()
 def spliced_loss(
     cc: Any,
-    models: Sequence[HookedTransformer],
+    models: Sequence[LensModel],
     tokens: TokenSet | Int[Tensor, "n_seq seq_len"],
     pairing: Pairing | str | Path,
     *,
@@ -116,7 +116,7 @@ def spliced_loss(
 def spliced_loss_on(
     cc: Any,
     acts_or_store: Any,
-    models: Sequence[HookedTransformer],
+    models: Sequence[LensModel],
     tokens: TokenSet | Tensor | None,
     *,
     pairing: Pairing | str | Path | None = None,
