@@ -16,6 +16,7 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.config import ARCHITECTURE, CrossCoderConfig, TrainingCrossCoderConfig
+from crossdiff.crosscoder.hooked_sae import guard_add_sae
 from crossdiff.crosscoder.loading import LEGACY_ARCHITECTURE, crossdiff_disk_loader
 from crossdiff.crosscoder.model import CrossCoder
 from crossdiff.crosscoder.training import TrainingCrossCoder
@@ -70,6 +71,7 @@ def register_with_sae_lens() -> None:
     _register(
         SAE_TRAINING_CLASS_REGISTRY, LEGACY_ARCHITECTURE, training, "training", required=False
     )
+    guard_add_sae()  # HookedSAETransformer.add_sae(crosscoder) refused with what to use instead
 
 
 def load_crosscoder(path: str | Path, device: str = "cpu", dtype: str | None = None) -> CrossCoder:
