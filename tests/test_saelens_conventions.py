@@ -50,7 +50,6 @@ def test_add_sae_refuses_a_crosscoder_and_names_the_splice():
                        r"spliced_loss"):  # fmt: skip
         model.add_sae(cc)
     assert not model.acts_to_saes  # nothing was attached
-    crossdiff.load_crosscoder  # registering again keeps one guard, not a guard around a guard
     from crossdiff.crosscoder.registration import register_with_sae_lens
 
     register_with_sae_lens()
