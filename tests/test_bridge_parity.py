@@ -114,3 +114,37 @@ def test_bridge_moe_experts_are_its_routers_top_k(pair, tmp_path):
     attributed = diff.table["top_expert"] >= 0
     assert attributed.sum() >= 5
     assert set(diff.table.loc[attributed, "top_expert"]) <= set(range(hf.N_EXPERTS))
+
+
+def test_provenance_in_cfg_json_names_versions_classes_folders_and_no_machine_path(
+    pair, trained, tmp_path
+):
+    """Before: model_class_name was always "HookedTransformer", dataset_path an absolute path,
+    tokenizer_name null for own models, and no versions."""
+    import json
+    from importlib import metadata
+
+    from crossdiff.activations.bridge import folder_fingerprint
+
+    trained["cc"].save(tmp_path / "cc")
+    meta = json.loads((tmp_path / "cc" / "cfg.json").read_text())["metadata"]
+    assert meta["versions"] == {
+        "crossdiff": crossdiff.__version__,
+        "torch": metadata.version("torch"),
+        "transformer_lens": metadata.version("transformer-lens"),
+        "sae_lens": metadata.version("sae-lens"),
+    }
+    assert meta["model_class_name"] == "TransformerBridge"
+    assert meta["model_sources"] == [
+        {
+            "class": "TransformerBridge",
+            "folder_name": f.name,
+            "folder_fingerprint": folder_fingerprint(f),
+        }
+        for f in pair["folders"]
+    ]
+    assert meta["tokenizer_name"] == "dense"  # the folder's name, not its path
+    store = trained["store"]
+    assert meta["dataset_path"] == "crossdiff-store:" + meta["store_fingerprint"]
+    assert meta["store_name"] == store.path.name
+    assert str(tmp_path.parent) not in json.dumps(meta)  # no path of this machine

@@ -109,7 +109,20 @@ def tokenizer_info(
     if fingerprint is None:  # the token set's (checked against the models' when they have one)
         fingerprint = token_set_fingerprint
     return {
-        "name": getattr(tokenizer, "name", None) or models[0].cfg.tokenizer_name,
+        "name": getattr(tokenizer, "name", None)
+        or getattr(models[0].cfg, "tokenizer_name", None)
+        or _hf_tokenizer_name(models),
         "fingerprint": fingerprint,
         "vocab_size": int(models[0].cfg.d_vocab),
     }
+
+
+def _hf_tokenizer_name(models: tuple[LensModel, ...]) -> str | None:
+    """A model's Hugging Face tokenizer's hub id, or its local folder's name (not the path)."""
+    from pathlib import Path
+
+    for model in models:
+        name = getattr(getattr(model, "tokenizer", None), "name_or_path", None)
+        if name:
+            return Path(name).name if Path(name).is_dir() else str(name)
+    return None
