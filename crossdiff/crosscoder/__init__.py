@@ -24,6 +24,7 @@ register_with_sae_lens()
 _LAZY = {
     "evaluate_crosscoder": "crossdiff.crosscoder.metrics",
     "fold_scaling_factors": "crossdiff.crosscoder.trainer",
+    "push_to_hub": "crossdiff.crosscoder.hub",
     "train_crosscoder": "crossdiff.crosscoder.trainer",
 }
 
@@ -37,6 +38,7 @@ __all__ = [
     "evaluate_crosscoder",
     "fold_scaling_factors",
     "load_crosscoder",
+    "push_to_hub",
     "register_with_sae_lens",
     "train_crosscoder",
 ]
