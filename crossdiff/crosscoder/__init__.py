@@ -8,15 +8,21 @@ pull in the activation store and the data stage, load on first use.
 
 from __future__ import annotations
 
-from crossdiff.crosscoder.config import (
-    ARCHITECTURE,
-    CrossCoderConfig,
-    TrainingCrossCoderConfig,
-    default_lr,
-)
-from crossdiff.crosscoder.model import CrossCoder
-from crossdiff.crosscoder.registration import load_crosscoder, register_with_sae_lens
-from crossdiff.crosscoder.training import TrainingCrossCoder
+from crossdiff.lens import explain_import_error
+
+try:  # SAELens 6 imports HookedTransformer: on TransformerLens 4 an error that says so
+    from crossdiff.crosscoder.config import (
+        ARCHITECTURE,
+        CrossCoderConfig,
+        TrainingCrossCoderConfig,
+        default_lr,
+    )
+    from crossdiff.crosscoder.model import CrossCoder
+    from crossdiff.crosscoder.registration import load_crosscoder, register_with_sae_lens
+    from crossdiff.crosscoder.training import TrainingCrossCoder
+except ImportError as _err:
+    explain_import_error(_err, "crossdiff.crosscoder (an SAELens SAE)")
+    raise
 from crossdiff.lazy import lazy_exports
 
 register_with_sae_lens()
