@@ -41,7 +41,10 @@ def pair(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def trained(pair, tmp_path_factory) -> dict:
     tokens = hf.random_tokens(n_seq=40, seq_len=10)
-    store = harvest(*pair["bridges"], tokens, ALIAS, tmp_path_factory.mktemp("s"), progress=False)
+    store = harvest(
+        *pair["bridges"], tokens, ALIAS, tmp_path_factory.mktemp("s"), progress=False,
+        model_names=("dense", "moe"),
+    )  # fmt: skip
     cfg = crossdiff.CrossCoderConfig(d_model=hf.D_MODEL, d_sae=64, k=4)
     cc = crossdiff.train_crosscoder(store, cfg, steps=60, batch_size=64, log_every=10_000)
     return {"store": store, "cc": cc, "tokens": tokens}
@@ -148,3 +151,23 @@ def test_provenance_in_cfg_json_names_versions_classes_folders_and_no_machine_pa
     assert meta["dataset_path"] == "crossdiff-store:" + meta["store_fingerprint"]
     assert meta["store_name"] == store.path.name
     assert str(tmp_path.parent) not in json.dumps(meta)  # no path of this machine
+
+
+def test_report_models_by_name_load_hf_folders(pair, trained):
+    """`crossdiff report --models dense=FOLDER moe=FOLDER` (and ReportInputs / write_report with
+    a dict): a Hugging Face folder loads as a Bridge, the one the store was harvested from."""
+    from crossdiff.activations.identity import weights_hash
+    from crossdiff.common import CrossdiffError
+    from crossdiff.lens_models import resolve_models
+    from crossdiff.report.commands import parse_models
+
+    dense, moe = (str(f) for f in pair["folders"])
+    given = parse_models([f"dense={dense}", f"moe={moe}"], ["dense", "moe"])
+    assert given == {"dense": pair["folders"][0], "moe": pair["folders"][1]}
+    assert str(parse_models(["runs/models"], ["dense", "moe"])) == "runs/models"
+    with pytest.raises(CrossdiffError, match="NAME=FOLDER with NAME one of"):
+        parse_models([f"big={dense}"], ["dense", "moe"])
+    models = resolve_models(given, ["dense", "moe"], only=["moe"])
+    assert list(models) == ["moe"] and type(models["moe"]).__name__ == "TransformerBridge"
+    recorded = {m["name"]: m["weights_hash"] for m in trained["store"].manifest["models"]}
+    assert weights_hash(models["moe"]) == recorded["moe"]
