@@ -127,8 +127,6 @@ def test_provenance_in_cfg_json_names_versions_classes_folders_and_no_machine_pa
     import json
     from importlib import metadata
 
-    from crossdiff.activations.bridge import folder_fingerprint
-
     trained["cc"].save(tmp_path / "cc")
     meta = json.loads((tmp_path / "cc" / "cfg.json").read_text())["metadata"]
     assert meta["versions"] == {
@@ -138,6 +136,8 @@ def test_provenance_in_cfg_json_names_versions_classes_folders_and_no_machine_pa
         "sae_lens": metadata.version("sae-lens"),
     }
     assert meta["model_class_name"] == "TransformerBridge"
+    from crossdiff.activations.bridge import folder_fingerprint
+
     assert meta["model_sources"] == [
         {
             "class": "TransformerBridge",
