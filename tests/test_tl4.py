@@ -11,6 +11,11 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+import pytest
+
+from crossdiff import lens
+from crossdiff.common import CrossdiffError
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r"""
@@ -35,6 +40,24 @@ for name in ("build_model", "train_crosscoder"):
 """
 
 
+def test_the_version_error_names_the_version_what_needs_3_and_saelens_pin(monkeypatch):
+    """In-process, the message alone: on TransformerLens 3 an ImportError passes through."""
+    err = ImportError("cannot import name 'HookedTransformer' from 'transformer_lens'")
+    assert lens.explain_import_error(err, "crossdiff.models") is None  # TL 3: the caller re-raises
+    monkeypatch.setattr(lens, "has_hooked_transformer", lambda: False)
+    monkeypatch.setattr(lens, "tl_version", lambda: "4.3.0")
+    with pytest.raises(CrossdiffError) as info:
+        lens.explain_import_error(err, "crossdiff.crosscoder (an SAELens SAE)")
+    message = str(info.value)
+    assert (
+        "crossdiff.crosscoder (an SAELens SAE) needs transformer_lens.HookedTransformer" in message
+    )
+    assert "TransformerLens 4.3.0 does not have" in message
+    assert "requires 'transformer-lens>=2.16.1,<4.0.0'" in message
+    assert info.value.__cause__ is err
+
+
+@pytest.mark.slow  # about 15 s: a fresh interpreter importing torch, TransformerLens and SAELens
 def test_tl4_gives_a_version_error_not_a_traceback():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
