@@ -184,8 +184,6 @@ class PairRunner:
         name = self.names[slot]
         if x is None:
             raise CrossdiffError(_did_not_fire(self._hooked_name(slot, hook), name))
-        if isinstance(x, tuple):  # a router hooked whole: its first tensor is the logits
-            x = next(t for t in x if isinstance(t, Tensor))
         if hook in self.routers:  # a Bridge's router: [batch*pos, n_experts] -> top-k ids
             x = x.float().topk(self.routers[hook][1], dim=-1).indices
         if x.ndim == 2 and x.shape[0] == batch * pos:  # stock TransformerLens MoE: [batch*pos, k]
