@@ -4,14 +4,14 @@ TransformerLens 3 has both `HookedTransformer` and `TransformerBridge`; Transfor
 `HookedTransformer`. crossdiff's own models (dense and MoE), their training, the MoE swap and
 loading a crossdiff model folder are HookedTransformers, so they need TransformerLens 3; harvest,
 the crosscoder and the analysis take any model with named hook points (a TransformerBridge too)
-and import no `HookedTransformer` at module level. `require_hooked_transformer` turns the
-ImportError of the former on TransformerLens 4 into an error that says so (docs/models.md).
+and import no `HookedTransformer` at module level. `explain_import_error` turns the ImportError
+of the former (and of SAELens, which imports it too) on TransformerLens 4 into an error that says
+so (docs/models.md).
 """
 
 from __future__ import annotations
 
 from importlib import metadata
-from typing import Any
 
 from torch import nn
 
@@ -24,8 +24,7 @@ LensModel = nn.Module
 __all__ = [
     "LensModel",
     "explain_import_error",
-    "hooked_transformer",
-    "require_hooked_transformer",
+    "has_hooked_transformer",
     "sae_lens_tl_requirement",
     "tl_version",
 ]
@@ -36,27 +35,6 @@ def tl_version() -> str:
         return metadata.version("transformer-lens")
     except metadata.PackageNotFoundError:
         return "not installed"
-
-
-def require_hooked_transformer(what: str) -> None:
-    """Raise a CrossdiffError naming the installed TransformerLens when it has no
-    HookedTransformer (TransformerLens 4), for `what` (the part of crossdiff that needs it)."""
-    try:
-        import transformer_lens
-    except ImportError as err:
-        raise CrossdiffError(
-            f"{what} needs TransformerLens, which is not importable ({err}); pip install "
-            "'transformer-lens>=3,<4'"
-        ) from err
-    if getattr(transformer_lens, "HookedTransformer", None) is None:
-        raise CrossdiffError(
-            f"{what} needs transformer_lens.HookedTransformer, which TransformerLens "
-            f"{tl_version()} does not have (TransformerLens 4 removed it). On TransformerLens 4 "
-            "crossdiff runs harvest, crosscoder training and analysis on TransformerBridge models "
-            "you load yourself; crossdiff's own dense/MoE models, their training, "
-            "swap_in_crossdiff_moe and crossdiff model folders need TransformerLens 3: pip "
-            "install 'transformer-lens>=3,<4' (SAELens 6 pins it there too; see docs/models.md)"
-        )
 
 
 def sae_lens_tl_requirement() -> str | None:
@@ -102,11 +80,3 @@ def explain_import_error(err: ImportError, what: str) -> None:
         "Install TransformerLens 3: pip install 'transformer-lens>=3,<4' (docs/models.md says "
         "what runs on which TransformerLens)"
     ) from err
-
-
-def hooked_transformer() -> Any:
-    """The HookedTransformer class, or the error above."""
-    require_hooked_transformer("this part of crossdiff")
-    import transformer_lens
-
-    return transformer_lens.HookedTransformer
