@@ -49,6 +49,7 @@ _PUBLIC: dict[str, str] = {
     "CrossCoder": "crossdiff.crosscoder",
     "train_crosscoder": "crossdiff.crosscoder",
     "load_crosscoder": "crossdiff.crosscoder",
+    "push_to_hub": "crossdiff.crosscoder",
     "evaluate_crosscoder": "crossdiff.crosscoder",
     # analysis and report
     "diff_features": "crossdiff.analysis",

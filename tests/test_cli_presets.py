@@ -110,7 +110,8 @@ def check_provenance(metadata: dict, store_dir: Path, tokenizer_fingerprint: str
     assert metadata["token_set_fingerprints"] == [store.manifest["segments"][0]["token_set"]]
     # SAELens SAEMetadata fields
     assert metadata["model_name"] == "dense+moe" and metadata["hook_name"] == hook
-    assert metadata["dataset_path"] == str(store_dir.resolve())
+    assert metadata["dataset_path"] == "crossdiff-store:" + store_fingerprint(store)
+    assert metadata["model_class_name"] == "HookedTransformer"
     assert metadata["context_size"] == 128 and metadata["prepend_bos"] is True
 
 

@@ -15,7 +15,7 @@ How the blocks run:
   and the list disagree, so a reviewer sees each exception here.
 - A block right after `<!-- crossdiff-docs: file NAME -->` (a TOML config, say) is written to NAME
   in the workspace before its document's blocks run, instead of being run.
-- docs/api.md's python blocks are signatures (`inspect.signature` text), not programs: each must
+- docs/api.md's signature blocks are ```text (`inspect.signature` text, not programs): each must
   parse as the signature of a function (`def SIGNATURE: ...`; a dataclass's `<factory>` default
   read as a value, `(...)`, which inspect writes for a signature it cannot read, as `(*a)`).
 """
@@ -187,8 +187,11 @@ def test_every_size_knob_matches_its_document():
 
 
 def test_api_signatures_parse():
+    """api.md's signatures are ```text blocks, so no reader pastes them as code (they are not),
+    and each parses as a function signature."""
     for doc in SIGNATURE_DOCS:
-        blocks = [b for b in blocks_of(doc) if b.lang == "python"]
+        assert not [b.line for b in blocks_of(doc) if b.lang == "python"], doc
+        blocks = [b for b in blocks_of(doc) if b.lang == "text"]
         assert len(blocks) > 20
         for b in blocks:
             signature = b.code.strip().replace("<factory>", "None").replace("(...)", "(*a)")

@@ -79,7 +79,7 @@ def test_run_crosscoder_cfg_records_what_it_read(micro_run: Path):
     assert metadata["store_fingerprint"] == store_fingerprint(ActivationStore(micro_run / "store"))
     tokenizer = load_tokenizer(micro_run / "data" / "tokenizer")
     assert metadata["tokenizer_fingerprint"] == tokenizer.fingerprint
-    assert metadata["dataset_path"] == str((micro_run / "store").resolve())
+    assert metadata["dataset_path"] == "crossdiff-store:" + metadata["store_fingerprint"]
     assert metadata["context_size"] == 128
 
 

@@ -9,13 +9,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.model_bridge import TransformerBridge
 
 from crossdiff.common import CrossdiffError
-
-# the models a harvest runs: anything TransformerLens runs with named hook points
-LensModel = HookedTransformer | TransformerBridge
+from crossdiff.lens import LensModel  # the models a harvest runs: HookedTransformer or Bridge
 
 
 def config_hash(model: LensModel) -> str:
@@ -39,8 +35,23 @@ def vocab_fingerprint(model: LensModel) -> str | None:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return None
+    return tokenizer_fingerprint(tokenizer)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """One identity for a tokenizer however it reaches crossdiff: a crossdiff tokenizer's own
+    fingerprint, and for a Hugging Face fast tokenizer (or a bare `tokenizers.Tokenizer`) the same
+    hash of vocabulary and merges, so a TokenSet prepared with `prepare_data(tokenizer=<the
+    model's folder>)` matches the model's tokenizer. A slow tokenizer: a hash of its vocabulary."""
+    from crossdiff.data.tokenizer import _fingerprint
+
     if getattr(tokenizer, "fingerprint", None):
         return str(tokenizer.fingerprint)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None and hasattr(tokenizer, "to_str") and hasattr(tokenizer, "get_vocab"):
+        backend = tokenizer  # a tokenizers.Tokenizer
+    if backend is not None:
+        return _fingerprint(backend)
     if hasattr(tokenizer, "get_vocab"):
         vocab = sorted(tokenizer.get_vocab().items())
         return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:32]
@@ -98,7 +109,20 @@ def tokenizer_info(
     if fingerprint is None:  # the token set's (checked against the models' when they have one)
         fingerprint = token_set_fingerprint
     return {
-        "name": getattr(tokenizer, "name", None) or models[0].cfg.tokenizer_name,
+        "name": getattr(tokenizer, "name", None)
+        or getattr(models[0].cfg, "tokenizer_name", None)
+        or _hf_tokenizer_name(models),
         "fingerprint": fingerprint,
         "vocab_size": int(models[0].cfg.d_vocab),
     }
+
+
+def _hf_tokenizer_name(models: tuple[LensModel, ...]) -> str | None:
+    """A model's Hugging Face tokenizer's hub id, or its local folder's name (not the path)."""
+    from pathlib import Path
+
+    for model in models:
+        name = getattr(getattr(model, "tokenizer", None), "name_or_path", None)
+        if name:
+            return Path(name).name if Path(name).is_dir() else str(name)
+    return None

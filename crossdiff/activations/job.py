@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from crossdiff.activations.bridge import model_source
 from crossdiff.activations.identity import (
     LensModel,
     check_tokenizers,
@@ -160,7 +161,14 @@ def prepare_job(
             "hooks": list(runner.expert_hooks),
             "width": max(expert_width, 1),
             "layout": expert_layout(runner, models),
+            # a Bridge's experts read as the top-k of its router's output (activations/bridge.py)
+            **(
+                {"router_hooks": {h: r[0] for h, r in runner.routers.items()}}
+                if runner.routers
+                else {}
+            ),
         },
+        "model_sources": [model_source(m) for m in models],
         "tokenizer": tokenizer_info(
             o.tokenizer,
             models,

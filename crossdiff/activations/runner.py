@@ -12,6 +12,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from crossdiff.activations.bridge import router_hook
 from crossdiff.activations.identity import LensModel
 from crossdiff.activations.layout import expert_column_map
 from crossdiff.activations.pairing import Pairing, hook_layer
@@ -42,7 +43,9 @@ def stop_layer(model: LensModel, hooks: tuple[str, ...]) -> int | None:
 def expert_slot(pairing: Pairing, models: tuple[LensModel, ...]) -> int | None:
     if not pairing.expert_indices:
         return None
-    has = [all(h in m.hook_dict for h in pairing.expert_indices) for m in models]
+    has = [
+        all(h in m.hook_dict or router_hook(m, h) for h in pairing.expert_indices) for m in models
+    ]
     if pairing.expert_model in ("a", "b"):
         slot = "ab".index(pairing.expert_model)
         return slot if has[slot] else None
@@ -80,17 +83,30 @@ class PairRunner:
         self.hooks = (pairing.hooks_a, pairing.hooks_b)
         self.expert_hooks = pairing.expert_indices if expert_slot is not None else ()
         self.expert_slot = expert_slot
+        # on a Bridge: expert hook -> (its router's hook, top_k); the ids are the router's top-k
+        self.routers: dict[str, tuple[str, int]] = {}
+        if expert_slot is not None:
+            for hook in self.expert_hooks:
+                found = router_hook(models[expert_slot], hook)
+                if found is not None:
+                    self.routers[hook] = found
         self.expert_top_k: list[int] = []  # columns per expert hook, set by run()
         self.captured: list[dict[str, Tensor]] = [{}, {}]
         self.stops = []
         self.model_dtype = torch.float32  # the forward passes' precision (autocast below it)
         for slot, model in enumerate(models):
-            names_read = self._read_by(slot)
+            names_read = tuple(self._hooked_name(slot, h) for h in self._read_by(slot))
             self.stops.append(stop_layer(model, names_read))
 
     def _read_by(self, slot: int) -> tuple[str, ...]:
         extra = self.expert_hooks if slot == self.expert_slot else ()
         return tuple(dict.fromkeys(self.hooks[slot] + extra))
+
+    def _hooked_name(self, slot: int, requested: str) -> str:
+        """The hook point that is hooked for `requested` (a Bridge's router for its experts)."""
+        if slot == self.expert_slot and requested in self.routers:
+            return self.routers[requested][0]
+        return requested
 
     def install(self, stack: ExitStack) -> None:
         for slot, model in enumerate(self.models):
@@ -104,7 +120,7 @@ class PairRunner:
 
                 return save
 
-            hooks = [(name, saver(name)) for name in self._read_by(slot)]
+            hooks = [(self._hooked_name(slot, n), saver(n)) for n in self._read_by(slot)]
             stack.enter_context(model.hooks(fwd_hooks=hooks))
 
     def _forward(self, slot: int, tokens: Tensor) -> None:
@@ -167,7 +183,9 @@ class PairRunner:
         x = self.captured[slot].get(hook)
         name = self.names[slot]
         if x is None:
-            raise CrossdiffError(_did_not_fire(hook, name))
+            raise CrossdiffError(_did_not_fire(self._hooked_name(slot, hook), name))
+        if hook in self.routers:  # a Bridge's router: [batch*pos, n_experts] -> top-k ids
+            x = x.float().topk(self.routers[hook][1], dim=-1).indices
         if x.ndim == 2 and x.shape[0] == batch * pos:  # stock TransformerLens MoE: [batch*pos, k]
             x = x.reshape(batch, pos, -1)
         if x.ndim != 3 or tuple(x.shape[:2]) != (batch, pos):

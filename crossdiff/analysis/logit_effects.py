@@ -19,7 +19,10 @@ from torch import Tensor
 
 from crossdiff.common import CrossdiffError
 
-_RESID = re.compile(r"^(blocks\.\d+\.hook_resid_(pre|mid|post)|ln_final\.hook_normalized)$")
+# a TransformerBridge's own names for the residual stream: blocks.{L}.hook_in (resid_pre), hook_out
+_RESID = re.compile(
+    r"^(blocks\.\d+\.hook_resid_(pre|mid|post)|blocks\.\d+\.hook_(in|out)|ln_final\.hook_normalized)$"
+)
 
 
 def is_residual_hook(hook: str) -> bool:
@@ -104,19 +107,14 @@ def load_residual_models(
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """(name -> model, name -> hook) for the residual-stream models among `models`.
 
-    `models` is a dict of loaded models or a folder with one model folder per store model name
-    (the layout `crossdiff run` writes); models whose folder is missing are skipped.
+    `models` is a dict of loaded models or model folders by store model name, or a folder with
+    one model folder per store model name (the layout `crossdiff run` writes); a folder is a
+    crossdiff model or a Hugging Face checkpoint (crossdiff/lens_models.py). Models whose folder
+    is missing are skipped.
     """
+    from crossdiff.lens_models import resolve_models
+
     hooks = residual_models(manifest, model_names)
     if models is None or not hooks:
         return {}, hooks
-    if isinstance(models, dict):
-        return {n: m for n, m in models.items() if n in hooks}, hooks
-    from crossdiff.models import load_model
-
-    folder = Path(models)
-    loaded = {}
-    for name in hooks:
-        if (folder / name).is_dir():
-            loaded[name] = load_model(folder / name, device="cpu")
-    return loaded, hooks
+    return resolve_models(models, model_names, "cpu", only=list(hooks)), hooks

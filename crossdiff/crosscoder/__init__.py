@@ -8,15 +8,21 @@ pull in the activation store and the data stage, load on first use.
 
 from __future__ import annotations
 
-from crossdiff.crosscoder.config import (
-    ARCHITECTURE,
-    CrossCoderConfig,
-    TrainingCrossCoderConfig,
-    default_lr,
-)
-from crossdiff.crosscoder.model import CrossCoder
-from crossdiff.crosscoder.registration import load_crosscoder, register_with_sae_lens
-from crossdiff.crosscoder.training import TrainingCrossCoder
+from crossdiff.lens import explain_import_error
+
+try:  # SAELens 6 imports HookedTransformer: on TransformerLens 4 an error that says so
+    from crossdiff.crosscoder.config import (
+        ARCHITECTURE,
+        CrossCoderConfig,
+        TrainingCrossCoderConfig,
+        default_lr,
+    )
+    from crossdiff.crosscoder.model import CrossCoder
+    from crossdiff.crosscoder.registration import load_crosscoder, register_with_sae_lens
+    from crossdiff.crosscoder.training import TrainingCrossCoder
+except ImportError as _err:
+    explain_import_error(_err, "crossdiff.crosscoder (an SAELens SAE)")
+    raise
 from crossdiff.lazy import lazy_exports
 
 register_with_sae_lens()
@@ -24,6 +30,7 @@ register_with_sae_lens()
 _LAZY = {
     "evaluate_crosscoder": "crossdiff.crosscoder.metrics",
     "fold_scaling_factors": "crossdiff.crosscoder.trainer",
+    "push_to_hub": "crossdiff.crosscoder.hub",
     "train_crosscoder": "crossdiff.crosscoder.trainer",
 }
 
@@ -37,6 +44,7 @@ __all__ = [
     "evaluate_crosscoder",
     "fold_scaling_factors",
     "load_crosscoder",
+    "push_to_hub",
     "register_with_sae_lens",
     "train_crosscoder",
 ]

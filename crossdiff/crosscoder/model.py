@@ -321,13 +321,38 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
     def __init__(self, cfg: CrossCoderConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
 
-    def encode(self, x: Float[Tensor, "batch n_models d_model"]) -> Float[Tensor, "batch d_sae"]:
-        return self.encode_threshold(x)
+    def encode(
+        self, x: Float[Tensor, "batch n_models d_model"] | Float[Tensor, "*batch d_in"]
+    ) -> Float[Tensor, "*batch d_sae"]:
+        """Latents of [batch, n_models, d_model], or (SAELens's convention, `cfg.d_in` wide) of the
+        models' vectors concatenated: [..., n_models * d_model] gives [..., d_sae]."""
+        stacked, lead = flat_to_stacked(x, self.cfg)
+        self._check_input(stacked)
+        f = self.encode_threshold(stacked)
+        return f if lead is None else f.reshape(*lead, self.cfg.d_sae)
 
     def decode(
-        self, feature_acts: Float[Tensor, "batch d_sae"]
-    ) -> Float[Tensor, "batch n_models d_model"]:
-        return self.decode_dense(feature_acts)
+        self, feature_acts: Float[Tensor, "*batch d_sae"]
+    ) -> Float[Tensor, "*batch n_models d_model"]:
+        """[..., d_sae] latents to [..., n_models, d_model]; `decode_flat` gives [..., d_in]."""
+        lead = feature_acts.shape[:-1]
+        out = self.decode_dense(feature_acts.reshape(-1, feature_acts.shape[-1]))
+        return out.reshape(*lead, self.cfg.n_models, self.cfg.d_model)
+
+    def decode_flat(
+        self, feature_acts: Float[Tensor, "*batch d_sae"]
+    ) -> Float[Tensor, "*batch d_in"]:
+        """The reconstruction with the models' vectors concatenated: [..., n_models * d_model]."""
+        return self.decode(feature_acts).flatten(-2)
+
+    def forward(
+        self, x: Float[Tensor, "batch n_models d_model"] | Float[Tensor, "*batch d_in"]
+    ) -> Tensor:
+        """SAELens's `sae(x)`: the reconstruction in the shape of `x` (stacked or flat)."""
+        stacked, lead = flat_to_stacked(x, self.cfg)
+        self._check_input(stacked)
+        out = super().forward(stacked)
+        return out if lead is None else out.reshape(*lead, self.cfg.d_in)
 
     def save(self, path: str | Path) -> Path:
         """Write `path/cfg.json` and `path/sae_weights.safetensors` (SAELens names) and the
@@ -338,3 +363,15 @@ class CrossCoder(CrossCoderWeights, SAE[CrossCoderConfig]):
     def load(cls, path: str | Path, device: str = "cpu", dtype: str | None = None) -> CrossCoder:
         """The crosscoder saved in `path` (checksum, finiteness and padding checked)."""
         return load_folder(path, cls, device=device, dtype=dtype)
+
+
+def flat_to_stacked(x: Tensor, cfg: Any) -> tuple[Tensor, tuple[int, ...] | None]:
+    """[batch, n_models, d_model] as it is (None); flat [..., n_models * d_model] as
+    [prod(...), n_models, d_model] with its leading shape; any other shape as it is (for the
+    caller's `_check_input` to say what was expected)."""
+    n, d = int(cfg.n_models), int(cfg.d_model)
+    if x.ndim == 3 and tuple(x.shape[1:]) == (n, d):
+        return x, None
+    if x.ndim >= 1 and x.shape[-1] == n * d:
+        return x.reshape(-1, n, d), tuple(x.shape[:-1])
+    return x, None

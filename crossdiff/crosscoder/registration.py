@@ -16,6 +16,8 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.config import ARCHITECTURE, CrossCoderConfig, TrainingCrossCoderConfig
+from crossdiff.crosscoder.hooked_sae import guard_add_sae
+from crossdiff.crosscoder.hub import HF_SCHEME, download
 from crossdiff.crosscoder.loading import LEGACY_ARCHITECTURE, crossdiff_disk_loader
 from crossdiff.crosscoder.model import CrossCoder
 from crossdiff.crosscoder.training import TrainingCrossCoder
@@ -70,10 +72,14 @@ def register_with_sae_lens() -> None:
     _register(
         SAE_TRAINING_CLASS_REGISTRY, LEGACY_ARCHITECTURE, training, "training", required=False
     )
+    guard_add_sae()  # HookedSAETransformer.add_sae(crosscoder) refused with what to use instead
 
 
 def load_crosscoder(path: str | Path, device: str = "cpu", dtype: str | None = None) -> CrossCoder:
     """Load a crosscoder saved by `CrossCoder.save` or `crossdiff train-crosscoder` (also one
-    saved by an older crossdiff under the architecture name "crosscoder")."""
+    saved by an older crossdiff under the architecture name "crosscoder"), or one pushed with
+    `crossdiff.push_to_hub`: `path` "hf://owner/name[/subfolder][@revision]"."""
     register_with_sae_lens()
+    if str(path).startswith(HF_SCHEME):
+        path = download(str(path))
     return CrossCoder.load(path, device=device, dtype=dtype)

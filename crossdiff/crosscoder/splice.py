@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from crossdiff.activations.identity import check_tokenizers, weights_hash
 from crossdiff.activations.pairing import Pairing, load_pairing
@@ -43,6 +42,7 @@ from crossdiff.crosscoder.splicer import (
     loss_recovered,
 )
 from crossdiff.data.tokens import TokenSet
+from crossdiff.lens import LensModel
 
 SPLICE_SEQUENCES = 64  # held-out rows `crossdiff run` and `crossdiff report` splice by default
 
@@ -63,7 +63,7 @@ __all__ = [  # the splicer's names are re-exported: splice.py was their home
 @torch.no_grad()
 def spliced_loss(
     cc: Any,
-    models: Sequence[HookedTransformer],
+    models: Sequence[LensModel],
     tokens: TokenSet | Int[Tensor, "n_seq seq_len"],
     pairing: Pairing | str | Path,
     *,
@@ -116,7 +116,7 @@ def spliced_loss(
 def spliced_loss_on(
     cc: Any,
     acts_or_store: Any,
-    models: Sequence[HookedTransformer],
+    models: Sequence[LensModel],
     tokens: TokenSet | Tensor | None,
     *,
     pairing: Pairing | str | Path | None = None,
@@ -147,18 +147,20 @@ def spliced_loss_on(
 def spliced_loss_for_run(
     cc: Any,
     store: Any,
-    models_dir: str | Path,
+    models_dir: Any,
     heldout: TokenSet,
     *,
     max_sequences: int,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any] | None:
-    """The report's spliced-in loss: the store's models from `models_dir/<name>` on held-out rows.
+    """The report's spliced-in loss: the store's models on held-out rows.
 
-    None (with a printed note) when there are no held-out rows or a model folder is missing;
-    an error when the models are not the ones the store was harvested from.
+    `models_dir`: a folder with a model folder per store model name (`crossdiff run`'s layout), or
+    a dict store model name -> loaded model or folder (crossdiff or Hugging Face, see
+    crossdiff/lens_models.py). None (with a printed note) when there are no held-out rows or a
+    model is missing; an error when the models are not the ones the store was harvested from.
     """
-    from crossdiff.models import load_model
+    from crossdiff.lens_models import resolve_models
 
     if max_sequences <= 0:
         return None
@@ -166,21 +168,26 @@ def spliced_loss_for_run(
         print("spliced loss: the held-out token set is empty, so it is not computed")
         return None
     names = list(store.model_names)
-    dirs = [Path(models_dir) / name for name in names]
-    missing = [str(d) for d in dirs if not d.is_dir()]
-    if missing:
-        print(f"spliced loss: no model folder {missing}, so it is not computed")
+    where = "the models given" if isinstance(models_dir, dict) else str(models_dir)
+    if not isinstance(models_dir, dict):
+        missing = [str(Path(models_dir) / n) for n in names if not (Path(models_dir) / n).is_dir()]
+        if missing:
+            print(f"spliced loss: no model folder {missing}, so it is not computed")
+            return None
+    loaded = resolve_models(models_dir, names, device)
+    if len(loaded) != len(names):
+        print(f"spliced loss: no model for {sorted(set(names) - set(loaded))}, so not computed")
         return None
-    models = [load_model(d, device=device) for d in dirs]
+    models = [loaded[n] for n in names]
     for model, record in zip(models, store.manifest.get("models", []), strict=False):
         expected = record.get("weights_hash")
         if expected and weights_hash(model) != expected:
             raise CrossdiffError(
-                f"the model in {models_dir}/{record['name']} is not the one the store was "
-                "harvested from (weights differ); pass the models folder of the same run"
+                f"model {record['name']!r} ({where}) is not the one the store was harvested "
+                "from (weights differ); pass the models the store was harvested from"
             )
     n_rows = min(max_sequences, len(heldout))
-    print(f"spliced loss: {n_rows} held-out rows, models from {models_dir}")
+    print(f"spliced loss: {n_rows} held-out rows, models from {where}")
     return spliced_loss(
         cc,
         models,

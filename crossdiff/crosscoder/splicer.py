@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from crossdiff.activations.runner import stop_layer
 from crossdiff.common import CrossdiffError
+from crossdiff.lens import LensModel
 
 KINDS = ("clean", "spliced", "zero", "mean")
 # Below this many nats between ablated and clean CE, loss recovered divides noise by noise.
@@ -30,7 +30,7 @@ class Splicer:
     def __init__(
         self,
         cc: Any,
-        models: tuple[HookedTransformer, ...],
+        models: tuple[LensModel, ...],
         names: tuple[str, ...],
         hooks: tuple[tuple[str, ...], ...],
         tokens: Tensor,
@@ -70,15 +70,20 @@ class Splicer:
         `loss`, the full forward's summed next-token CE is appended to it."""
         model, captured = self.models[m], {}
 
-        def save(value: Tensor, hook: Any) -> None:
-            captured[hook.name] = value.detach()
+        def saver(requested: str) -> Any:
+            # kept under the name asked for: a TransformerBridge calls a hook asked for by its
+            # alias (blocks.1.hook_resid_post) with its own name (blocks.1.hook_out)
+            def save(value: Tensor, hook: Any) -> None:
+                captured[requested] = value.detach()
+
+            return save
 
         out = model.run_with_hooks(
             tokens.to(self.device(m)),
             return_type=None if loss is None else "loss",
             loss_per_token=True,
             stop_at_layer=self.stops[m] if loss is None else None,
-            fwd_hooks=[(h, save) for h in dict.fromkeys(self.hooks[m])],
+            fwd_hooks=[(h, saver(h)) for h in dict.fromkeys(self.hooks[m])],
         )
         if loss is not None:
             loss.append(float(out.to(torch.float64).sum()))

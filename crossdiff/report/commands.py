@@ -75,10 +75,13 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--models",
-        type=Path,
+        nargs="+",
         default=None,
-        help="folder with the store's models (MODELS/dense, MODELS/moe) for the spliced-in LM "
-        "loss (default: STORE/../models)",
+        metavar="MODELS",
+        help="the store's models for the spliced-in LM loss and logit effects: a folder with a "
+        "model folder per store model name (MODELS/dense, MODELS/moe; default: "
+        "STORE/../models), or NAME=FOLDER per model, each a crossdiff model or a Hugging Face "
+        "checkpoint folder (e.g. --models dense=hf/gpt2-tiny moe=hf/mixtral-tiny)",
     )
     parser.add_argument(
         "--heldout",
@@ -124,7 +127,7 @@ def run_report(args: argparse.Namespace) -> int:
         print("no tokenizer found: contexts show token ids (pass --tokenizer PATH for text)")
     extra = ("part", "direction", "min_expert_firings")
     config = ReportStageConfig.from_args(args, PRESET_DESTS | {k: k for k in extra})
-    models = args.models or args.store.resolve().parent / "models"  # for logit effects
+    models = parse_models(args.models, store.model_names) or args.store.resolve().parent / "models"
     inputs = ReportInputs(cc, store, tokenizer, models, _heldout(args, config, models))
     diff, paths = run_report_stage(config, inputs, args.out, device=device)
     print(format_summary(diff.summary))
@@ -132,19 +135,36 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _heldout(args: argparse.Namespace, config: Any, models_dir: Path) -> Any:
+def parse_models(given: list[str] | None, names: list[str]) -> Path | dict[str, Path] | None:
+    """--models: one FOLDER (a model folder per store model name), or NAME=FOLDER per model."""
+    if not given:
+        return None
+    if len(given) == 1 and "=" not in given[0]:
+        return Path(given[0])
+    pairs = [g.split("=", 1) for g in given]
+    bad = [g for g, p in zip(given, pairs, strict=True) if len(p) != 2 or p[0] not in names]
+    if bad:
+        raise CrossdiffError(
+            f"--models {' '.join(given)}: {bad} is not NAME=FOLDER with NAME one of the store's "
+            f"models {names}; pass one folder, or NAME=FOLDER for each model"
+        )
+    return {name: Path(folder) for name, folder in pairs}
+
+
+def _heldout(args: argparse.Namespace, config: Any, models_dir: Any) -> Any:
     """The held-out rows for the spliced-in LM loss, when it is asked for and can be computed."""
     from crossdiff.crosscoder.splice import SPLICE_SEQUENCES
     from crossdiff.data.tokens import TokenSet
 
     n_rows = SPLICE_SEQUENCES if config.splice_sequences is None else config.splice_sequences
     heldout = args.heldout or args.store.resolve().parent / "data" / "tokens_heldout.safetensors"
-    for given in (args.models, args.heldout):
+    folders = list(models_dir.values()) if isinstance(models_dir, dict) else [models_dir]
+    for given in [*(folders if args.models else []), args.heldout]:
         if given is not None and not given.exists():
             raise CrossdiffError(f"{given} does not exist")
     if n_rows <= 0:
         return None
-    if not heldout.exists() or not models_dir.is_dir():
+    if not heldout.exists() or not all(f.is_dir() for f in folders):
         print(
             f"no spliced-in LM loss: no models in {models_dir} or no held-out rows at {heldout} "
             "(pass --models and --heldout)"

@@ -35,7 +35,8 @@ class ReportInputs:
     crosscoder: Any
     store: Any
     tokenizer: Any = None
-    models_dir: Path | None = None
+    # a folder with a model folder per store model name, or {name: loaded model or folder}
+    models_dir: Path | dict[str, Any] | None = None
     heldout: Any = None  # a TokenSet
     # more summary blocks from the diff (crossdiff run: the seeds' and the controls' comparison)
     extra_summary: Callable[[Any], dict[str, Any]] | None = None
