@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.analysis.explorer import VISIBLE_WHITESPACE
-from crossdiff.common import CrossdiffError
+from crossdiff.common import FILE_MODE, CrossdiffError
 
 SIDECAR_DIR = "report_files"  # next to report.html
 EXPLORER_SHARD = 64  # explored latents per shard file
@@ -105,8 +105,10 @@ def write_sidecar(out_dir: Path, files: dict[str, str]) -> Path | None:
         return None
     tmp = Path(tempfile.mkdtemp(prefix=f".{SIDECAR_DIR}-", dir=out_dir))
     try:
+        os.chmod(tmp, FILE_MODE | ((FILE_MODE & 0o444) >> 2))  # mkdtemp makes 0700: the umask's
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
+            os.chmod(tmp / name, FILE_MODE)
         old = None
         if target.exists():
             old = out_dir / f".{SIDECAR_DIR}-old-{os.getpid()}"
