@@ -108,17 +108,17 @@ def test_a_rerun_with_another_crosscoder_reads_the_cached_ablations(models, held
 
     monkeypatch.setattr(batched, "patched_sums", counting)
     first = spliced_loss(
-        noisy_crosscoder(16, 0.05, 3), models, heldout, "paper", cache_dir=tmp_path
+        noisy_crosscoder(80, 0.05, 3), models, heldout, "mlp-all-layers", cache_dir=tmp_path
     )
     assert len(list(tmp_path.glob("splice-*.json"))) == 1 and set(calls) == {3}
     calls.clear()
-    other = noisy_crosscoder(16, 0.2, seed=4)
-    cached = spliced_loss(other, models, heldout, "paper", cache_dir=tmp_path)
+    other = noisy_crosscoder(80, 0.2, seed=4)  # five sites: per-site scopes cached too
+    cached = spliced_loss(other, models, heldout, "mlp-all-layers", cache_dir=tmp_path)
     assert calls and set(calls) == {1}  # only the spliced kind ran
-    fresh = spliced_loss(other, models, heldout, "paper")
+    fresh = spliced_loss(other, models, heldout, "mlp-all-layers")
     assert_same(cached, fresh, tol=1e-9)
     assert cached["models"]["dense"]["ce_spliced"] != first["models"]["dense"]["ce_spliced"]
     # other rows are another key: no stale sums
     calls.clear()
-    spliced_loss(other, models, markov_rows(6, seed=5), "paper", cache_dir=tmp_path)
+    spliced_loss(other, models, markov_rows(6, seed=5), "mlp-all-layers", cache_dir=tmp_path)
     assert set(calls) == {3} and len(list(tmp_path.glob("splice-*.json"))) == 2
