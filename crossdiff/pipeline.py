@@ -248,7 +248,7 @@ def _report_stage(run: _Run) -> None:
 
     inputs = ReportInputs(
         run.made["crosscoder"], run.made["store"], data.tokenizer, run.models_dir, data.heldout,
-        extra_summary=extra,
+        extra_summary=extra, cache_dir=run.runner.out / "cache" / "splice",
     )  # fmt: skip
     config = ReportStageConfig.from_options(options["report"])
     diff, summary.report_paths = run_report_stage(

@@ -184,8 +184,12 @@ def test_write_report_and_inspect(trained, models, tmp_path, capsys):
     assert ex["logit_models"] == {"dense": "blocks.0.hook_resid_post",
                                   "moe": "blocks.0.hook_resid_mid"}  # fmt: skip
     assert all(set(e["logits"]) == {"dense", "moe"} for e in ex["latents"].values())
+    shards = sorted(p.name for p in paths["sidecar"].glob("explorer-*.js"))
+    assert len(shards) == -(-ex["n_latents"] // 64)
     page = paths["html"].read_text()
-    assert page.count('id="explorer-chunk-') == -(-ex["n_latents"] // 64)
+    assert all(f"report_files/{name}" in page for name in shards)  # named in the page's index
+    first = next(iter(ex["latents"].values()))["top"][0]
+    assert f'"v":{json.dumps(first["v"])}' not in page  # the examples themselves are not inline
 
     # a latent whose examples contain a newline token
     j = next(int(k) for k, e in ex["latents"].items()

@@ -253,6 +253,8 @@ def test_micro_run_and_report_command_show_the_spliced_loss(tmp_path, capsys):
     assert "loss recovered dense (vs zero / mean)" in (out / "report" / "report.html").read_text()
     lines = _summary_lines(summary.metrics["diff"])
     assert sum(line.startswith("spliced loss ") for line in lines) == 2
+    # the clean and ablated sums are kept outside RUN/report (which a new crosscoder clears)
+    assert len(list((out / "cache" / "splice").glob("splice-*.json"))) == 1
 
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command"))
@@ -265,6 +267,7 @@ def test_micro_run_and_report_command_show_the_spliced_loss(tmp_path, capsys):
     assert "spliced loss moe: CE clean" in capsys.readouterr().out
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["summary"]["spliced_loss"]["models"] == spliced["models"]
+    assert len(list((tmp_path / "again" / "splice-cache").glob("splice-*.json"))) == 1
 
 
 @pytest.mark.slow  # 7-15 s on the shared machine, mostly the figures

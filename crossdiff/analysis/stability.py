@@ -3,7 +3,7 @@
 Each latent of the first crosscoder (the reference: the run's main crosscoder) is matched one to
 one with a latent of every other seed's crosscoder by the Hungarian algorithm
 (`scipy.optimize.linear_sum_assignment`) on decoder similarity: the minimum, over the models where
-both latents write, of their per-model decoder cosines (crossdiff.analysis.replicates explains why
+both latents write, of their per-model decoder cosines (crossdiff.analysis.matching explains why
 not over every model). Only live latents take part. A latent is *stable* when its match reaches
 `STABLE_COSINE` in every other seed, *single-draw* otherwise. Reported: the share of live
 reference latents matched at or above each cosine (0.5 / 0.7 / 0.9 and a curve), per class and
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crossdiff.analysis.replicates import _decoder, match_latents
+from crossdiff.analysis.matching import _decoder, match_latents
 from crossdiff.common import CrossdiffError
 
 THRESHOLDS = (0.5, 0.7, 0.9)

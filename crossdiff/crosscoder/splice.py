@@ -33,6 +33,7 @@ from crossdiff.activations.pairing import Pairing, load_pairing
 from crossdiff.activations.rows import as_token_rows
 from crossdiff.activations.runner import check_hooks, eval_mode
 from crossdiff.common import CrossdiffError
+from crossdiff.crosscoder.splice_batched import cache_key, evaluate, load_cached, save_cached
 from crossdiff.crosscoder.splicer import (
     ENCODE_CHUNK,
     FORMULA,
@@ -73,6 +74,7 @@ def spliced_loss(
     ablation_means: Sequence[Tensor] | None = None,
     per_site: bool = True,
     progress: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """CE clean / spliced / zero-ablated / mean-ablated and loss recovered, per model.
 
@@ -80,6 +82,9 @@ def spliced_loss(
     rows (the first `max_sequences` are used). `ablation_means` (per model, the raw mean of its
     concatenated sites, e.g. a store's `running_stats.mean(m)`) replaces the default: the mean over
     the evaluated tokens the crosscoder reads. `per_site` adds each site spliced on its own.
+    `cache_dir`: a folder where the clean and ablated sums (which do not depend on the
+    crosscoder) are kept, keyed by the models' weights, the rows, the sites and the options, so
+    a rerun with another crosscoder only runs the spliced forwards.
     Returns {"models": {name: {..., "per_site": [...]}}, "n_sequences", "n_targets", ...}.
     """
     pairing = load_pairing(pairing)
@@ -108,8 +113,15 @@ def spliced_loss(
         check_hooks(model, name, model_hooks)
     with eval_mode(models):
         splicer = Splicer(cc, models, names, hooks, rows.tokens, rows.keep, batch_size, progress)
-        means = splicer.means(ablation_means)
-        sums = splicer.losses(means, per_site)
+        given = None if ablation_means is None else splicer.given_means(ablation_means)
+        folder = None if cache_dir is None else Path(cache_dir)
+        key = cache_key(splicer, per_site, ablation_means) if folder is not None else ""
+        known = load_cached(folder, key)
+        if known is not None and progress:
+            print(f"spliced loss: clean and ablated losses from {folder}, spliced ones computed")
+        sums = evaluate(splicer, given, per_site, known)
+        if known is None:
+            save_cached(folder, key, sums)
     return splicer.result(sums, per_site, given_means=ablation_means is not None)
 
 
@@ -152,8 +164,10 @@ def spliced_loss_for_run(
     *,
     max_sequences: int,
     device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any] | None:
-    """The report's spliced-in loss: the store's models on held-out rows.
+    """The report's spliced-in loss: the store's models on held-out rows (`cache_dir`: see
+    `spliced_loss`).
 
     `models_dir`: a folder with a model folder per store model name (`crossdiff run`'s layout), or
     a dict store model name -> loaded model or folder (crossdiff or Hugging Face, see
@@ -196,6 +210,7 @@ def spliced_loss_for_run(
         model_names=names,
         max_sequences=max_sequences,
         progress=True,
+        cache_dir=cache_dir,
     )
 
 

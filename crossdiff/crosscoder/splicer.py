@@ -1,6 +1,6 @@
 """The splicing itself: the batches, both models' clean activations at the paired sites, the
-crosscoder's reconstruction of them, and the forward passes with sites replaced (splice.py says
-what is measured).
+crosscoder's reconstruction of them, and a forward pass with sites replaced (splice.py says what
+is measured; splice_batched.py runs the passes).
 """
 
 from __future__ import annotations
@@ -99,31 +99,20 @@ class Splicer:
             out.append(x)
         return out
 
-    def means(self, given: Sequence[Tensor] | None) -> list[list[Tensor]]:
-        """The mean-ablation value per model and site: given, or over the evaluated kept tokens."""
-        if given is not None:
-            if len(given) != len(self.models):
-                raise CrossdiffError(f"ablation_means needs one tensor per model, got {len(given)}")
-            out = []
-            for m, mean in enumerate(given):
-                mean = torch.as_tensor(mean).flatten()
-                if mean.shape[0] < self.widths[m]:
-                    raise CrossdiffError(
-                        f"ablation_means[{m}] has {mean.shape[0]} values; model "
-                        f"{self.names[m]!r}'s sites are {self.widths[m]} wide"
-                    )
-                out.append(list(mean[: self.widths[m]].split(self.site_widths[m])))
-            return out
-        sums = [torch.zeros(w, dtype=torch.float64) for w in self.widths]
-        count = 0
-        for tokens, keep in self.batches("splice: means"):
-            count += int(keep.sum())
-            for m in range(len(self.models)):
-                x = torch.cat(self.capture(m, tokens), dim=-1)
-                sums[m] += x[keep.to(x.device)].to(torch.float64).sum(0).cpu()
-        if count == 0:
-            raise CrossdiffError("no token positions to splice (every position is skipped)")
-        return [list((s / count).split(self.site_widths[m])) for m, s in enumerate(sums)]
+    def given_means(self, given: Sequence[Tensor]) -> list[list[Tensor]]:
+        """The given mean-ablation values (per model, its concatenated sites) split per site."""
+        if len(given) != len(self.models):
+            raise CrossdiffError(f"ablation_means needs one tensor per model, got {len(given)}")
+        out = []
+        for m, mean in enumerate(given):
+            mean = torch.as_tensor(mean).flatten()
+            if mean.shape[0] < self.widths[m]:
+                raise CrossdiffError(
+                    f"ablation_means[{m}] has {mean.shape[0]} values; model "
+                    f"{self.names[m]!r}'s sites are {self.widths[m]} wide"
+                )
+            out.append(list(mean[: self.widths[m]].split(self.site_widths[m])))
+        return out
 
     def reconstruct(self, acts: list[list[Tensor]]) -> list[list[Tensor]]:
         """Per model and site, the crosscoder's reconstruction from both models' clean acts."""
@@ -155,35 +144,6 @@ class Splicer:
             tokens.to(device), return_type="loss", loss_per_token=True, fwd_hooks=fwd_hooks
         )
         return float(per_token.to(torch.float64).sum())
-
-    def losses(self, means: list[list[Tensor]], per_site: bool) -> dict[tuple, float]:
-        """Summed CE per (model, scope, kind); scope is "all" or a site index."""
-        sums: dict[tuple, float] = {}
-
-        def add(key: tuple, value: float) -> None:
-            sums[key] = sums.get(key, 0.0) + value
-
-        for tokens, keep in self.batches("splice: losses"):
-            clean_loss: list[float] = []
-            clean = [self.capture(m, tokens, clean_loss) for m in range(len(self.models))]
-            recon = self.reconstruct(clean)
-            for m in range(len(self.models)):
-                hooks = self.hooks[m]
-                values = {
-                    "spliced": recon[m],
-                    "zero": [torch.zeros(()) for _ in hooks],
-                    "mean": means[m],
-                }
-                add((m, "all", "clean"), clean_loss[m])
-                scopes: list[Any] = ["all"]
-                if per_site and len(hooks) > 1:
-                    scopes += list(range(len(hooks)))
-                for scope in scopes:
-                    sites = range(len(hooks)) if scope == "all" else [scope]
-                    for kind, per_hook in values.items():
-                        patches = {hooks[s]: per_hook[s] for s in sites}
-                        add((m, scope, kind), self.loss_sum(m, tokens, keep, patches))
-        return sums
 
     def result(self, sums: dict[tuple, float], per_site: bool, given_means: bool) -> dict:
         n_seq, seq_len = self.tokens.shape

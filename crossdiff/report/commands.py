@@ -128,7 +128,8 @@ def run_report(args: argparse.Namespace) -> int:
     extra = ("part", "direction", "min_expert_firings")
     config = ReportStageConfig.from_args(args, PRESET_DESTS | {k: k for k in extra})
     models = parse_models(args.models, store.model_names) or args.store.resolve().parent / "models"
-    inputs = ReportInputs(cc, store, tokenizer, models, _heldout(args, config, models))
+    inputs = ReportInputs(cc, store, tokenizer, models, _heldout(args, config, models),
+                          cache_dir=Path(args.out) / "splice-cache")  # fmt: skip
     diff, paths = run_report_stage(config, inputs, args.out, device=device)
     print(format_summary(diff.summary))
     print(f"open the report: {paths['html']}")

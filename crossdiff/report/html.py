@@ -1,15 +1,17 @@
-"""report.html: one self-contained file (figures as base64 PNG, plain JS, no network)."""
+"""report.html (figures as base64 PNG, plain JS, no network) and its sidecar files in
+report_files/ (the explorer's examples, and the latent table's rows when they are large;
+sidecar.py says how they are loaded)."""
 
 from __future__ import annotations
 
 import base64
 import html
-import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
 
-from crossdiff.analysis.explorer import VISIBLE_WHITESPACE, visible_whitespace
+from crossdiff.analysis.explorer import visible_whitespace
 from crossdiff.report.figures import class_colors
 from crossdiff.report.markdown import (
     CLAIM_HEADER,
@@ -20,6 +22,13 @@ from crossdiff.report.markdown import (
     fve_line,
 )
 from crossdiff.report.seeds_section import seeds_parts
+from crossdiff.report.sidecar import (
+    SIDECAR_DIR,
+    explorer_index,
+    explorer_shards,
+    script_json,
+    table_rows,
+)
 
 _TEMPLATE = Path(__file__).with_name("template.html")
 
@@ -171,38 +180,6 @@ def _spliced_loss_facts(sp: dict[str, Any] | None) -> list[tuple[str, str]]:
     return facts
 
 
-def _json_script(obj: Any) -> str:
-    # "</" inside a <script> would end it early
-    return json.dumps(obj, separators=(",", ":")).replace("</", "<\\/")
-
-
-EXPLORER_CHUNK = 64  # latents per lazily parsed <script type="application/json"> block
-
-
-def _explorer_blocks(explorer: dict[str, Any] | None) -> tuple[str, str]:
-    """(index JSON, one JSON script block per chunk of latents): the page parses a chunk only
-    when one of its latents is opened, and works from file:// (no fetch)."""
-    if not explorer:
-        return _json_script({"chunks": {}, "n_latents": 0}), ""
-    ids = sorted(int(k) for k in explorer["latents"])
-    chunk_of: dict[str, int] = {}
-    blocks = []
-    for n, lo in enumerate(range(0, len(ids), EXPLORER_CHUNK)):
-        part = ids[lo : lo + EXPLORER_CHUNK]
-        chunk_of.update({str(j): n for j in part})
-        body = {str(j): explorer["latents"][str(j)] for j in part}
-        blocks.append(
-            f'<script id="explorer-chunk-{n}" type="application/json">{_json_script(body)}</script>'
-        )
-    blocks.append(
-        f'<script id="explorer-vocab" type="application/json">'
-        f"{_json_script(explorer['vocab'])}</script>"
-    )
-    index = {k: v for k, v in explorer.items() if k not in ("latents", "vocab")}
-    index.update(chunks=chunk_of, whitespace=VISIBLE_WHITESPACE)
-    return _json_script(index), "".join(blocks)
-
-
 def _controls_html(summary: dict[str, Any]) -> str:
     """The model seeds' and crosscoder seeds' section, or "" (the page is then as without it)."""
     parts = seeds_parts(summary)
@@ -233,6 +210,17 @@ def _controls_html(summary: dict[str, Any]) -> str:
 def render_html(
     data: dict[str, Any], figures: dict[str, Path], explorer: dict[str, Any] | None = None
 ) -> str:
+    """The page alone (its sidecar files: `render_report_html`)."""
+    return render_report_html(data, figures, explorer)[0]
+
+
+_SLOT = re.compile(r"\{\{[A-Z_]+\}\}")
+
+
+def render_report_html(
+    data: dict[str, Any], figures: dict[str, Path], explorer: dict[str, Any] | None = None
+) -> tuple[str, dict[str, str]]:
+    """(report.html's text, its sidecar files: name inside report_files/ -> text)."""
     s = data["summary"]
     a, b = s["direction"]["A"], s["direction"]["B"]
     cols = _columns(data)
@@ -301,8 +289,13 @@ def render_html(
         for i, (k, label, kind) in enumerate(cols)
     )
     options = "".join(f'<option value="{_esc(c)}">{_esc(c)}</option>' for c in s["classes"])
-    colors = json.dumps(class_colors(s["classes"]))
-    explorer_index, explorer_blocks = _explorer_blocks(explorer)
+    rows_json, sidecar = table_rows(rows)
+    sidecar.update(explorer_shards(explorer))
+    rows_src = "".join(
+        f'<script src="{SIDECAR_DIR}/{name}" onerror="crossdiffMissing(this)"></script>'
+        for name in sidecar
+        if name == "rows.js"
+    )
     page = _TEMPLATE.read_text(encoding="utf-8")
     replacements = {
         "{{TITLE}}": _esc(f"crossdiff report: {a} vs {b}"),
@@ -321,12 +314,12 @@ def render_html(
         "{{OPTIONS}}": options,
         "{{PANELS}}": panels or "<p>No latents fire, so there are no panels.</p>",
         "{{N_LATENTS}}": str(len(rows)),
-        "{{ROWS_JSON}}": _json_script(rows),
-        "{{PANEL_IDS_JSON}}": _json_script([int(k) for k in data["details"]]),
-        "{{COLORS_JSON}}": colors,
-        "{{EXPLORER_INDEX_JSON}}": explorer_index,
-        "{{EXPLORER_BLOCKS}}": explorer_blocks,
+        "{{ROWS_JSON}}": rows_json,
+        "{{ROWS_SRC}}": rows_src,
+        "{{PANEL_IDS_JSON}}": script_json([int(k) for k in data["details"]]),
+        "{{COLORS_JSON}}": script_json(class_colors(s["classes"])),
+        "{{EXPLORER_INDEX_JSON}}": script_json(explorer_index(explorer)),
     }
-    for key, value in replacements.items():
-        page = page.replace(key, value)
-    return page
+    # one pass: a value that holds "{{...}}" (a token's text, a model name) stays as it is
+    page = _SLOT.sub(lambda m: replacements.get(m.group(), m.group()), page)
+    return page, sidecar

@@ -40,6 +40,8 @@ class ReportInputs:
     heldout: Any = None  # a TokenSet
     # more summary blocks from the diff (crossdiff run: the seeds' and the controls' comparison)
     extra_summary: Callable[[Any], dict[str, Any]] | None = None
+    # where the spliced loss keeps its clean and ablated sums between reruns (None: not kept)
+    cache_dir: Path | None = None
 
 
 def run_report_stage(
@@ -77,6 +79,7 @@ def run_report_stage(
             inputs.heldout,
             max_sequences=n_rows,
             device=device,
+            cache_dir=inputs.cache_dir,
         )
         if spliced is not None:
             diff.summary["spliced_loss"] = spliced

@@ -15,8 +15,9 @@ from crossdiff.analysis.diff import FeatureDiff
 from crossdiff.analysis.explorer import DEFAULT_PER_CLASS, explore
 from crossdiff.common import atomic_path, write_json_atomic
 from crossdiff.report.figures import FIGURES, make_figures
-from crossdiff.report.html import render_html
+from crossdiff.report.html import render_report_html
 from crossdiff.report.markdown import render_markdown
+from crossdiff.report.sidecar import write_sidecar
 
 _PACKAGES = ("crossdiff", "torch", "transformer-lens", "sae-lens", "numpy", "pandas", "scipy",
              "matplotlib")  # fmt: skip
@@ -72,6 +73,25 @@ def report_data(diff: FeatureDiff, figures: dict[str, Path] | None = None) -> di
     )
 
 
+def write_html(
+    out_dir: Path,
+    data: dict[str, Any],
+    figures: dict[str, Path],
+    explorer: dict[str, Any] | None,
+) -> dict[str, Path]:
+    """report.html and its report_files/ folder from report.json's data and explorer.json's;
+    {'html': ..., 'sidecar': ...} ('sidecar' only when the page has sidecar files)."""
+    page, sidecar = render_report_html(data, figures, explorer)
+    # the sidecar first: report.html never names a shard that is not there
+    folder = write_sidecar(out_dir, sidecar)
+    with atomic_path(out_dir / "report.html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    paths = {"html": out_dir / "report.html"}
+    if folder is not None:
+        paths["sidecar"] = folder
+    return paths
+
+
 def write_report(
     diff: FeatureDiff,
     out_dir: str | Path,
@@ -80,10 +100,14 @@ def write_report(
     models: dict[str, Any] | str | Path | None = None,
     explorer_per_class: int = DEFAULT_PER_CLASS,
 ) -> dict[str, Path]:
-    """Write report.json, report.md, report.html (self-contained), explorer.json and PNG figures.
+    """Write report.json, report.md, report.html with its report_files/ folder, explorer.json and
+    PNG figures.
 
-    Returns name -> path for every file written ('json', 'md', 'html', 'explorer' and one per
-    figure). explorer.json (also embedded in report.html, parsed lazily) holds each live latent's
+    Returns name -> path for every file written ('json', 'md', 'html', 'explorer', 'sidecar' (the
+    report_files folder, when there is one) and one per figure). report.html holds the figures
+    and the summary; report_files/ holds the explorer's examples in shards the page loads when a
+    latent is opened, and the latent table's rows when they are large (crossdiff.report.sidecar
+    gives the format); keep it next to report.html. explorer.json holds each live latent's
     top and activation-band examples, activation histogram and, with `models` (loaded models by
     name, or a folder with one model folder per model name), logit effects; the
     `explorer_per_class` latents of each class with the largest activation mass get one. A diff
@@ -111,9 +135,7 @@ def write_report(
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(render_markdown(data))
     paths["md"] = out_dir / "report.md"
-    with atomic_path(out_dir / "report.html") as tmp:
-        tmp.write_text(render_html(data, figures, explorer), encoding="utf-8")
-    paths["html"] = out_dir / "report.html"
+    paths.update(write_html(out_dir, data, figures, explorer))
     paths.update(figures)
     if not quiet:
         print(f"wrote report ({len(figures)} figures) to {out_dir}:")
