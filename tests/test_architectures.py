@@ -120,3 +120,44 @@ def test_unbalanced_design_is_refused():
     fit = JointFit(norms=np.ones((4, 3)), live=np.ones(4, bool), density=np.ones(4))
     with pytest.raises(CrossdiffError, match="same number N >= 2"):
         compare_architectures([fit], ["dense", "dense", "moe"])
+
+
+def _pair_diff(n_a_only: int, n_b_only: int):
+    import torch
+
+    from crossdiff import CrossCoderConfig, diff_features, train_crosscoder
+    from crossdiff.crosscoder.synthetic import planted_crosscoder_data
+
+    torch.manual_seed(0)
+    acts, _ = planted_crosscoder_data(
+        8000, 24, n_shared=12, n_a_only=n_a_only, n_b_only=n_b_only, densities=(0.01, 0.05),
+        noise=0.02, seed=5,
+    )  # fmt: skip
+    cfg = CrossCoderConfig(d_model=24, d_sae=24, k=1, shared_decoder="free")
+    cc = train_crosscoder(acts[:6000], cfg, steps=800, batch_size=256, lr=3e-3, seed=0,
+                          log_every=10**9)  # fmt: skip
+    return diff_features(cc, acts[6000:], show_progress=False, model_names=("dense", "moe"),
+                         n_top_contexts=1, panels_per_class=0)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_main_pair_counts_at_three_splits_on_a_trained_crosscoder(tmp_path):
+    """Planted exclusive features stay exclusive at 0.1/0.9; with the same features in both
+    models no latent is exclusive at 0.1/0.9, and the report says so before the claims."""
+    from crossdiff import write_report
+
+    planted = _pair_diff(4, 4)
+    strict = planted.summary["pair_splits"]["splits"]["0.1/0.9"]
+    assert strict["dense-only"] >= 3 and strict["moe-only"] >= 3
+    assert not planted.summary["pair_splits"]["nothing_exclusive"]
+    loose = planted.summary["pair_splits"]["splits"]["0.3/0.7"]
+    assert loose["dense-only"] >= strict["dense-only"]
+    assert loose["dense-only"] >= loose["dense-only without artifacts"]
+
+    null = _pair_diff(0, 0)
+    splits = null.summary["pair_splits"]
+    assert splits["nothing_exclusive"] is True
+    assert splits["relative_norm"]["min"] > 0.1 and splits["relative_norm"]["max"] < 0.9
+    md = write_report(null, tmp_path / "report", quiet=True)["md"].read_text()
+    sentence = md.index("No latent of dense vs moe is exclusive at 0.1/0.9")
+    assert sentence < md.index("## The paper's claims within the main pair")

@@ -163,7 +163,8 @@ def test_model_and_crosscoder_seeds_extend_a_finished_run_and_the_report_judges_
         assert claim["permutation"]["n_splits"] == 6
         assert claim["verdict"] == "cannot tell" and "1/6" in claim["reason"]
     md = (out / "report" / "report.md").read_text()
-    assert "## Model seeds and crosscoder seeds" in md and "permutation p" in md
+    assert "## Robustness: splits, model seeds and crosscoder seeds" in md
+    assert "permutation p" in md
     assert (out / "report" / "seed_stability.png").exists()
 
     # the second model seed: the run's batches (seed 0), another initialization

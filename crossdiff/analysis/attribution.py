@@ -125,3 +125,33 @@ def pair_relative_norms(norms: np.ndarray, live: np.ndarray, i: int, j: int) -> 
         ),  # fmt: skip
         "histogram": [int(h) for h in hist],
     }
+
+
+def pair_splits(table: Any, name_a: str, name_b: str) -> dict[str, Any]:
+    """A pairwise diff's exclusive counts at each split of THRESHOLDS, with and without latents
+    flagged as latent-scaling artifacts (flags exist for the latents exclusive at the diff's own
+    split, which hold those of every stricter split), and the distribution of r over live
+    latents. `nothing_exclusive`: no live latent is exclusive at the strictest split."""
+    live = table["class"].to_numpy().astype(str) != DEAD
+    free = ~table["designated_shared"].to_numpy().astype(bool)
+    r = table["relative_norm"].to_numpy(dtype=np.float64)
+    flagged = (
+        table["scaling_artifact"].to_numpy().astype(bool)
+        if "scaling_artifact" in table
+        else np.zeros(len(r), dtype=bool)
+    )
+    out: dict[str, Any] = {"splits": {}}
+    for lo in THRESHOLDS:
+        a_only = live & free & (r < lo)
+        b_only = live & free & (r > 1 - lo)
+        out["splits"][split_label(lo)] = {
+            f"{name_a}-only": int(a_only.sum()),
+            f"{name_b}-only": int(b_only.sum()),
+            f"{name_a}-only without artifacts": int((a_only & ~flagged).sum()),
+            f"{name_b}-only without artifacts": int((b_only & ~flagged).sum()),
+        }
+    strict = out["splits"][split_label(min(THRESHOLDS))]
+    out["nothing_exclusive"] = strict[f"{name_a}-only"] + strict[f"{name_b}-only"] == 0
+    norms = np.stack([1 - np.nan_to_num(r, nan=0.5), np.nan_to_num(r, nan=0.5)], 1)
+    out["relative_norm"] = pair_relative_norms(norms, live & free & np.isfinite(r), 0, 1)
+    return out

@@ -37,7 +37,7 @@ HOLDS, DOES_NOT_HOLD, TOO_FEW = "holds", "does not hold", "too few latents to te
 VERDICTS = (HOLDS, DOES_NOT_HOLD, TOO_FEW)
 NOT_INDEPENDENT = (
     "latents of one dictionary are not independent samples, so the p-value is descriptive; "
-    "other seeds and same-architecture controls are the real test"
+    "other crosscoder seeds and model seeds (crossdiff run --model-seeds) are the real test"
 )
 
 

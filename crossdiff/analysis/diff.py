@@ -11,6 +11,7 @@ import torch
 
 from crossdiff.activations.store import evaluation_part
 from crossdiff.analysis.accumulate import PassStats, run_pass
+from crossdiff.analysis.attribution import pair_splits
 from crossdiff.analysis.classes import (
     DEAD,
     class_names,
@@ -178,6 +179,7 @@ def diff_features(
             min_expert_firings,
         )  # fmt: skip
     summary["evaluated_on"] = evaluated_on
+    summary["pair_splits"] = pair_splits(table, name_a, name_b)
     summary["reconstruction"].update(
         _pooled_normalized(stats.sse, stats.sst, normalized_unit_factors(cc, acts_or_store)),
         evaluated_on=evaluated_on,

@@ -88,7 +88,7 @@ def fve_line(rec: dict[str, Any]) -> str:
     return text + f"; dead fraction: {fmt(rec['dead_fraction'])}."
 
 
-SEEDS_TITLE = "Model seeds and crosscoder seeds"
+SEEDS_TITLE = "Robustness: splits, model seeds and crosscoder seeds"
 
 
 def _seeds_section(summary: dict[str, Any]) -> list[str]:

@@ -1,8 +1,9 @@
-"""The report's "Model seeds and crosscoder seeds" section, from summary["architectures"]
-(crossdiff.analysis.architectures: latents attributed per latent over N model seeds, the claims at
-three splits) and summary["replicates"] (crosscoder seeds: spread and seed stability), as parts
-that report.md and report.html render alike: ('p', text), ('table', (header, rows)),
-('list', [text]) or ('note', text)."""
+"""The report's robustness section, before the claims: the main pair's exclusive counts at three
+splits (summary["pair_splits"]), the latents attributed per latent over N model seeds with the
+claims at three splits (summary["architectures"], crossdiff.analysis.architectures) and the
+crosscoder seeds' spread and seed stability (summary["replicates"]), as parts that report.md and
+report.html render alike: ('p', text), ('table', (header, rows)), ('list', [text]) or
+('note', text)."""
 
 from __future__ import annotations
 
@@ -132,9 +133,41 @@ def replicate_parts(rep: dict[str, Any]) -> list[Part]:
     return parts
 
 
-def seeds_parts(summary: dict[str, Any]) -> list[Part]:
-    """The section's parts, or [] when the summary has neither block."""
+def pair_split_parts(summary: dict[str, Any]) -> list[Part]:
+    ps = summary["pair_splits"]
+    a, b = summary["direction"]["A"], summary["direction"]["B"]
     parts: list[Part] = []
+    if ps["nothing_exclusive"]:
+        parts.append(("list", [
+            f"No latent of {a} vs {b} is exclusive at 0.1/0.9: every live latent's relative norm "
+            "lies between 0.1 and 0.9, so the classes at the paper's 0.3/0.7 split are the tails "
+            "of one distribution, not separate populations."]))  # fmt: skip
+    rows = []
+    for name, c in ps["splits"].items():
+        rows.append([name, c[f"{a}-only"], c[f"{b}-only"], c[f"{a}-only without artifacts"],
+                     c[f"{b}-only without artifacts"]])  # fmt: skip
+    r = ps["relative_norm"]
+    spread = (
+        f" Relative norms of the live latents: sd {fmt(r['sd'])}, range [{fmt(r['min'])}, "
+        f"{fmt(r['max'])}], 1% / 99% quantiles {fmt(r['quantiles']['q01'])} / "
+        f"{fmt(r['quantiles']['q99'])}."
+        if r.get("n")
+        else ""
+    )
+    parts += [
+        ("p", f"Exclusive latents of {a} vs {b} at three splits, with and without the latents "
+              f"latent scaling flags as artifacts.{spread}"),
+        ("table", (["split", f"{a}-only", f"{b}-only", f"{a}-only without artifacts",
+                    f"{b}-only without artifacts"], rows)),
+    ]  # fmt: skip
+    return parts
+
+
+def seeds_parts(summary: dict[str, Any]) -> list[Part]:
+    """The section's parts, or [] when the summary has none of its blocks."""
+    parts: list[Part] = []
+    if summary.get("pair_splits"):
+        parts += pair_split_parts(summary)
     if summary.get("architectures"):
         parts += architecture_parts(summary["architectures"])
     if summary.get("replicates"):
