@@ -105,6 +105,22 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def refuse_float16_training(dtype: str | torch.dtype, what: str, option: str) -> None:
+    """Adam cannot train float16 parameters: its squared gradients (below 2.4e-4 squared) and
+    its eps of 1e-8 underflow to 0 in float16, so an update divides by zero and the weights
+    become inf/NaN within a few steps whatever the learning rate. Refuse it up front."""
+    if str(dtype).removeprefix("torch.") != "float16":
+        return
+    raise CrossdiffError(
+        f"{what} cannot be trained with float16 parameters ({option}=float16): in float16 "
+        "Adam's squared gradients and its eps (1e-8) round to 0, so an update divides by zero "
+        "and the weights become NaN within a few steps, whatever the learning rate. Train in "
+        "float32 (the default; on CUDA the big matmuls already run in bfloat16 under autocast) "
+        "or bfloat16; float16 stays fine for the activation store and for loading a trained "
+        "model or crosscoder"
+    )
+
+
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """'auto'/None picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
     if name is None or str(name) == "auto":
@@ -234,6 +250,23 @@ def environment_message(err: BaseException) -> str:
         errno.EACCES: "you may not write there; choose another --out",
     }.get(err.errno or 0, "check the path and the disk, then run it again")
     return f"cannot access{where}: {err.strerror or err}; {hint}"
+
+
+def remove_tree(path: Path) -> None:
+    """shutil.rmtree for a stage folder, but a symbolic link is not deleted through: an error
+    names the link and its target (an empty target is left as it is: nothing to remove)."""
+    if not path.is_symlink():
+        shutil.rmtree(path)
+        return
+    target = path.resolve()
+    if target.is_dir() and not any(target.iterdir()):
+        return
+    raise CrossdiffError(
+        f"{path} is a symbolic link to {target}, and its old contents would have to be deleted "
+        "to redo this stage; crossdiff does not delete through a link. Remove the link (`rm "
+        f"{path}`) to let crossdiff make a new folder there, or empty {target} yourself; then "
+        "run the same command again"
+    )
 
 
 def tensors_nbytes(tensors: dict[str, torch.Tensor]) -> int:

@@ -20,7 +20,7 @@ from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 
 from crossdiff.activations.source import ActivationSource
 from crossdiff.api_checks import check_whole
-from crossdiff.common import CrossdiffError
+from crossdiff.common import CrossdiffError, refuse_float16_training
 
 # namespaced: "crosscoder" alone is generic enough for another plugin to claim it
 ARCHITECTURE = "crossdiff.crosscoder"
@@ -273,6 +273,7 @@ class TrainingCrossCoderConfig(CrossCoderConfig, TrainingSAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_float16_training(self.dtype, "a crosscoder", "dtype")
         if self.k_anneal_steps < 0:
             raise CrossdiffError(f"k_anneal_steps={self.k_anneal_steps} must be >= 0")
         start = self.k_anneal_start
