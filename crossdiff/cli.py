@@ -198,21 +198,20 @@ def _main(argv: list[str]) -> int:
         print(f"crossdiff {args.command}: error: {err}", file=sys.stderr)
         code = 2
     except Exception as err:
-        if not isinstance(err, (OSError, MemoryError)) and not is_write_error(err):
-            if dist_info().enabled:
-                traceback.print_exc()
-                abort_distributed(1)
-            raise
         if dist_info().enabled:
             traceback.print_exc()
             abort_distributed(1)
+        if not (isinstance(err, (OSError, MemoryError)) or is_write_error(err)):
+            raise  # a bug: its traceback
         print(f"crossdiff {args.command}: error: {environment_message(err)}", file=sys.stderr)
         code = 2
-    except BaseException as err:  # Ctrl-C, SystemExit
+    except BaseException as err:  # Ctrl-C (main() prints its line), SystemExit
         if dist_info().enabled:
             if not isinstance(err, KeyboardInterrupt):
                 traceback.print_exc()
-            abort_distributed(INTERRUPTED if isinstance(err, KeyboardInterrupt) else 1)
+                abort_distributed(1)
+            print(f"crossdiff {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+            abort_distributed(INTERRUPTED)
         raise
     if code and dist_info().enabled:
         abort_distributed(code)

@@ -236,7 +236,10 @@ def test_ctrl_c_is_one_line_and_exit_130(report_dir, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(inspect_module, "run_inspect", interrupted)
-    code, err = run_cli(["inspect", str(report_dir), "0"], capsys)
+    try:
+        code, err = run_cli(["inspect", str(report_dir), "0"], capsys)
+    except KeyboardInterrupt:  # caught here: pytest would take it as the user's and stop
+        pytest.fail("the CLI let KeyboardInterrupt through (a traceback for the user)")
     assert code == 130
     assert err.strip() == (
         "crossdiff inspect: interrupted (Ctrl-C); finished files are kept, run the same command "
@@ -375,12 +378,24 @@ def _rewrite(path: Path, edit) -> None:
 
 
 @pytest.mark.parametrize("damage", ["nan", "negative"])
-def test_damaged_adam_state_in_a_crosscoder_checkpoint_is_moved_aside(tmp_path, damage):
+def test_damaged_adam_state_in_a_crosscoder_checkpoint_is_moved_aside(
+    tmp_path, monkeypatch, damage
+):
+    from crossdiff.crosscoder.training import TrainingCrossCoder
+
     store = write_store(tmp_path / "store", planted())
     ckpt = tmp_path / "ckpt"
-    train_crosscoder(
-        store, CFG, **(TRAIN | {"steps": 20}), checkpoint_dir=ckpt, checkpoint_every=10
-    )
+    real = TrainingCrossCoder.training_forward_pass
+
+    def stopped_at_step_25(self, step_input):
+        if step_input.n_training_steps == 25:
+            raise KeyboardInterrupt  # the run stops; its step-20 checkpoint stays
+        return real(self, step_input)
+
+    monkeypatch.setattr(TrainingCrossCoder, "training_forward_pass", stopped_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        train_crosscoder(store, CFG, **TRAIN, checkpoint_dir=ckpt, checkpoint_every=10)
+    monkeypatch.setattr(TrainingCrossCoder, "training_forward_pass", real)
     state = json.loads((ckpt / "state.json").read_text())
     state_file = ckpt / state["tensors"]
     suffix = ".exp_avg" if damage == "nan" else ".exp_avg_sq"
