@@ -350,6 +350,7 @@ def api_results(tmp_path_factory) -> dict[str, list[str]]:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+@pytest.mark.slow  # a fresh interpreter: imports torch, SAELens and TransformerLens again
 @pytest.mark.parametrize("case", sorted(API_CASES))
 def test_wrong_values_at_the_api_are_crossdiff_errors(api_results, case):
     kind, message = api_results[case]
@@ -357,10 +358,42 @@ def test_wrong_values_at_the_api_are_crossdiff_errors(api_results, case):
     assert API_CASES[case] in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_activations_scaled_by_1e30_train_a_working_crosscoder(api_results):
     kind, fve = api_results["activations_times_1e30"]
     assert kind == "ok", fve
     assert float(fve) > 0.5  # the same planted data unscaled gives about 0.64
+
+
+def test_wrong_values_at_the_api_in_this_process(trained, two_diffs, tmp_path):
+    """The cases the tests' beartype hook lets through, in this process (the slow test above
+    runs every case as a user's script meets it)."""
+    from crossdiff import evaluate_crosscoder, harvest, matched_configs
+    from crossdiff.activations import ActivationStore
+    from crossdiff.models import build_model
+
+    store, cc = ActivationStore(trained[0]), CrossCoder.load(trained[1])
+    small = dict(d_model=16, n_heads=2, n_layers=1, d_vocab=40, n_ctx=12, d_mlp=32, device="cpu")
+    models = [build_model(c) for c in matched_configs("tiny", **small, num_experts=4)]
+    rows = torch.zeros(4, 20, dtype=torch.long)
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        (lambda: train_crosscoder(store, CFG, **TRAIN, lr=float("nan")), "lr=nan must be a"),
+        (lambda: train_crosscoder(store, CFG, **TRAIN, lr=-1.0), "lr=-1.0 must be a finite"),
+        (lambda: diff_features(None, store), "diff_features: cc must be a crosscoder"),
+        (lambda: evaluate_crosscoder(None, store), "evaluate_crosscoder: cc must be a crosscoder"),
+        (lambda: diff_features(cc, str(trained[0])), r"pass crossdiff.ActivationStore\(path\)"),
+        (lambda: write_report(two_diffs[0], tmp_path / "a_file"), "a_file is a file, not a"),
+        (
+            lambda: harvest(*models, rows, "single-layer", tmp_path / "s", progress=False),
+            "token rows have 20 tokens but model 'A' reads at most n_ctx=12",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(CrossdiffError, match=message):
+            call()
+    huge = planted() * 1e30
+    assert evaluate_crosscoder(train_crosscoder(huge, CFG, **TRAIN), huge)["fve"] > 0.5
 
 
 # --- a damaged optimizer state: named and moved aside --------------------------------------------
