@@ -146,11 +146,16 @@ def damaged_checkpoint_entry(
 
 def move_aside(files: Iterable[Path], folder: Path) -> Path:
     """Move `files` (those that exist) into a new `folder/damaged-N/`, so a rerun no longer
-    finds them but they stay for a look; return that folder."""
+    finds them but they stay for a look; return that folder. Under torchrun only rank 0 moves
+    them (every rank reads the same checkpoint)."""
+    from crossdiff.distributed import dist_info
+
     n = 1
     while (folder / f"damaged-{n}").exists():
         n += 1
     target = folder / f"damaged-{n}"
+    if not dist_info().is_main:
+        return target
     target.mkdir(parents=True)
     for file in files:
         if file.exists():
