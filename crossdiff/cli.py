@@ -7,7 +7,6 @@ function); this module only assembles them and applies an optional TOML config f
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import sys
 import tomllib
@@ -143,7 +142,10 @@ def _apply_config_file(
 
 def _check_environment(args: argparse.Namespace) -> None:
     """Refuse an unknown --device and an unusable output folder before anything is written."""
-    from crossdiff.common import check_output_dir, resolve_device
+    from crossdiff.common import check_output_dir, check_seed, resolve_device
+
+    if getattr(args, "seed", None) is not None:  # a config file's seed skips argparse's check
+        check_seed(args.seed, "--seed")
 
     device = getattr(args, "device", None)
     if device is not None:
@@ -153,29 +155,33 @@ def _check_environment(args: argparse.Namespace) -> None:
             check_output_dir(args.out if dest == "out" else args.out_dir, option)
 
 
-def _environment_message(err: BaseException) -> str | None:
-    """One line for a failure of the machine rather than of crossdiff, or None."""
-    if isinstance(err, OSError):
-        where = f" {err.filename}" if err.filename else ""
-        hint = {
-            errno.ENOSPC: "free some space or choose another --out, then run it again",
-            errno.EROFS: "the filesystem is read-only; choose another --out",
-            errno.EACCES: "you may not write there; choose another --out",
-        }.get(err.errno or 0, "check the path and the disk, then run it again")
-        return f"cannot access{where}: {err.strerror or err}; {hint}"
-    if isinstance(err, MemoryError):
-        return "out of memory; use smaller sizes (batch, d_sae, tokens) or a larger machine"
-    return None
+INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `crossdiff` command; every failure is one line on stderr (exit 2, Ctrl-C 130)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # stages write atomically and resume, so what was finished is kept
+        command = _command_in(argv)
+        prog = f"crossdiff {command}" if command not in (None, ALL_COMMANDS) else "crossdiff"
+        print(
+            f"{prog}: interrupted (Ctrl-C); finished files are kept, run the same command "
+            "again to resume",
+            file=sys.stderr,
+        )
+        return INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    from crossdiff.common import CrossdiffError
+    from crossdiff.common import CrossdiffError, environment_message, is_write_error
     from crossdiff.distributed import (
         abort_distributed,
         dist_info,
@@ -191,16 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     except CrossdiffError as err:
         print(f"crossdiff {args.command}: error: {err}", file=sys.stderr)
         code = 2
-    except (OSError, MemoryError) as err:
+    except Exception as err:
         if dist_info().enabled:
             traceback.print_exc()
             abort_distributed(1)
-        print(f"crossdiff {args.command}: error: {_environment_message(err)}", file=sys.stderr)
+        if not (isinstance(err, (OSError, MemoryError)) or is_write_error(err)):
+            raise  # a bug: its traceback
+        print(f"crossdiff {args.command}: error: {environment_message(err)}", file=sys.stderr)
         code = 2
-    except BaseException:
+    except BaseException as err:  # Ctrl-C (main() prints its line), SystemExit
         if dist_info().enabled:
-            traceback.print_exc()
-            abort_distributed(1)
+            if not isinstance(err, KeyboardInterrupt):
+                traceback.print_exc()
+                abort_distributed(1)
+            print(f"crossdiff {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+            abort_distributed(INTERRUPTED)
         raise
     if code and dist_info().enabled:
         abort_distributed(code)

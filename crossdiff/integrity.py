@@ -119,6 +119,50 @@ def check_finite_tensors(
             )
 
 
+def damaged_checkpoint_entry(
+    tensors: Mapping[str, Tensor], weights: Iterable[str], optimizer_prefix: str
+) -> str | None:
+    """What makes a training checkpoint unfit to resume, or None: a NaN/inf in one of its
+    `weights` (names in `tensors`) or in its optimizer state (keys starting with
+    `optimizer_prefix`), or a negative Adam second moment (`exp_avg_sq`, whose square root
+    each update takes)."""
+    checked = [(name, "weight") for name in weights]
+    checked += [
+        (k, "value in the optimizer state") for k in tensors if k.startswith(optimizer_prefix)
+    ]
+    for name, what in checked:
+        tensor = tensors[name].detach()
+        index = first_nonfinite(tensor)
+        problem = "non-finite"
+        if index is None and name.endswith("exp_avg_sq") and bool((tensor < 0).any()):
+            index = tuple(int(i) for i in (tensor < 0).nonzero()[0])
+            problem, what = "negative", "Adam second moment (each update takes its square root)"
+        if index is not None:
+            at = f"[{', '.join(map(str, index))}]" if index else ""
+            shown = name.removeprefix("model.")
+            return f"{problem} {what}: {shown}{at} = {tensor[index].item()}"
+    return None
+
+
+def move_aside(files: Iterable[Path], folder: Path) -> Path:
+    """Move `files` (those that exist) into a new `folder/damaged-N/`, so a rerun no longer
+    finds them but they stay for a look; return that folder. Under torchrun only rank 0 moves
+    them (every rank reads the same checkpoint)."""
+    from crossdiff.distributed import dist_info
+
+    n = 1
+    while (folder / f"damaged-{n}").exists():
+        n += 1
+    target = folder / f"damaged-{n}"
+    if not dist_info().is_main:
+        return target
+    target.mkdir(parents=True)
+    for file in files:
+        if file.exists():
+            file.replace(target / file.name)
+    return target
+
+
 def check_finite_module(
     module: torch.nn.Module, source: str, advice: str, *, buffers: bool = True
 ) -> None:

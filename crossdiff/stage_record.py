@@ -19,12 +19,11 @@ options always hands a new fingerprint to the stages after it.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import read_json, write_json_atomic
+from crossdiff.common import read_json, remove_tree, write_json_atomic
 from crossdiff.fingerprint import canonical, describe_changes, fingerprint, folder_fingerprint
 
 RECORD = "stage.json"
@@ -112,7 +111,7 @@ def clear(stage_dirs: list[Path]) -> list[Path]:
     removed = []
     for folder in stage_dirs:
         if folder.exists():
-            shutil.rmtree(folder)
+            remove_tree(folder)  # a symbolic link: an error naming it, not deleted through
             removed.append(folder)
     return removed
 

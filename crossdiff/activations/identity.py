@@ -93,6 +93,24 @@ def check_tokenizers(
             f"the token set has id {int(tokens.max())} but the models' vocabulary has only "
             f"{vocab[0]} ids; was it tokenized with another tokenizer?"
         )
+    if int(tokens.min()) < 0:
+        raise CrossdiffError(
+            f"the token set has the negative id {int(tokens.min())}; token ids run from 0 to "
+            f"{vocab[0] - 1}: tokenize the text again"
+        )
+    check_row_length(models, names, tokens)
+
+
+def check_row_length(models: tuple[LensModel, ...], names: tuple[str, ...], tokens: Tensor) -> None:
+    """Rows the models can read: no longer than either model's context (n_ctx)."""
+    for model, name in zip(models, names, strict=True):
+        n_ctx = getattr(model.cfg, "n_ctx", None)
+        if n_ctx is not None and tokens.shape[-1] > int(n_ctx):
+            raise CrossdiffError(
+                f"the token rows have {tokens.shape[-1]} tokens but model {name!r} reads at most "
+                f"n_ctx={int(n_ctx)}; cut the rows to {int(n_ctx)} tokens (e.g. "
+                f"tokens[:, :{int(n_ctx)}]) or pack the token set with seq_len <= {int(n_ctx)}"
+            )
 
 
 def tokenizer_info(

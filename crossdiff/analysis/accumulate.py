@@ -181,7 +181,7 @@ def run_pass(
 
     sst = reconstruction.total_variance()
     has_domains = has_domains and float(domain_tokens.sum()) > 0  # else no token had a domain
-    order = top_values.T.cpu().numpy()
+    order = top_values.T.float().cpu().numpy()  # numpy has no bfloat16
     top_idx = top_indices.T.cpu().numpy()
     top_idx[order <= 0] = -1
     experts = expert_acc.result() if has_experts else None

@@ -41,6 +41,7 @@ from crossdiff.analysis.scaling_columns import add_latent_scaling
 from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.summary import domain_lift, summarize
 from crossdiff.analysis.summary import finite as _finite
+from crossdiff.api_checks import check_activations, check_crosscoder
 from crossdiff.crosscoder.fve import pooled_normalized_fve
 from crossdiff.crosscoder.metrics import normalized_unit_factors
 
@@ -105,6 +106,8 @@ def diff_features(
     part: which tokens of a store: its held-out part by default (the training part, with a
     warning, when it has none), or 'train' / 'heldout' / 'all'; summary["evaluated_on"] says.
     """
+    check_crosscoder(cc, "diff_features")
+    check_activations(acts_or_store, "diff_features", "acts_or_store")
     split_name, lo, hi = resolve_split(split)
     acts_or_store, evaluated_on = evaluation_part(acts_or_store, part)
     source = TokenSource(acts_or_store, metadata, model_names, domain_names)

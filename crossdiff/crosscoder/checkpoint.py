@@ -21,7 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from crossdiff.common import CrossdiffError, atomic_path, read_json, tensors_nbytes
 from crossdiff.fingerprint import canonical, changes
-from crossdiff.integrity import sha256_of_file, verify_checksum
+from crossdiff.integrity import (
+    damaged_checkpoint_entry,
+    move_aside,
+    sha256_of_file,
+    verify_checksum,
+)
 
 FORMAT = "crossdiff-crosscoder-checkpoint"
 _SHAPE_KEYS = ("n_models", "d_model", "d_sae", "n_shared", "shared_decoder")
@@ -97,9 +102,19 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Te
         recorded_in="state.json",
     )
     try:
-        return state, load_file(tensor_path)
+        tensors = load_file(tensor_path)
     except Exception as err:  # safetensors raises its own error types for a damaged file
         raise CrossdiffError(f"cannot read the checkpoint {tensor_path} ({err}); {advice}") from err
+    weights = [k for k in tensors if k.startswith(("model.", "trainer."))]
+    problem = damaged_checkpoint_entry(tensors, weights, "adam.")
+    if problem is not None:  # resuming it would turn the weights into NaN at the first step
+        moved = move_aside([path, tensor_path], directory)
+        raise CrossdiffError(
+            f"the checkpoint {tensor_path} cannot be resumed: it holds a {problem}. It was "
+            f"moved aside to {moved}, so running the same command again trains from step 0 "
+            f"(or copy an undamaged checkpoint into {directory} to resume from it)"
+        )
+    return state, tensors
 
 
 def restore_checkpoint(

@@ -19,7 +19,8 @@ from typing import Any
 from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 
 from crossdiff.activations.source import ActivationSource
-from crossdiff.common import CrossdiffError
+from crossdiff.api_checks import check_whole
+from crossdiff.common import CrossdiffError, refuse_float16_training
 
 # namespaced: "crosscoder" alone is generic enough for another plugin to claim it
 ARCHITECTURE = "crossdiff.crosscoder"
@@ -102,6 +103,7 @@ class CrossCoderConfig(SAEConfig):
     def __post_init__(self) -> None:
         if isinstance(self.metadata, dict):
             self.metadata = SAEMetadata(**self.metadata)
+        self._check_types()
         super().__post_init__()
         if self.n_models < 2:
             raise CrossdiffError(
@@ -162,6 +164,17 @@ class CrossCoderConfig(SAEConfig):
             "'selection' divides shared latents' scores by shared_penalty_ratio; 'sparsity' "
             "adds the fork's decoder-norm penalties to the loss",
         )  # fmt: skip
+
+    def _check_types(self) -> None:
+        """Whole numbers where sizes go and real numbers for k and the ratios, before any
+        comparison (d_sae='64' would otherwise fail inside SAELens or with a TypeError)."""
+        owner = type(self).__name__
+        for name in ("d_in", "d_sae", "n_models", "d_model", "n_shared"):
+            check_whole(getattr(self, name), name, owner, minimum=None)  # ranges: below
+        for name in ("k", "shared_penalty_ratio", "code_normalization_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise CrossdiffError(f"{owner}: {name} must be a number, got {value!r}")
 
     def _check_d_models(self) -> None:
         widths = list(self.d_models or ())
@@ -260,6 +273,7 @@ class TrainingCrossCoderConfig(CrossCoderConfig, TrainingSAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        refuse_float16_training(self.dtype, "a crosscoder", "dtype")
         if self.k_anneal_steps < 0:
             raise CrossdiffError(f"k_anneal_steps={self.k_anneal_steps} must be >= 0")
         start = self.k_anneal_start

@@ -12,11 +12,12 @@ from typing import Any
 from sae_lens.saes.sae import SAE
 
 from crossdiff.common import (
-    DISK_FULL_ERRNOS,
     FILE_MODE,
     CrossdiffError,
     allocation_guard,
+    disk_full_errno,
     disk_full_error,
+    is_write_error,
     read_json,
 )
 from crossdiff.crosscoder.loading import crossdiff_disk_loader
@@ -44,10 +45,15 @@ def save_folder(crosscoder: Any, path: str | Path) -> Path:
             written.append(write_checksum(weights, sha256_of_file(weights)))
             for file in written:
                 os.chmod(file, FILE_MODE)  # safetensors creates 0600
-        except OSError as err:
-            if err.errno in DISK_FULL_ERRNOS:
+        except Exception as err:  # OSError, or safetensors' SafetensorError (not an OSError)
+            if disk_full_errno(err) is not None:
                 needed = sum(p.numel() * p.element_size() for p in crosscoder.state_dict().values())
                 raise disk_full_error(path / WEIGHTS_FILE, err, needed) from err
+            if is_write_error(err) and not isinstance(err, OSError):
+                raise CrossdiffError(
+                    f"could not write the crosscoder to {path}: {err}; check the disk and the "
+                    "folder, then save it again"
+                ) from err
             raise
         # the checksum goes last: an interrupted save never pairs new weights with an old sum
         for file in sorted(written, key=lambda p: p.name.endswith(".sha256")):

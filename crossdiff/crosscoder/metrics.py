@@ -20,6 +20,7 @@ from torch import Tensor
 
 from crossdiff.activations.source import ActivationSource
 from crossdiff.activations.store import evaluation_part
+from crossdiff.api_checks import check_activations, check_crosscoder
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.fve import ReconstructionMeter
 from crossdiff.crosscoder.splice import spliced_loss_on
@@ -108,6 +109,8 @@ def evaluate_crosscoder(
     `splice_sequences` rows (crossdiff.crosscoder.splice; `pairing` and `model_names` default to
     the store's).
     """
+    check_crosscoder(cc, "evaluate_crosscoder")
+    check_activations(acts_or_store, "evaluate_crosscoder", "acts_or_store")
     acts_or_store, evaluated_on = evaluation_part(acts_or_store, part)
     scaling_factors = normalized_unit_factors(cc, acts_or_store)
     cfg = cc.cfg

@@ -181,7 +181,8 @@ class CrossCoderTrainer(SAETrainer):
             "step": self.n_training_steps,
             "mse": mse,
             "aux": aux,
-            "fve_batch": 1 - sq_err / total_var,
+            # a batch without variance (constant activations) has no FVE
+            "fve_batch": 1 - sq_err / total_var if total_var > 0 else float("nan"),
             "l0": l0,
             "dead": int(self.dead_neurons.sum()),
             "threshold": float(self.sae.threshold),

@@ -81,12 +81,15 @@ class _TensorSource:
 
     def raw_scaling_factors(self, seed: int) -> Tensor:
         sample = self.sample(SAMPLE_TOKENS, seed)
-        mean_norm = sample.norm(dim=-1).mean(0)
+        # float64: the squares of activations near 1e20 overflow float32 (a factor of 0)
+        mean_norm = sample.double().norm(dim=-1).mean(0)
         if bool((mean_norm == 0).any()):
             raise CrossdiffError("a model's activations are all zero; check the harvest")
         if self.widths is not None:  # each model to mean norm sqrt(its own width)
-            return torch.tensor(self.widths, dtype=torch.float32).sqrt() / mean_norm
-        return sample.shape[-1] ** 0.5 / mean_norm
+            target = torch.tensor(self.widths, dtype=torch.float64).sqrt()
+        else:
+            target = torch.full_like(mean_norm, sample.shape[-1] ** 0.5)
+        return (target / mean_norm).float()
 
     def batches(
         self, batch_size: int, scale: Tensor, *, seed: int, start_step: int, part: DistInfo

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from crossdiff.activations.live import LiveActivations
 from crossdiff.activations.source import ActivationSource
-from crossdiff.common import CrossdiffError
+from crossdiff.api_checks import check_activations, check_positive
+from crossdiff.common import CrossdiffError, check_seed
 from crossdiff.crosscoder.checkpoint import (
     read_checkpoint,
     restore_checkpoint,
@@ -135,6 +136,9 @@ def train_crosscoder(
     Under torchrun, `batch_size` is the global batch; each of the N processes trains on
     batch_size / N rows of it and the result is the same crosscoder (see the module docstring).
     """
+    check_activations(acts, "train_crosscoder")
+    check_positive(lr, "lr", "train_crosscoder", allow_none=True)
+    seed = check_seed(seed, "train_crosscoder: seed")
     steps, tcfg = training_config(
         cfg,
         steps=steps,

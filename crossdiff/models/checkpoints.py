@@ -18,7 +18,9 @@ from crossdiff.common import CrossdiffError, atomic_path, tensors_nbytes, write_
 from crossdiff.data.tokens import TokenSet
 from crossdiff.integrity import (
     check_finite_module,
-    check_finite_tensors,
+    checksum_path,
+    damaged_checkpoint_entry,
+    move_aside,
     sha256_of_file,
     verify_checksum,
     write_checksum,
@@ -139,10 +141,15 @@ def load_checkpoint(
         )
     weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     check_state_dict_fits(model, weights, source=str(path))
-    parameters = dict(model.named_parameters())
-    check_finite_tensors(
-        {k: v for k, v in weights.items() if k in parameters}, f"the checkpoint {path}", advice
-    )
+    parameters = [f"model.{k}" for k, _ in model.named_parameters()]  # buffers hold -inf masks
+    problem = damaged_checkpoint_entry(tensors, parameters, "optim.")
+    if problem is not None:  # resuming it would turn the weights into NaN at the first step
+        files = [path, checksum_path(path), ckpt_dir / "state.json"]
+        moved = move_aside(files, ckpt_dir)
+        raise CrossdiffError(
+            f"the checkpoint {path} cannot be resumed: it holds a {problem}. It was moved "
+            f"aside to {moved}, so running the same command again trains from step 0"
+        )
     model.load_state_dict(weights)
     optim_state: dict[str, Any] = {"state": {}, "param_groups": []}
     for key, value in tensors.items():

@@ -71,8 +71,7 @@ def train_in_processes(
     failed = {name: code for name, code in codes.items() if code != 0}
     if failed:
         messages = [
-            f"{name} (exit code {code}): "
-            + (error_files[name].read_text().strip() if error_files[name].exists() else "")
+            f"{name} (exit code {code}): {_worker_message(error_files[name], code)}"
             for name, code in failed.items()
         ]
         raise CrossdiffError(
@@ -85,6 +84,17 @@ def train_in_processes(
         name: finished_history(name, cfgs[name], train, out_dir, opts, quiet=True) or []
         for name in cfgs
     }
+
+
+def _worker_message(error_file: Path, code: int) -> str:
+    """What a failed worker said (its error file), or what its exit code tells."""
+    text = error_file.read_text().strip() if error_file.exists() else ""
+    if text:
+        return text
+    if code < 0:
+        names = {int(sig): sig.name for sig in signal.Signals}
+        return f"it was killed by signal {-code} ({names.get(-code, 'unknown')})"
+    return "it stopped without a message (its traceback, if any, is above)"
 
 
 def exit_on_sigterm() -> Any:

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from transformer_lens import HookedTransformer
 
+from crossdiff.common import refuse_float16_training
 from crossdiff.distributed import all_reduce_sum_, dist_info
 from crossdiff.models.moe import DEFAULT_LOAD_BALANCE_COEF, DEFAULT_Z_LOSS_COEF, moe_aux_loss
 
@@ -73,6 +74,8 @@ def learning_rate(step: int, opts: TrainOptions) -> float:
 def make_optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norms or biases), as in nanoGPT."""
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params[:1]:  # a model's parameters share one dtype
+        refuse_float16_training(p.dtype, "a language model", "dtype")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [

@@ -9,10 +9,12 @@ by kill -9), so an interrupted run never leaves a worker writing into its checkp
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import traceback
 from pathlib import Path
 
-from crossdiff.common import CrossdiffError, read_json
+from crossdiff.common import CrossdiffError, environment_message, is_write_error, read_json
 from crossdiff.models.lifetime import die_with_parent
 
 
@@ -26,12 +28,28 @@ def main(argv: list[str]) -> int:
     try:
         run_worker(argv[0])
     except CrossdiffError as err:
-        Path(read_json(argv[0], what="worker spec")["error_file"]).write_text(str(err))
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _report(argv[0], str(err), 2)
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # a full disk, a failed write, a bug: still one line for the parent
+        traceback.print_exc()
+        return _report(argv[0], worker_failure_message(err), 1)
     return 0
+
+
+def worker_failure_message(err: BaseException) -> str:
+    """One line for an error that is not crossdiff's own (the traceback goes to stderr)."""
+    if isinstance(err, (OSError, MemoryError)) or is_write_error(err):
+        return environment_message(err)
+    return f"{type(err).__name__}: {err} (an unexpected error; its traceback is above)"
+
+
+def _report(spec: str, message: str, code: int) -> int:
+    """Write `message` to the spec's error file, for the parent to repeat; return `code`."""
+    with contextlib.suppress(OSError, CrossdiffError):  # e.g. a full disk: stderr still has it
+        Path(read_json(spec, what="worker spec")["error_file"]).write_text(message)
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.analysis.explorer import token_text, visible_whitespace
-from crossdiff.common import CrossdiffError, read_json
+from crossdiff.common import CrossdiffError
+from crossdiff.report.fileset import check_complete
 
 _SPARK = "▁▂▃▄▅▆▇█"
 
@@ -149,12 +150,31 @@ def describe_latent(
     return "\n".join(lines)
 
 
+def read_report_file(path: Path) -> dict[str, Any]:
+    """report.json or explorer.json as a dict; a damaged or cut-short file is a CrossdiffError
+    that says how to write it again."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CrossdiffError(
+            f"{path} is damaged or cut short ({err}); write the report again (`crossdiff "
+            f"report ... --out {path.parent}`, or rerun the same `crossdiff run`)"
+        ) from err
+    if not isinstance(data, dict):
+        raise CrossdiffError(
+            f"{path} holds a JSON {type(data).__name__}, not a crossdiff report file; write "
+            "the report again"
+        )
+    return data
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     folder = report_folder(args.run)
-    report = read_json(folder / "report.json", "report")
+    check_complete(folder)
+    report = read_report_file(folder / "report.json")
     explorer_path = folder / "explorer.json"
     explorer = None
     if explorer_path.exists():
-        explorer = json.loads(explorer_path.read_text(encoding="utf-8"))
+        explorer = read_report_file(explorer_path)
     print(describe_latent(report, explorer, args.latent, n_top=args.n_top, per_band=args.per_band))
     return 0

@@ -13,8 +13,9 @@ import numpy as np
 
 from crossdiff.analysis.diff import FeatureDiff
 from crossdiff.analysis.explorer import DEFAULT_PER_CLASS, explore
-from crossdiff.common import atomic_path, write_json_atomic
+from crossdiff.common import CrossdiffError, atomic_path, check_output_dir, write_json_atomic
 from crossdiff.report.figures import FIGURES, make_figures
+from crossdiff.report.fileset import report_set
 from crossdiff.report.html import render_report_html
 from crossdiff.report.markdown import render_markdown
 from crossdiff.report.sidecar import write_sidecar
@@ -78,12 +79,16 @@ def write_html(
     data: dict[str, Any],
     figures: dict[str, Path],
     explorer: dict[str, Any] | None,
+    *,
+    sidecar_dir: Path | None = None,
 ) -> dict[str, Path]:
-    """report.html and its report_files/ folder from report.json's data and explorer.json's;
-    {'html': ..., 'sidecar': ...} ('sidecar' only when the page has sidecar files)."""
+    """report.html (in `out_dir`) and its report_files/ folder (in `sidecar_dir`, default
+    `out_dir`: write_report stages report.html and writes the folder where the page will be)
+    from report.json's data and explorer.json's; {'html': ..., 'sidecar': ...} ('sidecar' only
+    when the page has sidecar files)."""
     page, sidecar = render_report_html(data, figures, explorer)
     # the sidecar first: report.html never names a shard that is not there
-    folder = write_sidecar(out_dir, sidecar)
+    folder = write_sidecar(out_dir if sidecar_dir is None else sidecar_dir, sidecar)
     with atomic_path(out_dir / "report.html") as tmp:
         tmp.write_text(page, encoding="utf-8")
     paths = {"html": out_dir / "report.html"}
@@ -111,32 +116,44 @@ def write_report(
     top and activation-band examples, activation histogram and, with `models` (loaded models by
     name, or a folder with one model folder per model name), logit effects; the
     `explorer_per_class` latents of each class with the largest activation mass get one. A diff
-    loaded from JSON (no crosscoder or tokens) gets no explorer. Every file is written
-    atomically, so an interrupted run leaves no half-written report.
+    loaded from JSON (no crosscoder or tokens) gets no explorer. The files replace the folder's
+    report as one set (report/fileset.py), so an interrupted run leaves the old report or the
+    new one, never a mix or a half-written file.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    figures = make_figures(diff.table, diff.summary, out_dir)
-    explorer = None
-    if diff.crosscoder is not None and diff.source is not None:
-        explorer = to_jsonable(explore(diff, per_class=explorer_per_class, models=models))
-    data = report_data(diff, figures)
+    if not isinstance(diff, FeatureDiff):
+        raise CrossdiffError(
+            f"write_report: diff must be a FeatureDiff (what diff_features returns), got "
+            f"{'None' if diff is None else type(diff).__name__}"
+        )
+    out_dir = check_output_dir(out_dir, "write_report: out_dir")
+    # every file goes to a staging folder first and replaces the old set as one (fileset.py)
+    with report_set(out_dir, quiet=quiet) as stage:
+        figures = make_figures(diff.table, diff.summary, stage)
+        explorer = None
+        if diff.crosscoder is not None and diff.source is not None:
+            explorer = to_jsonable(explore(diff, per_class=explorer_per_class, models=models))
+        data = report_data(diff, figures)
+        if explorer is not None:
+            data["explorer"] = {
+                "file": "explorer.json",
+                "n_latents": explorer["n_latents"],
+                "logit_models": explorer["logit_models"],
+            }
+        write_json_atomic(stage / "report.json", data)
+        if explorer is not None:  # compact: it holds every explored latent's contexts
+            with atomic_path(stage / "explorer.json") as tmp:
+                tmp.write_text(json.dumps(explorer, separators=(",", ":")), encoding="utf-8")
+        with atomic_path(stage / "report.md") as tmp:
+            tmp.write_text(render_markdown(data))
+        html_paths = write_html(stage, data, figures, explorer, sidecar_dir=out_dir)
+    paths: dict[str, Path] = {"json": out_dir / "report.json"}
     if explorer is not None:
-        data["explorer"] = {
-            "file": "explorer.json",
-            "n_latents": explorer["n_latents"],
-            "logit_models": explorer["logit_models"],
-        }
-    paths: dict[str, Path] = {"json": write_json_atomic(out_dir / "report.json", data)}
-    if explorer is not None:  # compact: it holds every explored latent's contexts
-        with atomic_path(out_dir / "explorer.json") as tmp:
-            tmp.write_text(json.dumps(explorer, separators=(",", ":")), encoding="utf-8")
         paths["explorer"] = out_dir / "explorer.json"
-    with atomic_path(out_dir / "report.md") as tmp:
-        tmp.write_text(render_markdown(data))
     paths["md"] = out_dir / "report.md"
-    paths.update(write_html(out_dir, data, figures, explorer))
-    paths.update(figures)
+    paths["html"] = out_dir / "report.html"
+    if "sidecar" in html_paths:
+        paths["sidecar"] = html_paths["sidecar"]
+    paths.update({name: out_dir / path.name for name, path in figures.items()})
     if not quiet:
         print(f"wrote report ({len(figures)} figures) to {out_dir}:")
         for name, path in paths.items():
