@@ -545,15 +545,19 @@ def test_a_failed_report_write_leaves_the_old_set(two_diffs, tmp_path, monkeypat
     old, new = two_diffs
     out = tmp_path / "report"
     write_report(old, out, quiet=True)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def files() -> dict[str, bytes]:  # the report's files, its sidecar folder's included
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = files()
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # stopped after report.json and report.md were written
 
-    monkeypatch.setattr(writer_module, "render_html", crash)
+    monkeypatch.setattr(writer_module, "render_report_html", crash)
     with pytest.raises(KeyboardInterrupt):
         write_report(new, out, quiet=True)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old set, nothing else
+    assert files() == before  # old set, nothing else
 
 
 def test_a_report_stopped_while_replacing_its_files_is_completed(

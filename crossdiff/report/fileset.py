@@ -26,13 +26,14 @@ STAGING = ".report.staging"
 COMMIT = ".report.commit"
 _LIST = ".files.json"  # in the commit folder: the names of the new set
 BASE_FILES = ("report.json", "report.md", "report.html", "explorer.json")
+RETIRED_FILES = ("controls.png",)  # written by an older crossdiff; a new set removes them
 
 
 def set_names() -> set[str]:
     """Every name a report set can hold: its documents and one PNG per figure."""
     from crossdiff.report.figures import FIGURES
 
-    return {*BASE_FILES, *(f"{name}.png" for name in FIGURES)}
+    return {*BASE_FILES, *RETIRED_FILES, *(f"{name}.png" for name in FIGURES)}
 
 
 def recover(out_dir: Path) -> list[str]:
