@@ -146,6 +146,8 @@ def test_model_and_crosscoder_seeds_extend_a_finished_run_and_the_report_judges_
     assert st["n_stable"]["all"] == len(st["stable_latents"])
     stable_col = [row["stable"] for row in report["latents"]]
     assert sum(stable_col) == st["n_stable"]["all"]
+    listed = sorted(i for ids in st["stable_by_class"].values() for i in ids)
+    assert listed == st["stable_latents"]
 
     arch = summary["architectures"]
     assert arch["architectures"] == {"dense": ["dense", "dense2"], "moe": ["moe", "moe2"]}

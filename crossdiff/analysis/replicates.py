@@ -154,6 +154,11 @@ def _seed_stability(diffs: list[Any]) -> dict[str, Any]:
     per_latent = out.pop("per_latent")
     diffs[0].table["seed_match"] = per_latent["worst_match"]
     diffs[0].table["stable"] = per_latent["stable"]
+    # the report's headline list: the stable latents of each class, exclusive classes first
+    order = sorted(set(labels[0]) - {DEAD}, key=lambda c: (not c.endswith("-only"), c))
+    out["stable_by_class"] = {
+        c: [int(i) for i in np.nonzero(per_latent["stable"] & (labels[0] == c))[0]] for c in order
+    }
     return out
 
 

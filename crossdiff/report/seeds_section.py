@@ -103,6 +103,15 @@ def _stability_rows(st: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     return header, rows
 
 
+def _stable_lists(st: dict[str, Any], by_class: dict[str, list[int]]) -> list[str]:
+    """The stable latents of each class (the first 40), the report's headline list."""
+    out = []
+    for cls, ids in by_class.items():
+        shown = ", ".join(str(i) for i in ids[:40]) + (", ..." if len(ids) > 40 else "")
+        out.append(f"stable {cls} latents ({len(ids)}): {shown or 'none'}")
+    return out or [f"stable latents: {len(st['stable_latents'])}"]
+
+
 def replicate_parts(rep: dict[str, Any]) -> list[Part]:
     seeds = ", ".join(fmt(s) for s in rep["seeds"])
     d = rep["direction"]
@@ -127,6 +136,7 @@ def replicate_parts(rep: dict[str, Any]) -> list[Part]:
                   "column marks them, the rest are single-draw. The anchor: about half of a TopK "
                   "SAE's latents recur across seeds in small settings (Paulo and Belrose, 2025)."),
             ("table", _stability_rows(st)),
+            ("list", _stable_lists(st, st.get("stable_by_class") or {})),
         ]  # fmt: skip
     if rep["note"]:
         parts.append(("note", f"{rep['note'][0].upper()}{rep['note'][1:]}."))
