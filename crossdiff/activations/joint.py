@@ -61,12 +61,10 @@ class JointSource(ActivationSource):
         from crossdiff.fingerprint import fingerprint, store_fingerprint
 
         # what the crosscoder stage records as its data: each source's content and the layout
+        # (not the part: a store's parts share its fingerprint, so training on the train part
+        # and evaluating on the held-out part read "the same store")
         self.fingerprint = fingerprint(
-            {
-                "joint": [store_fingerprint(s) for s in self.sources],
-                "columns": self.columns,
-                "parts": [getattr(s, "part_name", None) for s in self.sources],
-            }
+            {"joint": [store_fingerprint(s) for s in self.sources], "columns": self.columns}
         )
 
     def _check_aligned(self) -> None:
