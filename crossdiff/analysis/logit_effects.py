@@ -112,11 +112,28 @@ def load_residual_models(
         return {}, hooks
     if isinstance(models, dict):
         return {n: m for n, m in models.items() if n in hooks}, hooks
+    from crossdiff.activations.identity import weights_hash
     from crossdiff.models import load_model
 
     folder = Path(models)
     loaded = {}
+    recorded = {m.get("name"): m.get("weights_hash") for m in manifest.get("models", [])}
     for name in hooks:
         if (folder / name).is_dir():
-            loaded[name] = load_model(folder / name, device="cpu")
+            model = load_model(folder / name, device="cpu")
+            if recorded.get(name) and weights_hash(model) != recorded[name]:
+                raise CrossdiffError(
+                    f"the model in {folder / name} is not the {name!r} model the store was "
+                    "harvested from (its weights hash differs from the manifest's), so its logit "
+                    "effects would describe another model; pass the models folder of the same "
+                    "run (--models)"
+                )
+            loaded[name] = model
+    missing = [name for name in hooks if name not in loaded]
+    if missing:
+        print(
+            f"logit effects: no model folder {', '.join(str(folder / n) for n in missing)}, so "
+            f"the report has no logit effects for {', '.join(missing)} (pass --models with the "
+            "folder that holds the store's models)"
+        )
     return loaded, hooks
