@@ -22,7 +22,7 @@ from crossdiff.activations.store import FORMAT, FORMAT_VERSION, StoreWriter
 from crossdiff.cli import main as cli_main
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import CrossCoder
-from crossdiff.stage_record import RECORD, aside_dir
+from crossdiff.stage_record import RECORD
 from crossdiff.stage_runner import StageRunner
 from tests.test_faults import CFG, D_MODEL, SHARD, TRAIN, planted
 
@@ -62,6 +62,8 @@ def _make(out: Path, options_a: dict, *, fail_a: bool = False, write_a: bool = T
 
 
 def test_a_redo_that_fails_before_writing_puts_the_old_stages_back(tmp_path):
+    from crossdiff.stage_record import aside_dir
+
     _make(tmp_path, {"k": 8})
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(CrossdiffError, match="refused its input"):
@@ -76,6 +78,8 @@ def test_a_redo_that_fails_before_writing_puts_the_old_stages_back(tmp_path):
 
 
 def test_a_redo_that_fails_after_writing_keeps_the_old_stages_aside_until_it_finishes(tmp_path):
+    from crossdiff.stage_record import aside_dir
+
     _make(tmp_path, {"k": 8})
     with pytest.raises(CrossdiffError):
         _make(tmp_path, {"k": 16}, fail_a=True)
@@ -328,7 +332,7 @@ def test_stage_subcommands_writing_into_a_run_mark_its_records(run_folder, tmp_p
     # harvest --no-resume into the run's store: checked before anything is removed, then marked
     code = cli_main(
         ["harvest", "--models", str(out / "models" / "dense"), str(out / "models" / "moe"),
-         "--out", str(out / "store"), "--no-resume", "--n-tokens", "3000", "--device", "cpu"]
+         "--out", str(out / "store"), "--no-resume", "--tokens", "3000", "--device", "cpu"]
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert ActivationStore(out / "store").n_tokens == 3000
