@@ -99,15 +99,13 @@ def tokenizer_mismatch(tokenizer: Any, acts: Any) -> str | None:
 def resolve_tokenizer(tokenizer: Any) -> Any:
     """A tokenizer object for `tokenizer`: a path or Hugging Face name is loaded
     (crossdiff.data.load_tokenizer, which says clearly when it cannot be)."""
-    if (
-        tokenizer is None
-        or not isinstance(tokenizer, str | bytes)
-        and not hasattr(tokenizer, "__fspath__")
-    ):
-        return tokenizer
+    from pathlib import PurePath
+
+    if not isinstance(tokenizer, str | PurePath):
+        return tokenizer  # None, or a tokenizer object
     from crossdiff.data import load_tokenizer
 
-    return load_tokenizer(tokenizer if not isinstance(tokenizer, bytes) else tokenizer.decode())
+    return load_tokenizer(tokenizer)
 
 
 def check_reads(
