@@ -203,6 +203,27 @@ def test_a_crosscoder_on_a_store_it_was_not_trained_on_is_refused(stores, crossc
     assert "mismatch" not in evaluate_crosscoder(cc, stores["trained"])
 
 
+def test_a_live_trained_crosscoder_is_checked_for_models_and_hooks_not_the_store(stores):
+    """Trained on live activations, a crosscoder records their models and hooks (no store): the
+    run's small report store of the same models passes; a store of other hooks does not."""
+    from crossdiff.crosscoder.compatibility import crosscoder_mismatches
+
+    manifest = stores["trained"].manifest
+    live_cc = SimpleNamespace(
+        cfg=SimpleNamespace(
+            metadata={
+                "store_fingerprint": "live0",
+                "hook_points": manifest["hook_points"],
+                "models": manifest["models"],
+            }
+        )
+    )
+    assert crosscoder_mismatches(live_cc, stores["trained"]) == []
+    assert crosscoder_mismatches(live_cc, stores["tokens"]) == []
+    assert any("hook points" in m for m in crosscoder_mismatches(live_cc, stores["hooks"]))
+    assert any("weights_hash" in m for m in crosscoder_mismatches(live_cc, stores["models"]))
+
+
 def test_report_cli_refuses_another_store_unless_allowed_and_records_it(
     stores, crosscoder, tmp_path, capsys
 ):

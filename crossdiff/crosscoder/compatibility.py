@@ -6,7 +6,8 @@ differs; `allow_mismatch=True` (`--allow-mismatch`) applies it anyway, for a del
 and the differences are then recorded in the results.
 
 Only what was recorded is compared: a crosscoder trained on a tensor or an in-memory store
-records no models or hooks, and a tensor given to it has none, so those pass unchecked.
+records no models or hooks, and a tensor given to it has none, so those pass unchecked; one
+trained on live activations records their models and hooks but no store to compare with.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def crosscoder_mismatches(cc: Any, acts: Any) -> list[str]:
             if model.get(key) and other.get(key) and model[key] != other[key]:
                 found.append(f"model {model['name']!r} {key}: {model[key]} vs {other[key]}")
     fingerprint = recorded.get("store_fingerprint")
-    if fingerprint and fingerprint != store_fingerprint(acts):
+    from_store = bool(recorded.get("dataset_path"))  # live-trained: no store to compare with
+    if from_store and fingerprint and fingerprint != store_fingerprint(acts):
         trained_on = recorded.get("dataset_path") or "another store"
         found.append(
             f"store fingerprint: trained on {trained_on} ({fingerprint}), given "
