@@ -33,10 +33,12 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _hash_file(digest: Any, path: Path, chunk: int = 1 << 22) -> None:
+def _hash_file(digest: Any, path: Path, chunk: int = 1 << 22, also: Any = None) -> None:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
+            if also is not None:
+                also.update(block)
 
 
 def tensor_fingerprint(tensor: Tensor) -> str:
@@ -84,10 +86,19 @@ def folder_fingerprint(folder: Path) -> str:
     """The fingerprint of what a stage wrote into `folder`: every file's path and bytes, except
     its working state (checkpoints), its own records and temporary files. A store folder is
     fingerprinted by its manifest (see `store_fingerprint`)."""
+    return folder_digests(folder)[0]
+
+
+def folder_digests(folder: Path) -> tuple[str, dict[str, str]]:
+    """(`folder_fingerprint(folder)`, {file path: the first 16 hex digits of its sha256}) in one
+    pass over the files: the map names the files that changed when the fingerprint does. A store
+    folder's map holds its manifest only (the manifest holds every shard's sha256)."""
     folder = Path(folder)
     if (folder / "manifest.json").exists():
-        return _manifest_fingerprint(folder)
+        manifest = folder / "manifest.json"
+        return _manifest_fingerprint(folder), {"manifest.json": _file_digest(manifest)}
     digest = hashlib.sha256()
+    files: dict[str, str] = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if (
@@ -97,10 +108,18 @@ def folder_fingerprint(folder: Path) -> str:
             or any(part.startswith(".") for part in rel.parts)
         ):
             continue
+        own = hashlib.sha256()
         digest.update(rel.as_posix().encode() + b"\0")
-        _hash_file(digest, path)
+        _hash_file(digest, path, also=own)
         digest.update(b"\0")
-    return digest.hexdigest()[:16]
+        files[rel.as_posix()] = own.hexdigest()[:16]
+    return digest.hexdigest()[:16], files
+
+
+def _file_digest(path: Path) -> str:
+    own = hashlib.sha256()
+    _hash_file(own, path)
+    return own.hexdigest()[:16]
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

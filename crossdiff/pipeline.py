@@ -106,16 +106,45 @@ def run_pipeline(
         _print_estimates(out, options, torch_device, stop_after)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out / "run.lock", f"run folder {out}", enabled=info.is_main):
-        if info.is_main:  # written once the options are accepted and the folder is ours
-            write_json_atomic(
-                out / "run.json", {"preset": preset, "seed": seed, "options": options}
-            )
+        # written once the options are accepted, the folder is ours and the data stage has
+        # checked the store's n_tokens against its token set (a refused run leaves the old one)
+        record = run_record(out, preset, seed, options, stop_after)
         return _run_stages(
-            out, options, seed=seed, torch_device=torch_device, stop_after=stop_after
-        )
+            out, options, seed=seed, torch_device=torch_device, stop_after=stop_after,
+            record=record,
+        )  # fmt: skip
 
 
 ACTIVATIONS = ("store", "live")
+# the option sections of run.json that belong to the stages after each --stop-after stage
+_LATER_SECTIONS = {
+    "data": ("models", "store", "crosscoder", "replicates", "controls", "report"),
+    "models": ("store", "crosscoder", "replicates", "controls", "report"),
+    "store": ("crosscoder", "replicates", "controls", "report"),
+    "crosscoder": ("report",),
+}
+
+
+def run_record(
+    out: Path, preset: str, seed: int, options: dict[str, Any], stop_after: str | None
+) -> dict[str, Any]:
+    """What run.json says: the options of every stage this run makes; with --stop-after, the
+    stages after it keep the options of the previous run.json (their folders are left as they
+    were), so run.json never runs ahead of the folders."""
+    record: dict[str, Any] = {"preset": preset, "seed": seed, "options": copy.deepcopy(options)}
+    later = _LATER_SECTIONS.get(stop_after or "", ())
+    if not later:
+        return record
+    previous = {}
+    if (out / "run.json").exists():
+        previous = read_json(out / "run.json", "run record").get("options", {})
+    for section in later:
+        if section in previous:
+            record["options"][section] = previous[section]
+        else:  # never made in this folder
+            record["options"].pop(section, None)
+    record["stopped_after"] = stop_after
+    return record
 
 
 def choose_activations(
@@ -175,6 +204,7 @@ class _Run:
     device: Any
     summary: RunSummary
     made: dict[str, Any] = field(default_factory=dict)  # stage name -> what its run returned
+    record: dict[str, Any] | None = None  # run.json, written once the data stage is checked
 
     @property
     def models_dir(self) -> Path:
@@ -193,8 +223,14 @@ def _data_stage(run: _Run) -> None:
     config = DataStageConfig.from_options(run.options["data"])
     with main_process_first():  # rank 0 builds the data; the other ranks then reuse it
         run.made["data"] = run_data_stage(config, None, data_dir, seed=run.seed)
+    from crossdiff.run_checks import check_store_tokens
+
+    # before a later stage is redone (and before a redone data stage drops what it replaces)
+    check_store_tokens(run.options, run.made["data"])
     if not done:
         run.runner.finish("data")
+    if run.record is not None and run.runner.is_main:
+        write_json_atomic(run.runner.out / "run.json", run.record)
 
 
 def _models_stage(run: _Run) -> None:
@@ -287,6 +323,7 @@ def _run_stages(
     seed: int,
     torch_device: Any,
     stop_after: str | None,
+    record: dict[str, Any] | None = None,
 ) -> RunSummary:
     from crossdiff.distributed import barrier, dist_info
 
@@ -294,11 +331,15 @@ def _run_stages(
     runner = StageRunner(out, stage_graph(options), info.is_main, barrier)
     # the runner times every stage it decides, done or skipped
     summary = RunSummary(out_dir=out, skipped=runner.skipped, stage_seconds=runner.seconds)
-    run = _Run(runner, options, seed, torch_device, summary)
+    run = _Run(runner, options, seed, torch_device, summary, record=record)
     for name, step in STAGE_STEPS:
         if name == "report" and not info.is_main:
             break  # the report is one process's work
-        step(run)
+        try:
+            step(run)
+        except BaseException:
+            runner.failed()
+            raise
         if name == stop_after:
             break
     return summary

@@ -11,7 +11,14 @@ stage's output fingerprint) when it has finished. On a re-run:
 - a `stage.json` of an older crossdiff (no key) with the same options, all of whose input stages
   were reused: reused, and its record rewritten with fingerprints (a note says its inputs could
   not be checked); if an input stage was just (re)made, it is redone;
-- a folder without records (an older crossdiff): the stage resumes under its own checks.
+- a folder without records (an older crossdiff): the stage resumes under its own checks;
+- a `stage.json` with the same key whose folder no longer has the output fingerprint it records
+  (a file edited or replaced since): refused, naming the files, never reused or removed;
+- a record marked `written_by` (a stage subcommand wrote into the folder since): refused.
+
+A redone stage's folder and those of the stages after it are moved aside into `.aside/<stage>/`
+of the run folder, not removed: they are put back if the stage fails before writing anything (a
+check inside it refused), and removed once the stage has finished.
 
 The output fingerprint hashes the key with what the stage wrote, so a stage redone with other
 options always hands a new fingerprint to the stages after it.
@@ -23,12 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import read_json, remove_tree, write_json_atomic
-from crossdiff.fingerprint import canonical, describe_changes, fingerprint, folder_fingerprint
+from crossdiff.common import CrossdiffError, read_json, remove_tree, write_json_atomic
+from crossdiff.fingerprint import (
+    canonical,
+    describe_changes,
+    fingerprint,
+    folder_digests,
+)
 
 RECORD = "stage.json"
 PENDING = ".stage.pending.json"  # a dot file: a store folder must hold only store files
 RECORD_VERSION = 2
+ASIDE = ".aside"  # the run folder's sub-folder that holds the stages a redo replaces
 
 
 def stage_key(options: dict[str, Any], inputs: dict[str, str]) -> str:
@@ -65,6 +78,8 @@ def decide(
         if not path.exists():
             continue
         record = read_json(path, "stage record")
+        if record.get("written_by"):
+            raise external_error(name, stage_dir, record, later)
         legacy = "key" not in record and state == "finished" and inputs_reused
         if legacy and canonical(record.get("options")) == canonical(options):
             return StageDecision(
@@ -77,6 +92,7 @@ def decide(
             )
         if record.get("key") == key:
             if state == "finished":
+                check_output(name, stage_dir, record, later)
                 return StageDecision("skip", f"already done in {stage_dir}, skipping", key, record)
             return StageDecision("resume", f"resuming the unfinished stage in {stage_dir}", key)
         what = _what_changed(record, options, inputs)
@@ -116,6 +132,137 @@ def clear(stage_dirs: list[Path]) -> list[Path]:
     return removed
 
 
+def _redo_advice(name: str, stage_dir: Path, later: list[str]) -> str:
+    redone = ", ".join([name, *later])
+    return (
+        f"crossdiff run neither reuses nor removes results it did not make: restore the files, "
+        f"or move {stage_dir} out of the run folder to keep it (or delete it) and run again to "
+        f"redo {redone}"
+    )
+
+
+def changed_files(stage_dir: Path, record: dict[str, Any]) -> list[str] | None:
+    """The files of a finished stage that differ from its record (changed, added or removed);
+    [] when its output fingerprint still holds; None when the record has no output (older)."""
+    if "output" not in record or "key" not in record:
+        return None
+    content, files = folder_digests(stage_dir)
+    if fingerprint({"key": record["key"], "content": content}) == record["output"]:
+        return []
+    before = record.get("files")
+    if not isinstance(before, dict):
+        return ["files (which ones: not recorded by this older stage.json)"]
+    names = sorted(set(before) | set(files))
+    return [
+        f"{n} ({'added' if n not in before else 'removed' if n not in files else 'changed'})"
+        for n in names
+        if before.get(n) != files.get(n)
+    ]
+
+
+def check_output(name: str, stage_dir: Path, record: dict[str, Any], later: list[str]) -> None:
+    """A finished stage's folder still holds what its record says it wrote (its output
+    fingerprint), else a CrossdiffError naming the files that differ."""
+    changed = changed_files(stage_dir, record)
+    if changed:
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        shown = ", ".join(changed[:8]) + more
+        raise CrossdiffError(
+            f"{stage_dir} changed after the {name} stage finished: {shown} differ from what its "
+            f"{RECORD} recorded, so reusing it would mix its record with other files; "
+            + _redo_advice(name, stage_dir, later)
+        )
+
+
+def external_error(
+    name: str, stage_dir: Path, record: dict[str, Any], later: list[str]
+) -> CrossdiffError:
+    return CrossdiffError(
+        f"{stage_dir} was written by `{record['written_by']}` after crossdiff run made it, so "
+        f"its {RECORD} no longer describes it; " + _redo_advice(name, stage_dir, later)
+    )
+
+
+def mark_written_by(stage_dir: str | Path, command: str) -> bool:
+    """A stage subcommand writing into a run's stage folder (one with a stage record) marks its
+    record `written_by` first, so `crossdiff run` never takes the files for the ones it made
+    (it refuses to reuse the folder, naming the command). True if the folder had a record."""
+    stage_dir = Path(stage_dir)
+    records = [stage_dir / RECORD, stage_dir / PENDING]
+    present = [p for p in records if p.exists()]
+    if not present:
+        return False
+    previous = read_json(present[0], "stage record")
+    if previous.get("written_by"):
+        return True
+    record = {"version": RECORD_VERSION, "written_by": command, "previous": previous}
+    write_json_atomic(stage_dir / RECORD, canonical(record))
+    (stage_dir / PENDING).unlink(missing_ok=True)
+    print(
+        f"note: {stage_dir} is a stage of a crossdiff run; its {RECORD} now says it was written "
+        f"by `{command}`, so `crossdiff run` will not reuse it as its own"
+    )
+    return True
+
+
+def aside_dir(run_dir: Path, name: str) -> Path:
+    return run_dir / ASIDE / name
+
+
+def move_aside(run_dir: Path, name: str, stage_dirs: list[Path]) -> list[Path]:
+    """Move the folders a redo of stage `name` replaces into `.aside/<name>/`; those moved. When
+    an earlier redo of it left finished results there already, those stay and these (unfinished)
+    folders are removed instead."""
+    root = aside_dir(run_dir, name)
+    if root.exists():
+        return clear(stage_dirs)
+    moved = []
+    for folder in stage_dirs:
+        if folder.exists() or folder.is_symlink():
+            root.mkdir(parents=True, exist_ok=True)
+            folder.rename(root / folder.name)
+            moved.append(folder)
+    return moved
+
+
+def has_output(stage_dir: Path) -> bool:
+    """Whether a stage folder holds anything but its records and hidden files."""
+    if not stage_dir.is_dir():
+        return False
+    for path in stage_dir.rglob("*"):
+        rel = path.relative_to(stage_dir)
+        hidden = any(part.startswith(".") for part in rel.parts)
+        if path.is_file() and not hidden and rel.name != RECORD:
+            return True
+    return False
+
+
+def restore_aside(run_dir: Path, name: str) -> list[Path]:
+    """Put back what a redo of `name` moved aside, when the new stage has written nothing (it
+    failed in its own checks); the folders restored ([] when it had written something)."""
+    root = aside_dir(run_dir, name)
+    if not root.is_dir() or has_output(run_dir / name):
+        return []
+    restored = []
+    for entry in sorted(root.iterdir()):
+        target = run_dir / entry.name
+        if target.exists():
+            remove_tree(target)
+        entry.rename(target)
+        restored.append(target)
+    drop_aside(run_dir, name)
+    return restored
+
+
+def drop_aside(run_dir: Path, name: str) -> None:
+    """Remove what a redo of `name` moved aside (the stage has finished)."""
+    root = aside_dir(run_dir, name)
+    if root.exists():
+        remove_tree(root)
+    if root.parent.is_dir() and not any(root.parent.iterdir()):
+        root.parent.rmdir()
+
+
 def write_pending(
     stage_dir: Path, options: dict[str, Any], inputs: dict[str, str], key: str
 ) -> None:
@@ -127,13 +274,15 @@ def write_done(
     stage_dir: Path, options: dict[str, Any], inputs: dict[str, str], key: str, seconds: float
 ) -> dict[str, Any]:
     """Write `stage.json` with the stage's output fingerprint; remove the pending record."""
-    output = fingerprint({"key": key, "content": folder_fingerprint(stage_dir)})
+    content, files = folder_digests(stage_dir)
+    output = fingerprint({"key": key, "content": content})
     record = {
         "version": RECORD_VERSION,
         "key": key,
         "options": options,
         "inputs": inputs,
         "output": output,
+        "files": files,
         "seconds": round(seconds, 2),
     }
     write_json_atomic(stage_dir / RECORD, canonical(record))

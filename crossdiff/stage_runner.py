@@ -99,9 +99,18 @@ class StageRunner:
         if self.is_main:
             print(f"[crossdiff] {name}: {decision.message}")
             if decision.action == "redo":
-                removed = stage_record.clear([stage_dir] + [self.out / s for s in later])
-                if removed:
-                    print(f"[crossdiff] removed {', '.join(str(p) for p in removed)}")
+                folders = [stage_dir] + [self.out / s for s in later]
+                aside = stage_record.aside_dir(self.out, name)
+                kept_before = aside.exists()  # an earlier redo's: these are unfinished
+                moved = stage_record.move_aside(self.out, name, folders)
+                if moved and not kept_before:
+                    print(
+                        f"[crossdiff] moved {', '.join(str(p) for p in moved)} aside to {aside} "
+                        f"(put back if {name} fails before writing anything, removed once it "
+                        "has finished)"
+                    )
+                elif moved:
+                    print(f"[crossdiff] removed {', '.join(str(p) for p in moved)}")
             if decision.action == "adopt":  # give the older record its fingerprints
                 seconds = float(decision.record.get("seconds", 0.0))
                 stage_record.write_done(stage_dir, stage_options, inputs, decision.key, seconds)
@@ -121,8 +130,30 @@ class StageRunner:
         seconds = self.seconds[name] = time.perf_counter() - self._clock[name]
         if self.is_main:
             stage_record.write_done(self.out / name, stage_options, inputs, key, seconds)
+            stage_record.drop_aside(self.out, name)
         self.barrier()  # the record (and its output fingerprint) is on disk for every rank
         self.outputs[name] = stage_record.output_of(self.out / name)
+
+    def failed(self) -> None:
+        """A stage raised: put back what the redo of each unfinished stage moved aside when it
+        has written nothing yet; else say where the previous results are kept."""
+        if not self.is_main:
+            return
+        for name in self.started:
+            if name in self.outputs or not stage_record.aside_dir(self.out, name).exists():
+                continue
+            restored = stage_record.restore_aside(self.out, name)
+            if restored:
+                print(
+                    f"[crossdiff] {name} failed before writing anything: put back "
+                    f"{', '.join(str(p) for p in restored)} as they were"
+                )
+            else:
+                print(
+                    f"[crossdiff] {name} failed after writing into {self.out / name}; the "
+                    f"results it replaces stay in {stage_record.aside_dir(self.out, name)} "
+                    "until it finishes (a re-run resumes it)"
+                )
 
     def record_report(self, stage_options: dict[str, Any], seconds: float) -> None:
         """The report is always redone (it is cheap and reflects the current code): its record

@@ -184,6 +184,11 @@ def validate_run_options(
             if too_big:
                 problems.append(f"crosscoder: {too_big}")
 
+    if pairing is not None and preset is not None:
+        from crossdiff.run_checks import pairing_problems
+
+        problems.extend(pairing_problems(options))
+
     report = options["report"]
     _problem(problems, "report", resolve_split, report.get("split", "paper"))
     _positive_int(problems, "report: max_tokens", report.get("max_tokens"))

@@ -15,7 +15,7 @@ from crossdiff.activations.layout import (
     is_store_entry,
 )
 from crossdiff.activations.store import ActivationStore, StoreWriter
-from crossdiff.common import CrossdiffError
+from crossdiff.common import CrossdiffError, read_json
 
 
 def clear_store(out_dir: Path) -> None:
@@ -48,14 +48,34 @@ def not_a_store_error(out_dir: Path) -> CrossdiffError:
     )
 
 
+STAGE_RECORD = "stage.json"  # a `crossdiff run` stage's record (crossdiff.stage_record)
+
+
+def _foreign(out_dir: Path) -> list[Path]:
+    """What `out_dir` holds besides store entries, hidden files and a run's stage record."""
+    return [
+        p
+        for p in out_dir.iterdir()
+        if not p.name.startswith(".") and not is_store_entry(p) and p.name != STAGE_RECORD
+    ]
+
+
+def mark_run_stage(out_dir: Path) -> None:
+    """A harvest about to change a finished `crossdiff run` store marks its stage record, so the
+    run never takes the new content for the store it made (crossdiff.stage_record)."""
+    if (out_dir / STAGE_RECORD).exists():
+        from crossdiff.stage_record import mark_written_by
+
+        mark_written_by(out_dir, "crossdiff harvest")
+
+
 def check_empty(out_dir: Path) -> None:
-    """`out_dir` is absent, or holds nothing but store entries and hidden files."""
+    """`out_dir` is absent, or holds nothing but store entries, hidden files and a stage record."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise CrossdiffError(f"{out_dir} is a file; choose a folder for the store")
-    others = [p for p in out_dir.iterdir() if not p.name.startswith(".") and not is_store_entry(p)]
-    if others:
+    if _foreign(out_dir):
         raise not_a_store_error(out_dir)
 
 
@@ -99,14 +119,17 @@ def open_store(
 ) -> StoreWriter:
     """A writer for the store at `out_dir`: new, resumed (the same token set as its last
     segment) or extended by a new segment (another token set), after checking it may be."""
+    check_empty(out_dir)  # before anything is removed: a refusal leaves the folder as it was
+    if (out_dir / MANIFEST).exists() and resume:
+        check_compatible(out_dir, read_json(out_dir / MANIFEST, "store manifest"), header)
+    if not resume:
+        mark_run_stage(out_dir)
     if not resume and ((out_dir / MANIFEST).exists() or rank_folders(out_dir)):
         replace_store(out_dir)
     if not (out_dir / MANIFEST).exists():
         unfinished = rank_folders(out_dir)
         if unfinished:
             raise unfinished_harvest_error(out_dir, unfinished[0])
-        if out_dir.exists() and any(not p.name.startswith(".") for p in out_dir.iterdir()):
-            raise not_a_store_error(out_dir)
         return StoreWriter.create(out_dir, dict(header, segments=[dict(segment, n_tokens=0)]))
     writer = StoreWriter.reopen(out_dir)
     check_compatible(out_dir, writer.manifest, header)

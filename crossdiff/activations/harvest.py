@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from crossdiff.activations.folder import open_store, written_message
+from crossdiff.activations.folder import mark_run_stage, open_store, written_message
 from crossdiff.activations.identity import LensModel, config_hash, weights_hash
 from crossdiff.activations.job import SHARD_BYTES, HarvestJob, HarvestOptions, fill, prepare_job
 from crossdiff.activations.layout import PLAN, RANKS_DIR_RE
@@ -146,6 +146,7 @@ def _harvest_alone(job: HarvestJob, out_dir: Path, resume: bool, progress: bool)
     if done >= job.target:
         print(f"{out_dir} already holds {done} tokens of this token set; nothing to harvest")
         return ActivationStore(out_dir)
+    mark_run_stage(out_dir)  # extending a run's finished store in place
     with tqdm(
         total=job.target,
         initial=done,

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from crossdiff.activations.folder import (
     check_compatible,
     check_empty,
+    mark_run_stage,
     open_store,
     rank_folders,
     replace_store,
@@ -158,6 +159,7 @@ def _check_folder(
 def _start_folder(out_dir: Path, ranks_dir: Path, plan: dict[str, Any], resume: bool) -> None:
     """Rank 0: clear the old store when not resuming, and record the plan."""
     if not resume and out_dir.is_dir() and any(is_store_entry(p) for p in out_dir.iterdir()):
+        mark_run_stage(out_dir)
         replace_store(out_dir)
     if not (ranks_dir / PLAN).exists():
         write_json_atomic(ranks_dir / PLAN, plan)

@@ -42,6 +42,7 @@ from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.summary import domain_lift, summarize
 from crossdiff.analysis.summary import finite as _finite
 from crossdiff.api_checks import check_activations, check_crosscoder
+from crossdiff.crosscoder.compatibility import check_reads, resolve_tokenizer
 from crossdiff.crosscoder.fve import pooled_normalized_fve
 from crossdiff.crosscoder.metrics import normalized_unit_factors
 
@@ -83,6 +84,7 @@ def diff_features(
     min_expert_firings: int = DEFAULT_MIN_FIRINGS,
     expert_layout: list[dict[str, Any]] | None = None,
     part: str | None = None,
+    allow_mismatch: bool = False,
 ) -> FeatureDiff:
     """Classify every latent of `cc` (designated-shared, shared, A-only, B-only, dead) and measure
 
@@ -105,9 +107,18 @@ def diff_features(
     the store's map, else the whole row is one layer.
     part: which tokens of a store: its held-out part by default (the training part, with a
     warning, when it has none), or 'train' / 'heldout' / 'all'; summary["evaluated_on"] says.
+    tokenizer: a tokenizer object, or a folder / tokenizer.json path or Hugging Face name to load.
+    allow_mismatch: apply `cc` to a store other than the one it was trained on (other models,
+    hooks or tokens; or a tokenizer other than the store's), which is refused by default; the
+    differences go to summary["mismatch"] and its warnings.
     """
     check_crosscoder(cc, "diff_features")
     check_activations(acts_or_store, "diff_features", "acts_or_store")
+    tokenizer = resolve_tokenizer(tokenizer)
+    mismatch = check_reads(
+        cc, acts_or_store, tokenizer=tokenizer, allow_mismatch=allow_mismatch,
+        where="diff_features",
+    )  # fmt: skip
     split_name, lo, hi = resolve_split(split)
     acts_or_store, evaluated_on = evaluation_part(acts_or_store, part)
     source = TokenSource(acts_or_store, metadata, model_names, domain_names)
@@ -183,6 +194,12 @@ def diff_features(
         )  # fmt: skip
     summary["evaluated_on"] = evaluated_on
     summary["pair_splits"] = pair_splits(table, name_a, name_b)
+    if mismatch:  # allowed: a deliberate transfer, said in the report
+        summary["mismatch"] = mismatch
+        summary["warnings"].append(
+            "the crosscoder was applied with allow_mismatch to a store it was not trained on: "
+            + "; ".join(mismatch)
+        )
     summary["reconstruction"].update(
         _pooled_normalized(stats.sse, stats.sst, normalized_unit_factors(cc, acts_or_store)),
         evaluated_on=evaluated_on,

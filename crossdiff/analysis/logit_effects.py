@@ -117,4 +117,21 @@ def load_residual_models(
     hooks = residual_models(manifest, model_names)
     if models is None or not hooks:
         return {}, hooks
-    return resolve_models(models, model_names, "cpu", only=list(hooks)), hooks
+    from crossdiff.activations.identity import weights_hash
+
+    loaded = resolve_models(models, model_names, "cpu", only=list(hooks))
+    recorded = {m.get("name"): m.get("weights_hash") for m in manifest.get("models", [])}
+    for name, model in loaded.items():
+        if recorded.get(name) and weights_hash(model) != recorded[name]:
+            raise CrossdiffError(
+                f"the model given for {name!r} is not the one the store was harvested from (its "
+                "weights hash differs from the manifest's), so its logit effects would describe "
+                "another model; pass the models of the same run (--models)"
+            )
+    missing = [name for name in hooks if name not in loaded]
+    if missing:
+        print(
+            f"logit effects: no model for {', '.join(missing)} in {models}, so the report has no "
+            "logit effects for them (pass --models with the store's models)"
+        )
+    return loaded, hooks

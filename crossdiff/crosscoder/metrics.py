@@ -93,6 +93,7 @@ def evaluate_crosscoder(
     model_names: Sequence[str] | None = None,
     splice_sequences: int | None = 64,
     part: str | None = None,
+    allow_mismatch: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a crosscoder on raw activations (a tensor [N, n_models, d] or a store).
 
@@ -108,9 +109,17 @@ def evaluate_crosscoder(
     model's LM loss with its paired activations replaced by the reconstruction, on the first
     `splice_sequences` rows (crossdiff.crosscoder.splice; `pairing` and `model_names` default to
     the store's).
+
+    A store other than the one `cc` was trained on (other models, hooks or tokens, by its
+    cfg.json) is refused unless `allow_mismatch`; the differences are then under "mismatch".
     """
     check_crosscoder(cc, "evaluate_crosscoder")
     check_activations(acts_or_store, "evaluate_crosscoder", "acts_or_store")
+    from crossdiff.crosscoder.compatibility import check_reads
+
+    mismatch = check_reads(
+        cc, acts_or_store, allow_mismatch=allow_mismatch, where="evaluate_crosscoder"
+    )
     acts_or_store, evaluated_on = evaluation_part(acts_or_store, part)
     scaling_factors = normalized_unit_factors(cc, acts_or_store)
     cfg = cc.cfg
@@ -165,6 +174,8 @@ def evaluate_crosscoder(
             cc, acts_or_store, models, tokens, pairing=pairing, model_names=model_names,
             max_sequences=splice_sequences,
         )  # fmt: skip
+    if mismatch:
+        result["mismatch"] = mismatch
     return result
 
 

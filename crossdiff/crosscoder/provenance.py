@@ -49,6 +49,15 @@ def store_provenance(acts: Any) -> dict[str, Any]:
     if names is not None:
         provenance["model_names"] = [str(n) for n in names]
     manifest = getattr(acts, "manifest", None)
+    header = getattr(acts, "manifest_header", None)  # live activations: no folder, no shards
+    if not isinstance(manifest, dict) and isinstance(header, dict):
+        hooks = {name: list(h) for name, h in header.get("hook_points", {}).items()}
+        provenance["hook_points"] = hooks
+        provenance["models"] = [
+            {**model, "hook_names": hooks.get(model["name"], [])}
+            for model in header.get("models", [])
+        ]
+        return provenance
     if not isinstance(manifest, dict):
         return provenance
     names = list(manifest["model_names"])

@@ -193,6 +193,10 @@ def run_crosscoder_stage(
             return CrossCoder.load(out)
         # the record is this crosscoder's but its files are gone: train again (from checkpoints)
     barrier()  # every rank has read OUT before rank 0 clears it
+    if info.is_main and (out / "stage.json").exists():  # a finished `crossdiff run` crosscoder
+        from crossdiff.stage_record import mark_written_by
+
+        mark_written_by(out, "crossdiff train-crosscoder")
     if overwrite and info.is_main:
         start_over(out, checkpoints)
         print(f"crosscoder: --overwrite: removed the crosscoder and checkpoints in {out}")

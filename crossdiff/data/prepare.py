@@ -86,6 +86,13 @@ def _resolve_options(
             "give either a tokenizer to use or a vocab_size to train one, not both "
             f"(got tokenizer={tokenizer!r} and vocab_size={vocab_size})"
         )
+    for name, value in (("n_chars_per_domain", n_chars_per_domain), ("seq_len", seq_len)):
+        positive = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if value is not None and not positive:
+            raise CrossdiffError(
+                f"{name}={value!r} must be a positive integer (--{name.replace('_', '-')}); leave "
+                f"it out for the preset's default ({base[name]})"
+            )
     if tokenizer is None and vocab_size is None:
         tokenizer, vocab_size = base["tokenizer"], base["vocab_size"]
     if isinstance(tokenizer, CrossdiffTokenizer):
@@ -96,10 +103,12 @@ def _resolve_options(
         "preset": preset,
         "source": source,
         "seed": seed,
-        "n_chars_per_domain": n_chars_per_domain or base["n_chars_per_domain"],
+        "n_chars_per_domain": (
+            base["n_chars_per_domain"] if n_chars_per_domain is None else n_chars_per_domain
+        ),
         "vocab_size": vocab_size,
         "tokenizer": tokenizer_option,
-        "seq_len": seq_len or base["seq_len"],
+        "seq_len": base["seq_len"] if seq_len is None else seq_len,
         "heldout_fraction": heldout_fraction,
         "hf_sources": None if hf_sources is None else [s.to_dict() for s in hf_sources],
         "proportions": proportions,

@@ -96,6 +96,13 @@ def register(subparsers: Any) -> None:
         default=None,
         help="held-out rows to splice (default 64; 0: no spliced-in loss)",
     )
+    parser.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help="apply the crosscoder to a store other than the one it was trained on (other "
+        "models, hooks or tokens), or read contexts with a tokenizer other than the store's; "
+        "refused by default, and recorded in the report when allowed",
+    )
     add_runtime_arguments(parser)
     parser.set_defaults(func=run_report)
 
@@ -128,8 +135,10 @@ def run_report(args: argparse.Namespace) -> int:
     extra = ("part", "direction", "min_expert_firings")
     config = ReportStageConfig.from_args(args, PRESET_DESTS | {k: k for k in extra})
     models = parse_models(args.models, store.model_names) or args.store.resolve().parent / "models"
-    inputs = ReportInputs(cc, store, tokenizer, models, _heldout(args, config, models),
-                          cache_dir=Path(args.out) / "splice-cache")  # fmt: skip
+    inputs = ReportInputs(
+        cc, store, tokenizer, models, _heldout(args, config, models),
+        cache_dir=Path(args.out) / "splice-cache", allow_mismatch=args.allow_mismatch,
+    )  # fmt: skip
     diff, paths = run_report_stage(config, inputs, args.out, device=device)
     print(format_summary(diff.summary))
     print(f"open the report: {paths['html']}")

@@ -42,6 +42,9 @@ class ReportInputs:
     extra_summary: Callable[[Any], dict[str, Any]] | None = None
     # where the spliced loss keeps its clean and ablated sums between reruns (None: not kept)
     cache_dir: Path | None = None
+    # apply the crosscoder (and tokenizer) to a store it was not made for: a deliberate transfer
+    # (crossdiff.crosscoder.compatibility), recorded in the report's summary["mismatch"]
+    allow_mismatch: bool = False
 
 
 def run_report_stage(
@@ -69,6 +72,7 @@ def run_report_stage(
         min_expert_firings=config.min_expert_firings,
         part=config.part,
         show_progress=show_progress,
+        allow_mismatch=inputs.allow_mismatch,
     )
     n_rows = SPLICE_SEQUENCES if config.splice_sequences is None else config.splice_sequences
     if n_rows > 0 and inputs.models_dir is not None and inputs.heldout is not None:
