@@ -35,8 +35,8 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "report": {"split": "paper", "max_tokens": 200_000},
     },
     # tiny's corpus and tokenizer, a larger and longer-trained pair (d_model 256), a 2,048-latent
-    # crosscoder: sized for three model seeds and --crosscoder-seeds 3 on a 2-core CPU
-    # (predicted 81 min; 87 CPU-minutes, 116 min on a shared machine: docs/findings.md)
+    # crosscoder, three model seeds (one pair with --controls and three crosscoder seeds took
+    # 116 min on a shared 2-core machine, docs/findings.md; three model seeds train three pairs)
     "small": {
         "data": {"source": "embedded", "preset": "tiny"},
         "models": {"preset": "small"},
