@@ -181,6 +181,12 @@ def run_model_seeds(
         pair = seed_pair(runner.out, i)
         stores.append(harvest_pair(runner, f"store-seed{i}", pair, options, data, seed, device))
     joint = joint_store(stores)
+    if _is_live(options) and runner.is_main:
+        print(
+            f"[crossdiff] joint crosscoders: a live run's stores hold {joint.n_tokens} tokens "
+            "each (the report's share); the joint crosscoders train on those, not on live "
+            "activations of all 2N models (crossdiff has no live joint source)"
+        )
     for i in range(crosscoder_seeds(options)):
         stage = f"joint-crosscoder{seed_suffix(i)}"
         train_joint_crosscoder(runner, stage, joint, options, seed + i, device)
