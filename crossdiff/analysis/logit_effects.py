@@ -130,8 +130,13 @@ def load_residual_models(
             )
     missing = [name for name in hooks if name not in loaded]
     if missing:
+        where = (
+            ", ".join(missing)
+            if isinstance(models, dict)
+            else ", ".join(str(Path(models) / n) for n in missing)
+        )
         print(
-            f"logit effects: no model for {', '.join(missing)} in {models}, so the report has no "
-            "logit effects for them (pass --models with the store's models)"
+            f"logit effects: no model for {where}, so the report has no logit effects for "
+            f"{', '.join(missing)} (pass --models with the store's models)"
         )
     return loaded, hooks

@@ -35,7 +35,12 @@ ABLATIONS = ("clean", "zero", "mean")
 
 def start_layer(model: Any, hooks: Sequence[str]) -> int | None:
     """The first block any of `hooks` is in (the patched runs start there); None when a hook
-    is outside the blocks (embeddings, final norm) or it is block 0."""
+    is outside the blocks (embeddings, final norm), it is block 0, or the model is a
+    TransformerBridge (whose forward is Hugging Face's own loop: no `start_at_layer`)."""
+    from crossdiff.activations.bridge import is_bridge
+
+    if is_bridge(model):
+        return None
     layers = [hook_layer(h) for h in hooks]
     if any(layer is None for layer in layers) or min(layers) == 0:  # type: ignore[type-var]
         return None
