@@ -45,6 +45,14 @@ def allowed_options() -> dict[str, set[str]]:
     }
 
 
+def _partition_option(cc: dict[str, Any]) -> Any:
+    """The crosscoder options' DFC partition (None: a standard crosscoder), checked."""
+    from crossdiff.crosscoder.stage import CrosscoderStageConfig
+
+    keys = ("architecture", "dfc_exclusive")
+    return CrosscoderStageConfig.from_options({k: cc.get(k) for k in keys}).partition()
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -166,6 +174,7 @@ def validate_run_options(
             shared_decoder=cc.get("shared_decoder", "free"),
             shared_penalty_ratio=cc.get("shared_penalty_ratio", 0.7),
             dtype=cc.get("dtype", "float32"),
+            partition=_problem(problems, "crosscoder", _partition_option, cc),
         )
         if d_sae < 1:
             problems.append(

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.config import CrossCoderConfig
 from crossdiff.crosscoder.folder import load_folder, save_folder
+from crossdiff.crosscoder.partition import partition_mask
 from crossdiff.crosscoder.sparse import (
     SelectedPreActivations,
     code_weights,
@@ -69,6 +70,8 @@ class CrossCoderWeights:
         untied = torch.randn(cfg.d_sae - cfg.n_tied, cfg.n_models, cfg.d_model, **kw)
         if cfg.padded:
             untied = untied * self.width_mask(untied)
+        if cfg.dfc:  # a DFC: no model has a vector for another model's exclusive latents
+            untied = untied * self.latent_mask(untied)[cfg.n_tied :, :, None]
         tied = tied / tied.norm(dim=-1, keepdim=True).clamp_min(1e-12) * init_norm
         untied = untied / untied.norm(dim=-1, keepdim=True).clamp_min(1e-12) * init_norm
         self.W_dec_tied = nn.Parameter(tied)
@@ -79,8 +82,15 @@ class CrossCoderWeights:
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
         self.b_dec = nn.Parameter(torch.zeros(cfg.n_models, cfg.d_model, **kw))
         self.register_buffer("threshold", torch.zeros((), **kw))
-        if cfg.padded:
+        if cfg.padded or cfg.dfc:
             self._mask_padding_gradients()
+
+    def latent_mask(self, like: Tensor) -> Float[Tensor, "d_sae n_models"]:
+        """A DFC's partition: 1 where model m reads and writes latent i (all ones otherwise)."""
+        cfg = self.cfg
+        return partition_mask(
+            cfg.partition, cfg.d_sae, cfg.n_models, device=like.device, dtype=like.dtype
+        )
 
     def width_mask(self, like: Tensor) -> Float[Tensor, "n_models d_model"]:
         """1 on each model's own coordinates, 0 on its padding (built from cfg, on `like`'s
@@ -89,15 +99,27 @@ class CrossCoderWeights:
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
-        if assign and self.cfg.padded:  # new Parameter objects (SAELens loads this way)
+        # new Parameter objects (SAELens loads this way) need the gradient masks again
+        if assign and (self.cfg.padded or self.cfg.dfc):
             self._mask_padding_gradients()
         return result
 
     def _mask_padding_gradients(self) -> None:
-        """Zero the gradient of every padded coordinate, so no optimizer ever moves it."""
-        self.W_enc.register_hook(lambda g: g * self.width_mask(g)[:, :, None])
-        self.W_dec_untied.register_hook(lambda g: g * self.width_mask(g)[None])
+        """Zero the gradient of every padded coordinate and (a DFC) of every weight a model has
+        on another model's exclusive latent, so no optimizer ever moves it."""
+        self.W_enc.register_hook(lambda g: g * self._enc_mask(g))
+        self.W_dec_untied.register_hook(lambda g: g * self._dec_mask(g))
         self.b_dec.register_hook(lambda g: g * self.width_mask(g))
+
+    def _enc_mask(self, g: Tensor) -> Tensor:  # [n_models, d_model, d_sae]
+        mask = self.width_mask(g)[:, :, None]
+        return mask * self.latent_mask(g).T[:, None, :] if self.cfg.dfc else mask
+
+    def _dec_mask(self, g: Tensor) -> Tensor:  # [d_sae - n_tied, n_models, d_model]
+        mask = self.width_mask(g)[None]
+        if self.cfg.dfc:
+            mask = mask * self.latent_mask(g)[self.cfg.n_tied :, :, None]
+        return mask
 
     @torch.no_grad()
     def padding_max_abs(self) -> float:
@@ -112,8 +134,27 @@ class CrossCoderWeights:
             float(self.b_dec.detach()[pad].abs().max()),
         )
 
+    @torch.no_grad()
+    def partition_max_abs(self) -> float:
+        """A DFC: the largest |value| of a model's encoder or decoder weights on another model's
+        exclusive latent (0 for a standard crosscoder); exactly 0 for a sound DFC."""
+        if not self.cfg.dfc:
+            return 0.0
+        forbidden = self.latent_mask(self.b_enc) == 0  # [d_sae, n_models]
+        enc = self.W_enc.detach().permute(2, 0, 1)[forbidden]
+        dec = self.W_dec.detach()[forbidden]
+        return max(float(enc.abs().max()), float(dec.abs().max()))
+
     def check_padding(self, where: str, advice: str) -> None:
-        """Refuse weights whose padded coordinates (beyond a model's width) are not zero."""
+        """Refuse weights whose padded coordinates (beyond a model's width) are not zero, and a
+        DFC whose models have weights on each other's exclusive latents."""
+        worst = self.partition_max_abs()
+        if worst != 0:
+            raise CrossdiffError(
+                f"{where} is a Dedicated Feature Crosscoder (partition={list(self.cfg.partition)})"
+                f" with non-zero weights (largest |value| {worst:.3g}) of a model on another "
+                f"model's exclusive latents; those must be exactly zero. {advice}"
+            )
         worst = self.padding_max_abs()
         if worst != 0:
             raise CrossdiffError(
