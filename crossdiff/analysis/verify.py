@@ -165,22 +165,24 @@ def verify_latents(
     with eval_mode(models):
         runner = _Runner(cc, models, hooks, keep)
         batches = [(s, min(s + batch_size, len(toks))) for s in range(0, len(toks), batch_size)]
-        clean = {}
-        scale = torch.zeros(len(ids))
-        for start, stop in batches:  # pass 1: clean runs, latent activations, steering scales
+        fs, scale = {}, torch.zeros(len(ids))
+        for start, stop in batches:  # pass 1: latent activations and steering scales
+            acts = [runner.run(m, toks[start:stop])[1] for m in range(2)]
+            fs[start] = _latent_acts(cc, acts, ids) * keep[start:stop, :, None]
+            scale = torch.maximum(scale, fs[start].flatten(0, 1).max(0).values)
+        acc = {j: _new_acc(len(toks), domains, n_logits) for j in ids}
+        for start, stop in batches:  # pass 2: each candidate's interventions on this batch
             runs = [runner.run(m, toks[start:stop]) for m in range(2)]
-            f = _latent_acts(cc, [r[1] for r in runs], ids)
-            f = f * keep[start:stop, :, None]
-            scale = torch.maximum(scale, f.flatten(0, 1).max(0).values)
-            clean[start] = ([r[0].cpu() for r in runs], [r[1] for r in runs], f)
-        out: dict[int, dict[str, Any]] = {}
-        for i, j in enumerate(ids):
-            out[j] = _verify_one(
-                runner, w_dec[j], latents[j], clean, batches, toks, keep, domains, i,
-                float(scale[i]) * steer_factor, n_logits,
-            )  # fmt: skip
+            clean = [(r[0].cpu(), r[1]) for r in runs]
+            for i, j in enumerate(ids):
+                _accumulate(
+                    acc[j], runner, w_dec[j][latents[j]], latents[j], clean, fs[start][..., i],
+                    toks[start:stop], keep[start:stop], (start, stop),
+                    float(scale[i]) * steer_factor,
+                )  # fmt: skip
+    out: dict[int, dict[str, Any]] = {}
     for i, j in enumerate(ids):
-        out[j] = _finish(out[j], names, latents[j], domain_names, n_boot, seed + j, tokenizer,
+        out[j] = _finish(acc[j], names, latents[j], domain_names, n_boot, seed + j, tokenizer,
                          _token_text)  # fmt: skip
         out[j]["steer_scale"] = float(scale[i]) * steer_factor
     return out
@@ -195,48 +197,44 @@ def _site_deltas(vec: Tensor, acts: list[Tensor], coef: Tensor) -> list[Tensor]:
     return [coef[..., None] * part for part in full.split(widths)]
 
 
-def _verify_one(
-    runner: _Runner, dec: Tensor, owner: int, clean: dict, batches: list, toks: Tensor,
-    keep: Tensor, domains: Tensor, i: int, steer: float, n_logits: int,
-) -> dict[str, Any]:  # fmt: skip
-    """Per-row sums for one latent: ablation and steering in each model with its own decoder."""
-    n_rows = len(toks)
-    acc: dict[str, Any] = {}
-    vec = dec[owner]
-    for role, m in (("own", owner), ("control", 1 - owner)):
-        abl_kl, abl_n = torch.zeros(n_rows), torch.zeros(n_rows)
-        st_kl, st_n = torch.zeros(n_rows), torch.zeros(n_rows)
-        d_ce = {"ablation": torch.zeros(n_rows), "steering": torch.zeros(n_rows)}
-        d_logit = None
-        for start, stop in batches:
-            logits, acts, f = clean[start][0][m], clean[start][1][m], clean[start][2][..., i]
-            k = keep[start:stop].float()
-            t = toks[start:stop]
-            ce_clean = _ce(logits, t)
-            fires = (f > 0).float()
-            patched, _ = runner.run(m, t, _site_deltas(vec, acts, -f))
-            patched = patched.cpu()
-            kl = _kl(logits, patched)
-            abl_kl[start:stop] = (kl * fires).sum(1)
-            abl_n[start:stop] = fires.sum(1)
-            d_ce["ablation"][start:stop] = (_ce(patched, t) - ce_clean).mean(1)
-            patched, _ = runner.run(m, t, _site_deltas(vec, acts, k * steer))
-            patched = patched.cpu()
-            kl = _kl(logits, patched)
-            st_kl[start:stop] = (kl * k).sum(1)
-            st_n[start:stop] = k.sum(1)
-            d_ce["steering"][start:stop] = (_ce(patched, t) - ce_clean).mean(1)
-            moved = ((patched - logits) * k[..., None]).sum((0, 1))
-            d_logit = moved if d_logit is None else d_logit + moved
-        acc[role] = {
-            "ablation_kl": (abl_kl, abl_n),
-            "steering_kl": (st_kl, st_n),
-            "delta_ce": d_ce,
-            "logits": d_logit / keep.float().sum().clamp_min(1),
+def _new_acc(n_rows: int, domains: Tensor, n_logits: int) -> dict[str, Any]:
+    def block() -> dict[str, Any]:
+        return {
+            "ablation_kl": (torch.zeros(n_rows), torch.zeros(n_rows)),
+            "steering_kl": (torch.zeros(n_rows), torch.zeros(n_rows)),
+            "delta_ce": {"ablation": torch.zeros(n_rows), "steering": torch.zeros(n_rows)},
+            "logits": None,
+            "n_positions": 0.0,
         }
-    acc["domains"] = domains
-    acc["n_logits"] = n_logits
-    return acc
+
+    return {"own": block(), "control": block(), "domains": domains, "n_logits": n_logits}
+
+
+def _accumulate(
+    acc: dict, runner: _Runner, vec: Tensor, owner: int, clean: list, f: Tensor, t: Tensor,
+    keep: Tensor, span: tuple[int, int], steer: float,
+) -> None:  # fmt: skip
+    """One batch of one latent: ablation and steering with its decoder vector `vec` (its own
+    model's) in its model and, as the control, in the other model."""
+    start, stop = span
+    k = keep.float()
+    fires = (f > 0).float()
+    for role, m in (("own", owner), ("control", 1 - owner)):
+        block = acc[role]
+        logits, acts = clean[m]
+        ce_clean = _ce(logits, t)
+        for kind, coef in (("ablation", -f), ("steering", k * steer)):
+            patched = runner.run(m, t, _site_deltas(vec, acts, coef))[0].cpu()
+            kl = _kl(logits, patched)
+            weight = fires if kind == "ablation" else k
+            sums, counts = block[f"{kind}_kl"]
+            sums[start:stop] = (kl * weight).sum(1)
+            counts[start:stop] = weight.sum(1)
+            block["delta_ce"][kind][start:stop] = (_ce(patched, t) - ce_clean).mean(1)
+            if kind == "steering":
+                moved = ((patched - logits) * k[..., None]).sum((0, 1))
+                block["logits"] = moved if block["logits"] is None else block["logits"] + moved
+                block["n_positions"] += float(k.sum())
 
 
 def _finish(
@@ -272,7 +270,7 @@ def _finish(
                 }
     k = acc["n_logits"]
     for role, block in (("own", own), ("control", ctrl)):
-        moved = block["logits"]
+        moved = block["logits"] / max(block["n_positions"], 1.0)
         kk = min(k, moved.numel())
         top, bottom = moved.topk(kk), (-moved).topk(kk)
         rec[f"steering_logits_{role}"] = {
