@@ -19,8 +19,10 @@ a same-model null) the control is exactly the same edit; between independently t
 (dense vs MoE) it is an edit of the same size along a direction the other model has no reason to
 read: a baseline for "any perturbation this large".
 
-Verified: the per-row difference (own - control) has a bootstrap 95 % interval above 0 for the
-ablation KL and for the steering KL. A class's verified share has a Wilson 95 % interval.
+Verified: for the ablation KL and for the steering KL alike, the per-row difference (own -
+control) has a bootstrap 95 % interval above 0 and the own effect is at least `min_ratio` (2)
+times the control's: an effect in both models that is only somewhat larger in one (a direction
+the other model also reads) does not verify. A class's verified share has a Wilson 95 % interval.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from crossdiff.common import CrossdiffError
 DEFAULT_CANDIDATES = 8  # per exclusive class
 DEFAULT_SEQUENCES = 32  # held-out rows
 STEER_FACTOR = 2.0
+MIN_RATIO = 2.0  # own effect over the control's, at least
 SCORE = "activation mass: fire_count x mean_activation on the analysed tokens"
 
 
@@ -127,6 +130,7 @@ def verify_latents(
     n_boot: int = 1000,
     seed: int = 0,
     tokenizer: Any = None,
+    min_ratio: float = MIN_RATIO,
 ) -> dict[int, dict[str, Any]]:
     """latent -> its verification (see the module docstring). `latents`: latent -> owner model
     index (what `screen_candidates` gives), or latent ids (owner: the model of the larger decoder
@@ -183,7 +187,7 @@ def verify_latents(
     out: dict[int, dict[str, Any]] = {}
     for i, j in enumerate(ids):
         out[j] = _finish(acc[j], names, latents[j], domain_names, n_boot, seed + j, tokenizer,
-                         _token_text)  # fmt: skip
+                         _token_text, min_ratio)  # fmt: skip
         out[j]["steer_scale"] = float(scale[i]) * steer_factor
     return out
 
@@ -239,7 +243,7 @@ def _accumulate(
 
 def _finish(
     acc: dict, names: tuple, owner: int, domain_names: tuple, n_boot: int, seed: int,
-    tokenizer: Any, token_text: Any,
+    tokenizer: Any, token_text: Any, min_ratio: float,
 ) -> dict[str, Any]:  # fmt: skip
     """The per-latent record: effects, intervals, verdict, per-domain loss change, logits."""
     own, ctrl = acc["own"], acc["control"]
@@ -256,7 +260,8 @@ def _finish(
         rec[f"{key}_control"] = float(s_ctrl.sum() / max(float(n_ctrl.sum()), 1.0))
         rec[f"{key}_diff_ci"] = [lo, hi]
         rec[f"{key}_rows"] = int(rows.sum())
-        verdicts.append(lo is not None and lo > 0)
+        big = rec[key] >= min_ratio * rec[f"{key}_control"]
+        verdicts.append(lo is not None and lo > 0 and big)
     rec["verified"] = bool(all(verdicts))
     domains = acc["domains"].numpy()
     for kind in ("ablation", "steering"):
