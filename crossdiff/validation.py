@@ -192,6 +192,8 @@ def validate_run_options(
     _problem(problems, "report", resolve_split, report.get("split", "paper"))
     _positive_int(problems, "report: max_tokens", report.get("max_tokens"))
     _positive_int(problems, "report: splice_sequences", report.get("splice_sequences"), minimum=0)
+    for key in ("verify_candidates", "verify_sequences"):
+        _positive_int(problems, f"report: {key}", report.get(key), minimum=0)
 
     if problems:
         raise CrossdiffError(

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from crossdiff.activations.pairing import Pairing, load_pairing
 from crossdiff.activations.rows import as_token_rows
@@ -131,6 +132,7 @@ def verify_latents(
     seed: int = 0,
     tokenizer: Any = None,
     min_ratio: float = MIN_RATIO,
+    progress: bool = False,
 ) -> dict[int, dict[str, Any]]:
     """latent -> its verification (see the module docstring). `latents`: latent -> owner model
     index (what `screen_candidates` gives), or latent ids (owner: the model of the larger decoder
@@ -175,7 +177,8 @@ def verify_latents(
             fs[start] = _latent_acts(cc, acts, ids) * keep[start:stop, :, None]
             scale = torch.maximum(scale, fs[start].flatten(0, 1).max(0).values)
         acc = {j: _new_acc(len(toks), domains, n_logits) for j in ids}
-        for start, stop in batches:  # pass 2: each candidate's interventions on this batch
+        bar = tqdm(batches, desc="verify", unit="batch", disable=not progress)
+        for start, stop in bar:  # pass 2: each candidate's interventions on this batch
             runs = [runner.run(m, toks[start:stop]) for m in range(2)]
             clean = [(r[0].cpu(), r[1]) for r in runs]
             for i, j in enumerate(ids):

@@ -41,7 +41,7 @@ def verify_for_run(
     print(f"screen-and-verify: {len(candidates)} candidates on {max_sequences} held-out rows")
     results = verify_latents(
         diff.crosscoder, models, heldout, pairing, candidates, model_names=names,
-        max_sequences=max_sequences, tokenizer=diff.tokenizer,
+        max_sequences=max_sequences, tokenizer=diff.tokenizer, progress=True,
     )  # fmt: skip
     add_verification(
         diff, results, {"n_candidates_per_class": n_candidates, "max_sequences": max_sequences}
