@@ -58,8 +58,9 @@ _OPTIONAL_FIELDS: dict[str, Any] = {
     "partition": None,
 }
 
-# the names of those options (train_crosscoder keywords, run-preset keys, CLI flags)
-FORK_OPTION_NAMES = tuple(_OPTIONAL_FIELDS)
+# the names of the fork's options (train_crosscoder keywords, run-preset keys, CLI flags); a
+# DFC's partition is set through the crosscoder stage's architecture and dfc_exclusive instead
+FORK_OPTION_NAMES = tuple(name for name in _OPTIONAL_FIELDS if name != "partition")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...], what: str) -> None:
