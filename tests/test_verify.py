@@ -103,6 +103,11 @@ def test_screen_and_verify_finds_the_planted_causal_feature():
     per_class = diff.summary["verification"]["per_class"]
     assert per_class["B-only"]["n_verified"] >= 1
     assert diff.table.loc[planted[0], "verified"] is True
+    from crossdiff.report.markdown import render_markdown
+    from crossdiff.report.writer import report_data
+
+    markdown = render_markdown(report_data(diff))
+    assert "## Screen-and-verify" in markdown and "| B-only |" in markdown
 
 
 @pytest.mark.slow  # a DFC on a model paired with itself (about 20 s)
