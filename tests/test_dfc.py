@@ -89,3 +89,24 @@ def test_dfc_recalls_more_planted_exclusive_features_than_a_standard_crosscoder(
     assert dfc["recall"] >= 0.7, result
     assert std["recall"] <= 0.66, result
     assert dfc["recall"] >= std["recall"] + 0.08, result
+
+
+def test_stage_option_and_cli_flag_make_a_dfc():
+    from crossdiff.cli import build_parser
+    from crossdiff.crosscoder.partition import DFC_EXCLUSIVE_FRACTION
+    from crossdiff.crosscoder.stage import CrosscoderStageConfig
+    from crossdiff.crosscoder.synthetic import InMemoryStore
+
+    store = InMemoryStore(torch.randn(64, 2, 16))
+    dfc = CrosscoderStageConfig.from_options({"architecture": "dfc", "expansion": 8})
+    assert dfc.partition() == DFC_EXCLUSIVE_FRACTION == 0.05
+    assert dfc.crosscoder_config(store).partition == (6, 6)  # 5 % of 128 latents each
+    counts = CrosscoderStageConfig.from_options({"architecture": "dfc", "dfc_exclusive": [3, 5]})
+    assert counts.crosscoder_config(store).partition == (3, 5)
+    assert CrosscoderStageConfig().crosscoder_config(store).partition is None
+    with pytest.raises(CrossdiffError, match="architecture"):
+        CrosscoderStageConfig(architecture="sparse").partition()
+    with pytest.raises(CrossdiffError, match="dfc_exclusive"):
+        CrosscoderStageConfig(dfc_exclusive=0.1).partition()
+    args = build_parser().parse_args(["run", "--preset", "micro", "--architecture", "dfc"])
+    assert args.architecture == "dfc"
