@@ -82,7 +82,7 @@ def test_diff_classes_come_from_the_partition():
 def test_dfc_recalls_more_planted_exclusive_features_than_a_standard_crosscoder():
     """32 shared + 16 A-only + 16 B-only planted features, d_sae 64, k 3, two seeds each:
     measured recall (matched by decoder cosine >= 0.9 in its model AND classed exclusive to
-    that model) 0.625 standard vs 0.75 DFC, at the same L0."""
+    that model) 0.625 standard vs 0.766 DFC at L0 2.91 vs 2.85 (benchmarks/dfc_planted.py)."""
     result = planted_exclusive_recall(seeds=(0, 1), steps=1500)
     std, dfc = result["standard"], result["dfc"]
     assert abs(std["l0"] - dfc["l0"]) < 0.5

@@ -96,6 +96,12 @@ def seed_stability(cc_a: Any, cc_b: Any) -> float:
     return float((cos[rows, cols] >= STABLE_COSINE).sum() / cos.shape[0])
 
 
+def _mean(values: list[float]) -> float:
+    """The mean of the finite values (NaN when there are none)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def planted_exclusive_recall(
     *, seeds: tuple[int, ...] = (0, 1), steps: int = 1500, partition: tuple[int, int] = (16, 16),
     null: bool = False,
@@ -121,7 +127,7 @@ def planted_exclusive_recall(
             ev = evaluate_crosscoder(cc, held)
             rows.append({**score_exclusive(cc, truth, held), "fve": ev["fve"], "l0": ev["l0"]})
             ccs.append(cc)
-        out[name] = {key: float(np.nanmean([r[key] for r in rows])) for key in rows[0]}
+        out[name] = {key: _mean([r[key] for r in rows]) for key in rows[0]}
         if len(ccs) > 1:
             out[name]["seed_stability"] = seed_stability(ccs[0], ccs[1])
     return out
