@@ -42,6 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--expansion", type=float, default=None, help="d_sae / d_model")
     parser.add_argument("--pairing", default=None, help="pairing preset name or TOML path")
     parser.add_argument(
+        "--architecture",
+        choices=("standard", "dfc"),
+        default=None,
+        help=(
+            "crosscoder architecture: standard (default) or dfc, a Dedicated Feature Crosscoder "
+            "whose partition gives each model 5%% of the latents as its own (docs/crosscoder.md)"
+        ),
+    )
+    parser.add_argument(
         "--activations",
         choices=ACTIVATIONS,
         default=None,
@@ -104,6 +113,7 @@ def _main(args: argparse.Namespace) -> int:
             "steps": args.crosscoder_steps,
             "k": args.k,
             "expansion": args.expansion,
+            "architecture": args.architecture,
             # the crosscoder's parameter dtype; models and harvest keep their preset's dtypes
             "dtype": None if args.dtype == "float32" else args.dtype,
         },

@@ -74,7 +74,13 @@ RUN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "batch_size": 256,
             "checkpoint_every": 20,
         },
-        "report": {"split": "paper", "max_tokens": 12_000},
+        # screen-and-verify kept small: 2 candidates per exclusive class on 8 held-out rows
+        "report": {
+            "split": "paper",
+            "max_tokens": 12_000,
+            "verify_candidates": 2,
+            "verify_sequences": 8,
+        },
     },
     "paper": {
         "data": {"source": "hf", "preset": "paper"},

@@ -46,6 +46,14 @@ def allowed_options() -> dict[str, set[str]]:
     }
 
 
+def _partition_option(cc: dict[str, Any]) -> Any:
+    """The crosscoder options' DFC partition (None: a standard crosscoder), checked."""
+    from crossdiff.crosscoder.stage import CrosscoderStageConfig
+
+    keys = ("architecture", "dfc_exclusive")
+    return CrosscoderStageConfig.from_options({k: cc.get(k) for k in keys}).partition()
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -171,6 +179,7 @@ def validate_run_options(
             shared_decoder=cc.get("shared_decoder", "free"),
             shared_penalty_ratio=cc.get("shared_penalty_ratio", 0.7),
             dtype=cc.get("dtype", "float32"),
+            partition=_problem(problems, "crosscoder", _partition_option, cc),
         )
         if d_sae < 1:
             problems.append(
@@ -193,6 +202,8 @@ def validate_run_options(
     _problem(problems, "report", resolve_split, report.get("split", "paper"))
     _positive_int(problems, "report: max_tokens", report.get("max_tokens"))
     _positive_int(problems, "report: splice_sequences", report.get("splice_sequences"), minimum=0)
+    for key in ("verify_candidates", "verify_sequences"):
+        _positive_int(problems, f"report: {key}", report.get(key), minimum=0)
 
     if problems:
         raise CrossdiffError(

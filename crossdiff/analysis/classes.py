@@ -85,3 +85,30 @@ def classify(
     labels[:n_shared] = DESIGNATED
     labels[~fires] = DEAD
     return labels
+
+
+def partition_owner(cc: object, d_sae: int) -> np.ndarray | None:
+    """A Dedicated Feature Crosscoder's owner per latent (-1 shared, m exclusive to model m);
+    None for a crosscoder without a partition."""
+    cfg = getattr(cc, "cfg", None)
+    if getattr(cfg, "partition", None) is None:
+        return None
+    from crossdiff.crosscoder.partition import latent_owner
+
+    return np.asarray(latent_owner(cfg.partition, d_sae), dtype=np.int64)  # type: ignore[union-attr]
+
+
+def classify_partition(
+    owner: np.ndarray,
+    fires: np.ndarray,
+    n_shared: int,
+    model_names: tuple[str, ...] | list[str],
+) -> np.ndarray:
+    """A DFC's classes from its partition: a latent exclusive to model m is "{m}-only", the
+    others shared (designated-shared for the first n_shared); dead (never fired) wins."""
+    labels = np.full(owner.shape, SHARED, dtype=object)
+    for m, name in enumerate(model_names):
+        labels[owner == m] = f"{name}-only"
+    labels[:n_shared] = DESIGNATED
+    labels[~fires] = DEAD
+    return labels

@@ -16,7 +16,9 @@ from crossdiff.analysis.classes import (
     DEAD,
     class_names,
     classify,
+    classify_partition,
     decoder_cosine,
+    partition_owner,
     relative_norm,
     resolve_split,
 )
@@ -37,6 +39,7 @@ from crossdiff.analysis.experts import (
     expert_summary,
 )
 from crossdiff.analysis.feature_diff import FeatureDiff
+from crossdiff.analysis.partition_view import add_partition_columns, partition_summary
 from crossdiff.analysis.scaling_columns import add_latent_scaling
 from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.summary import domain_lift, summarize
@@ -158,7 +161,12 @@ def diff_features(
         expert_layout=expert_layout,
     )
     labels = classify(r, stats.fire_count > 0, n_tied, lo, hi, name_a, name_b)
+    norm_labels, owner = labels, partition_owner(cc, d_sae)
+    if owner is not None:  # a DFC: classes from its partition, the relative-norm view beside
+        labels = classify_partition(owner, stats.fire_count > 0, n_tied, source.model_names)
     table = _latent_table(stats, source, labels, norms_t, r, w_dec, a, b, n_shared)
+    if owner is not None:
+        add_partition_columns(table, owner, norm_labels, source.model_names)
     domain_shares = _add_domain_columns(table, stats, source)
     attribution = None
     if stats.experts is not None:
@@ -192,6 +200,10 @@ def diff_features(
             [c for c in class_names(name_a, name_b) if c != DEAD],
             min_expert_firings,
         )  # fmt: skip
+    if owner is not None:
+        summary["partition"] = partition_summary(
+            cfg, labels, norm_labels, class_names(name_a, name_b), (lo, hi)
+        )
     summary["evaluated_on"] = evaluated_on
     summary["pair_splits"] = pair_splits(table, name_a, name_b)
     if mismatch:  # allowed: a deliberate transfer, said in the report

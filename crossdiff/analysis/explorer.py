@@ -189,6 +189,10 @@ def explore(
     for j in latents:
         if effects[j]:
             entries[str(j)]["logits"] = effects[j]
+    verification = (diff.summary.get("verification") or {}).get("latents") or {}
+    for j, record in verification.items():  # screen-and-verify's record of a candidate
+        if j in entries:
+            entries[j]["verify"] = record
     if hooks and not loaded:
         logit_note = "the models were not given, so there are no logit effects"
     elif not hooks:

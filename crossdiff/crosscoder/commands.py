@@ -37,7 +37,7 @@ PRESET_DESTS = {
         "expansion", "k", "n_shared", "shared_decoder", "shared_penalty_ratio", "steps",
         "batch_size", "lr", "k_anneal_steps", "k_anneal_start", "aux_loss_coefficient",
         "checkpoint_every", "eval_tokens", "lr_warmup_steps", "lr_decay_fraction",
-        "dead_after_tokens",
+        "dead_after_tokens", "architecture",
     )
 }  # fmt: skip
 # the seed paper fork's options (docs/crosscoder.md), passed to train_crosscoder when given:
@@ -148,6 +148,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="tokens without firing that make a latent dead (default min(10M, tokens / 10))",
+    )
+    p.add_argument(
+        "--architecture",
+        choices=("standard", "dfc"),
+        default=None,
+        help="standard (default) or dfc: a Dedicated Feature Crosscoder (5%% exclusive per model)",
     )
     for name, (kind, choices, text) in FORK_OPTIONS.items():
         p.add_argument(

@@ -21,6 +21,7 @@ from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 from crossdiff.activations.source import ActivationSource
 from crossdiff.api_checks import check_whole
 from crossdiff.common import CrossdiffError, refuse_float16_training
+from crossdiff.crosscoder.partition import latent_owner, partition_ranges, resolve_partition
 
 # namespaced: "crosscoder" alone is generic enough for another plugin to claim it
 ARCHITECTURE = "crossdiff.crosscoder"
@@ -37,6 +38,8 @@ THRESHOLD_SCHEDULES = ("rate", "ema")
 AUX_LOSSES = ("saelens", "fork")
 RECON_LOSSES = ("mse", "l2")
 B_DEC_INITS = ("mean", "geometric_median")
+# crosscoder architectures: "standard" (every latent reads and writes every model) and "dfc"
+# (Dedicated Feature Crosscoder: `partition` gives each model latents only it reads and writes)
 
 # Fields added after cfg.json's first format, with their defaults. They are written only when
 # they differ from the default, so the cfg.json and the run identity of a run that does not use
@@ -53,10 +56,12 @@ _OPTIONAL_FIELDS: dict[str, Any] = {
     "aux_loss": "saelens",
     "recon_loss": "mse",
     "b_dec_init": "mean",
+    "partition": None,
 }
 
-# the names of those options (train_crosscoder keywords, run-preset keys, CLI flags)
-FORK_OPTION_NAMES = tuple(_OPTIONAL_FIELDS)
+# the names of the fork's options (train_crosscoder keywords, run-preset keys, CLI flags); a
+# DFC's partition is set through the crosscoder stage's architecture and dfc_exclusive instead
+FORK_OPTION_NAMES = tuple(name for name in _OPTIONAL_FIELDS if name != "partition")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...], what: str) -> None:
@@ -79,6 +84,14 @@ class CrossCoderConfig(SAEConfig):
     code_normalization: how a latent's per-model decoder norms weight its selection score:
     "sum" (crosscoder, the default), "concat" (norm of the concatenated decoder) or "mixed"
     (code_normalization_alpha * concat + (1 - code_normalization_alpha) * sum).
+
+    partition: a Dedicated Feature Crosscoder (DFC; Jiralerspong & Bricken, arXiv 2602.11729):
+    the number of latents exclusive to each model, one count per model (or one fraction of d_sae
+    for every model, e.g. 0.05). Model m's exclusive latents are read and written by model m
+    only: the other models' encoder and decoder weights of those latents are zero and their
+    gradients masked (the auxiliary loss included); the encoder bias is not masked. They sit at
+    the end of the dictionary, model 0's first; the latents before them are shared
+    (`partition_ranges`). None: a standard crosscoder.
     """
 
     d_in: int = 0  # derived: n_models * d_model
@@ -93,6 +106,7 @@ class CrossCoderConfig(SAEConfig):
     shared_penalty: str = "selection"
     code_normalization: str = "sum"
     code_normalization_alpha: int | float = 0.7
+    partition: tuple[int, ...] | list[int] | float | None = None
     # SAELens's from_dict passes the metadata as a dict first and replaces it afterwards
     metadata: SAEMetadata | dict[str, Any] = field(default_factory=SAEMetadata)
 
@@ -147,6 +161,25 @@ class CrossCoderConfig(SAEConfig):
                 "(paper: 0.7; Anthropic: 0.1-0.2; 1.0 = no preference)"
             )
         self._check_code_options()
+        if self.partition is not None:
+            self._check_partition()
+
+    def _check_partition(self) -> None:
+        self.partition = resolve_partition(self.partition, self.d_sae, self.n_models, self.n_shared)
+
+    @property
+    def dfc(self) -> bool:
+        """Whether this is a Dedicated Feature Crosscoder (a partition is set)."""
+        return self.partition is not None
+
+    def partition_ranges(self) -> list[tuple[int, int]]:
+        """Per model, the [start, stop) of its exclusive latents (empty for a standard
+        crosscoder); the latents below the first start are shared."""
+        return partition_ranges(self.partition, self.d_sae)
+
+    def latent_owner(self) -> list[int]:
+        """Per latent, the model it is exclusive to, or -1 for a latent every model uses."""
+        return latent_owner(self.partition, self.d_sae)
 
     def _check_code_options(self) -> None:
         _check_choice(
@@ -222,6 +255,8 @@ class CrossCoderConfig(SAEConfig):
         for name, default in _OPTIONAL_FIELDS.items():
             if name in out and out[name] == default:
                 del out[name]
+        if out.get("partition") is not None:
+            out["partition"] = list(out["partition"])
         return out
 
     @property

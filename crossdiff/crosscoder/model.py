@@ -39,15 +39,11 @@ from torch import Tensor, nn
 from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.config import CrossCoderConfig
 from crossdiff.crosscoder.folder import load_folder, save_folder
-from crossdiff.crosscoder.sparse import (
-    SelectedPreActivations,
-    code_weights,
-    selection_scores,
-    width_mask,
-)
+from crossdiff.crosscoder.masks import WeightMasks
+from crossdiff.crosscoder.sparse import SelectedPreActivations, code_weights, selection_scores
 
 
-class CrossCoderWeights:
+class CrossCoderWeights(WeightMasks):
     """Weights and the maths shared by the inference and the training crosscoder (a mixin)."""
 
     cfg: CrossCoderConfig
@@ -69,6 +65,8 @@ class CrossCoderWeights:
         untied = torch.randn(cfg.d_sae - cfg.n_tied, cfg.n_models, cfg.d_model, **kw)
         if cfg.padded:
             untied = untied * self.width_mask(untied)
+        if cfg.dfc:  # a DFC: no model has a vector for another model's exclusive latents
+            untied = untied * self.latent_mask(untied)[cfg.n_tied :, :, None]
         tied = tied / tied.norm(dim=-1, keepdim=True).clamp_min(1e-12) * init_norm
         untied = untied / untied.norm(dim=-1, keepdim=True).clamp_min(1e-12) * init_norm
         self.W_dec_tied = nn.Parameter(tied)
@@ -79,48 +77,15 @@ class CrossCoderWeights:
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
         self.b_dec = nn.Parameter(torch.zeros(cfg.n_models, cfg.d_model, **kw))
         self.register_buffer("threshold", torch.zeros((), **kw))
-        if cfg.padded:
+        if cfg.padded or cfg.dfc:
             self._mask_padding_gradients()
-
-    def width_mask(self, like: Tensor) -> Float[Tensor, "n_models d_model"]:
-        """1 on each model's own coordinates, 0 on its padding (built from cfg, on `like`'s
-        device and dtype: no buffer, so the state dict is that of an equal-width crosscoder)."""
-        return width_mask(self.cfg.widths, self.cfg.d_model, device=like.device, dtype=like.dtype)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
-        if assign and self.cfg.padded:  # new Parameter objects (SAELens loads this way)
+        # new Parameter objects (SAELens loads this way) need the gradient masks again
+        if assign and (self.cfg.padded or self.cfg.dfc):
             self._mask_padding_gradients()
         return result
-
-    def _mask_padding_gradients(self) -> None:
-        """Zero the gradient of every padded coordinate, so no optimizer ever moves it."""
-        self.W_enc.register_hook(lambda g: g * self.width_mask(g)[:, :, None])
-        self.W_dec_untied.register_hook(lambda g: g * self.width_mask(g)[None])
-        self.b_dec.register_hook(lambda g: g * self.width_mask(g))
-
-    @torch.no_grad()
-    def padding_max_abs(self) -> float:
-        """The largest |value| in the padded coordinates of W_enc, W_dec and b_dec (0 when the
-        models have equal widths); it is exactly 0 for a sound crosscoder."""
-        if not self.cfg.padded:
-            return 0.0
-        pad = self.width_mask(self.b_dec) == 0
-        return max(
-            float(self.W_enc.detach().permute(2, 0, 1)[:, pad].abs().max()),
-            float(self.W_dec.detach()[:, pad].abs().max()),
-            float(self.b_dec.detach()[pad].abs().max()),
-        )
-
-    def check_padding(self, where: str, advice: str) -> None:
-        """Refuse weights whose padded coordinates (beyond a model's width) are not zero."""
-        worst = self.padding_max_abs()
-        if worst != 0:
-            raise CrossdiffError(
-                f"{where} has non-zero weights (largest |value| {worst:.3g}) beyond a model's "
-                f"width (d_models={list(self.cfg.widths)}, padded to {self.cfg.d_model}); "
-                f"those coordinates must be exactly zero. {advice}"
-            )
 
     @property
     def W_dec(self) -> Float[Tensor, "d_sae n_models d_model"]:

@@ -64,6 +64,10 @@ class CrosscoderStageConfig(StageConfig):
     shared_decoder: str = "free"
     shared_penalty_ratio: int | float = 0.7
     dtype: str = "float32"
+    # "standard" or "dfc" (Dedicated Feature Crosscoder); dfc_exclusive: each model's exclusive
+    # latents, as a fraction of d_sae (default 0.05, the DFC reference code's) or counts
+    architecture: str = "standard"
+    dfc_exclusive: int | float | tuple[int, ...] | list[int] | None = None
     steps: int = DEFAULT_STEPS
     batch_size: int = DEFAULT_BATCH_SIZE
     lr: int | float | None = None
@@ -107,8 +111,29 @@ class CrosscoderStageConfig(StageConfig):
             d_model=source.d_model,
             d_models=store_widths(source),
             d_sae=self.d_sae_for(source.d_model),
+            partition=self.partition(),
             **{k: getattr(self, k) for k in CONFIG_OPTIONS},
         )
+
+    def partition(self) -> Any:
+        """CrossCoderConfig's `partition`: None for a standard crosscoder; for a DFC the
+        per-model exclusive counts or fraction (default DFC_EXCLUSIVE_FRACTION)."""
+        from crossdiff.crosscoder.partition import ARCHITECTURES, DFC_EXCLUSIVE_FRACTION
+
+        if self.architecture not in ARCHITECTURES:
+            raise CrossdiffError(
+                f"architecture={self.architecture!r}; expected one of {ARCHITECTURES} "
+                "(dfc: a Dedicated Feature Crosscoder, docs/crosscoder.md)"
+            )
+        if self.architecture == "standard":
+            if self.dfc_exclusive is not None:
+                raise CrossdiffError(
+                    f"dfc_exclusive={self.dfc_exclusive!r} applies only with "
+                    "architecture='dfc'; set architecture='dfc' or leave dfc_exclusive out"
+                )
+            return None
+        value = DFC_EXCLUSIVE_FRACTION if self.dfc_exclusive is None else self.dfc_exclusive
+        return tuple(value) if isinstance(value, list | tuple) else value
 
     def training_options(self) -> dict[str, Any]:
         """train_crosscoder's keyword options (the seed, device and checkpoints aside)."""

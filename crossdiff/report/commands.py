@@ -16,6 +16,8 @@ PRESET_DESTS = {
     "max_tokens": "max_tokens",
     "splice_sequences": "splice_sequences",
     "batch_size": "batch_size",
+    "verify_candidates": "verify_candidates",
+    "verify_sequences": "verify_sequences",
 }
 DEFAULTS = {"split": "paper", "batch_size": 1024}
 
@@ -102,6 +104,18 @@ def register(subparsers: Any) -> None:
         help="apply the crosscoder to a store other than the one it was trained on (other "
         "models, hooks or tokens), or read contexts with a tokenizer other than the store's; "
         "refused by default, and recorded in the report when allowed",
+    )
+    parser.add_argument(
+        "--verify-candidates",
+        type=int,
+        default=None,
+        help="screen-and-verify: candidates per exclusive class (default 8; 0: none)",
+    )
+    parser.add_argument(
+        "--verify-sequences",
+        type=int,
+        default=None,
+        help="screen-and-verify: held-out rows (default 32)",
     )
     add_runtime_arguments(parser)
     parser.set_defaults(func=run_report)

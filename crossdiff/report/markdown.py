@@ -213,6 +213,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             "",
         ]
         out += _table(["class", "designated latents"], [[c, v] for c, v in counts.items()])
+    out += _verification_section(s.get("verification"))
     cos = s["decoder_cosine"]
     out += [
         "## Decoder cosines",
@@ -243,6 +244,19 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _verification_section(v: dict[str, Any] | None) -> list[str]:
+    """Screen-and-verify: per exclusive class, the verified share of the screened candidates."""
+    if not v:
+        return []
+    rows = [[cls, b["n_candidates"], b["n_verified"], b["share_verified"],
+             f"{fmt(b['interval_95'][0])}-{fmt(b['interval_95'][1])}"]
+            for cls, b in v["per_class"].items()]  # fmt: skip
+    out = ["## Screen-and-verify", "", f"Candidates: {v['score']}.", ""]
+    if not rows:
+        return [*out, "No live latent in an exclusive class: nothing to verify.", ""]
+    return out + _table(["class", "candidates", "verified", "share", "95% interval"], rows)
 
 
 def _spliced_loss_section(sp: dict[str, Any] | None) -> list[str]:

@@ -25,6 +25,9 @@ class ReportStageConfig(StageConfig):
     part: str | None = None  # default: the store's held-out part
     direction: tuple[str, str] | list[str] | None = None
     min_expert_firings: int = DEFAULT_MIN_FIRINGS
+    # screen-and-verify: candidates per exclusive class (0: none) and held-out rows
+    verify_candidates: int | None = None
+    verify_sequences: int | None = None
 
 
 @dataclass
@@ -87,6 +90,17 @@ def run_report_stage(
         )
         if spliced is not None:
             diff.summary["spliced_loss"] = spliced
+    if inputs.models_dir is not None and inputs.heldout is not None:
+        from crossdiff.analysis.verify import DEFAULT_CANDIDATES, DEFAULT_SEQUENCES
+        from crossdiff.analysis.verify_run import verify_for_run
+
+        n_cand = config.verify_candidates
+        n_seq = config.verify_sequences
+        verify_for_run(
+            diff, inputs.store, inputs.models_dir, inputs.heldout, device=device,
+            n_candidates=DEFAULT_CANDIDATES if n_cand is None else n_cand,
+            max_sequences=DEFAULT_SEQUENCES if n_seq is None else n_seq,
+        )  # fmt: skip
     if inputs.extra_summary is not None:
         diff.summary.update(inputs.extra_summary(diff))
     paths = write_report(diff, out_dir, models=inputs.models_dir)
