@@ -77,15 +77,16 @@ class _Runner:
         model, captured = self.models[m], {}
         device = next(model.parameters()).device
         hooks = []
-        for s, hook in enumerate(self.hooks[m]):
-
-            def fn(act: Tensor, hook: Any, s: int = s) -> Tensor:
+        for s, name in enumerate(self.hooks[m]):
+            # kept under the name asked for: a TransformerBridge calls a hook asked for by its
+            # alias (blocks.1.hook_resid_post) with its own name (blocks.1.hook_out)
+            def fn(act: Tensor, hook: Any, s: int = s, name: str = name) -> Tensor:
                 if patch is not None:
                     act = act + patch[s].to(act.device, act.dtype)
-                captured.setdefault(hook.name, []).append(act.detach())
+                captured.setdefault(name, []).append(act.detach())
                 return act
 
-            hooks.append((hook, fn))
+            hooks.append((name, fn))
         logits = model.run_with_hooks(tokens.to(device), fwd_hooks=hooks).float()
         acts = [captured[h][0] for h in self.hooks[m]] if patch is None else []
         return logits, acts

@@ -13,17 +13,18 @@ from crossdiff.analysis.verify import add_verification, screen_candidates, verif
 def verify_for_run(
     diff: Any,
     store: Any,
-    models_dir: str | Path,
+    models_dir: Any,
     heldout: Any,
     *,
     n_candidates: int,
     max_sequences: int,
     device: Any = "cpu",
 ) -> bool:
-    """Verify the top `n_candidates` latents of each exclusive class of `diff` with the models in
-    `models_dir/<name>` on `max_sequences` held-out rows; False (with a printed note) when
-    there is nothing to verify with."""
-    from crossdiff.models import load_model
+    """Verify the top `n_candidates` latents of each exclusive class of `diff` with the store's
+    models on `max_sequences` held-out rows; False (with a printed note) when there is nothing
+    to verify with. `models_dir`: a folder with a model folder per store model name, or a dict
+    store model name -> loaded model or folder (crossdiff or Hugging Face: lens_models.py)."""
+    from crossdiff.lens_models import resolve_models
 
     names = list(store.model_names)
     if n_candidates <= 0 or max_sequences <= 0:
@@ -31,12 +32,14 @@ def verify_for_run(
     if len(names) != 2 or heldout is None or len(heldout) == 0:
         print("screen-and-verify: needs 2 models and held-out rows, so it is not run")
         return False
-    dirs = [Path(models_dir) / name for name in names]
-    if not all(d.is_dir() for d in dirs):
-        print(f"screen-and-verify: no model folders {[str(d) for d in dirs]}, so it is not run")
+    loaded = resolve_models(models_dir, names, device)
+    if len(loaded) != len(names):
+        where = models_dir if isinstance(models_dir, str | Path) else "the models given"
+        missing = sorted(set(names) - set(loaded))
+        print(f"screen-and-verify: no model for {missing} in {where}, so it is not run")
         return False
     candidates = screen_candidates(diff.table, names, n_candidates)
-    models = [load_model(d, device=device) for d in dirs]
+    models = [loaded[n] for n in names]
     pairing = Pairing.from_dict(store.manifest["pairing"], "the store's manifest")
     print(f"screen-and-verify: {len(candidates)} candidates on {max_sequences} held-out rows")
     results = verify_latents(

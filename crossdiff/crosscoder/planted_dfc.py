@@ -96,7 +96,7 @@ def seed_stability(cc_a: Any, cc_b: Any) -> float:
     return float((cos[rows, cols] >= STABLE_COSINE).sum() / cos.shape[0])
 
 
-def _mean(values: list[float]) -> float:
+def _mean(values: list[float] | list[int]) -> float:
     """The mean of the finite values (NaN when there are none)."""
     finite = [v for v in values if np.isfinite(v)]
     return float(np.mean(finite)) if finite else float("nan")

@@ -176,7 +176,8 @@ def parse_models(given: list[str] | None, names: list[str]) -> Path | dict[str, 
 
 
 def _heldout(args: argparse.Namespace, config: Any, models_dir: Any) -> Any:
-    """The held-out rows for the spliced-in LM loss, when it is asked for and can be computed."""
+    """The held-out rows for the spliced-in LM loss and screen-and-verify, when either is asked
+    for and can be computed."""
     from crossdiff.crosscoder.splice import SPLICE_SEQUENCES
     from crossdiff.data.tokens import TokenSet
 
@@ -186,12 +187,13 @@ def _heldout(args: argparse.Namespace, config: Any, models_dir: Any) -> Any:
     for given in [*(folders if args.models else []), args.heldout]:
         if given is not None and not given.exists():
             raise CrossdiffError(f"{given} does not exist")
-    if n_rows <= 0:
+    verify = config.verify_candidates is None or config.verify_candidates > 0
+    if n_rows <= 0 and not verify:  # neither the spliced loss nor screen-and-verify reads them
         return None
     if not heldout.exists() or not all(f.is_dir() for f in folders):
         print(
-            f"no spliced-in LM loss: no models in {models_dir} or no held-out rows at {heldout} "
-            "(pass --models and --heldout)"
+            f"no spliced-in LM loss or screen-and-verify: no models in {models_dir} or no "
+            f"held-out rows at {heldout} (pass --models and --heldout)"
         )
         return None
     return TokenSet.load(heldout)
