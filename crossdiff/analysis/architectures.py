@@ -88,8 +88,17 @@ class _Design:
         self.fits, self.groups, self.lo = list(fits), groups, lo
         self.carried = [att.carriers(f.norms, lo) & f.live[:, None] for f in self.fits]
         (self.a, self.cols_a), (self.b, self.cols_b) = groups.items()
+        self._labels: dict[tuple[int, int | None], np.ndarray] = {}
 
     def labels(self, fit: int, drop: int | None = None) -> np.ndarray:
+        """The classes of `fit`'s latents on all models, or without model `drop` (cached: every
+        statistic's estimate reads the same (fit, drop) labels)."""
+        key = (fit, drop)
+        if key not in self._labels:
+            self._labels[key] = self._classify(fit, drop)
+        return self._labels[key]
+
+    def _classify(self, fit: int, drop: int | None) -> np.ndarray:
         keep = [m for m in range(self.carried[fit].shape[1]) if m != drop]
         groups = {g: [keep.index(m) for m in c if m != drop] for g, c in self.groups.items()}
         f = self.fits[fit]
