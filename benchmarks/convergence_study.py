@@ -21,22 +21,30 @@ from pathlib import Path
 from typing import Any
 
 
-def _point(store: Any, tokens: int, k: int, aux: float, args: argparse.Namespace) -> dict:
+def _point(store: Any, point: tuple, args: argparse.Namespace) -> dict:
     import numpy as np
 
     from crossdiff import CrossCoderConfig, diff_features, evaluate_crosscoder, train_crosscoder
     from crossdiff.analysis.stability import seed_stability
 
+    tokens, k, aux, shared, normalize = point
     d_model = store.d_model
+    d_sae = args.expansion * d_model
     cfg = CrossCoderConfig(
-        n_models=store.n_models, d_model=d_model, d_sae=args.expansion * d_model, k=k
+        n_models=store.n_models,
+        d_model=d_model,
+        d_sae=d_sae,
+        k=k,
+        n_shared=round(shared * d_sae),
+        shared_decoder=args.shared_decoder,
     )
     steps = max(1, tokens // args.batch_size)
     t0 = time.perf_counter()
     crosscoders, diffs, metrics = [], [], []
     for seed in args.seeds:
         cc = train_crosscoder(store, cfg, steps=steps, batch_size=args.batch_size,
-                              aux_loss_coefficient=aux, seed=seed, log_every=10**9)  # fmt: skip
+                              aux_loss_coefficient=aux, normalize=normalize, seed=seed,
+                              log_every=10**9)  # fmt: skip
         crosscoders.append(cc)
         metrics.append(evaluate_crosscoder(cc, store, max_tokens=args.eval_tokens,
                                            splice_sequences=0))  # fmt: skip
@@ -51,6 +59,9 @@ def _point(store: Any, tokens: int, k: int, aux: float, args: argparse.Namespace
         "tokens": tokens,
         "k": k,
         "aux": aux,
+        "n_shared_fraction": shared,
+        "shared_decoder": args.shared_decoder,
+        "normalize": normalize,
         "steps": steps,
         "passes_over_store": tokens / n_train,
         "seconds": time.perf_counter() - t0,
@@ -63,6 +74,17 @@ def _point(store: Any, tokens: int, k: int, aux: float, args: argparse.Namespace
         "r_range": [float(r.min()), float(r.max())],
         "class_counts": [d.summary["class_counts"] for d in diffs],
     }
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (row["tokens"], row["k"], row["aux"], row.get("n_shared_fraction", 0.0),
+            row.get("normalize", True))  # fmt: skip
+
+
+def _label(row: dict[str, Any]) -> str:
+    extra = f", {row['n_shared_fraction']:g} shared" if row.get("n_shared_fraction") else ""
+    raw = "" if row.get("normalize", True) else ", raw"
+    return f"k {row['k']}, aux {row['aux']:g}{extra}{raw}"
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -79,13 +101,12 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     for ax, (key, title) in zip(axes, panels, strict=True):
-        for (k, aux), group in itertools.groupby(
-            sorted(rows, key=lambda r: (r["k"], r["aux"], r["tokens"])),
-            key=lambda r: (r["k"], r["aux"]),
+        for _, group in itertools.groupby(
+            sorted(rows, key=lambda r: (_key(r)[1:], r["tokens"])), key=lambda r: _key(r)[1:]
         ):
             group = list(group)
             ys = [sum(r[key]) / len(r[key]) if isinstance(r[key], list) else r[key] for r in group]
-            ax.plot([r["tokens"] for r in group], ys, marker="o", label=f"k {k}, aux {aux:g}")
+            ax.plot([r["tokens"] for r in group], ys, marker="o", label=_label(group[0]))
         ax.set_xscale("log")
         ax.set_xlabel("crosscoder training tokens")
         ax.set_title(title)
@@ -101,6 +122,9 @@ def main() -> None:
     parser.add_argument("--tokens", default="1228800,4915200,19660800")
     parser.add_argument("--k", default="8,16,32")
     parser.add_argument("--aux", default="0.03125,0.25")
+    parser.add_argument("--shared", default="0", help="designated shared latents (share of d_sae)")
+    parser.add_argument("--shared-decoder", choices=("free", "tied"), default="tied")
+    parser.add_argument("--normalize", default="1", help="1 scaled per model, 0 raw activations")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--expansion", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -115,21 +139,24 @@ def main() -> None:
     rows = (
         [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     )
-    done = {(r["tokens"], r["k"], r["aux"]) for r in rows}
+    done = {_key(r) for r in rows}
     grid = itertools.product(
         (int(t) for t in args.tokens.split(",")),
         (int(k) for k in args.k.split(",")),
         (float(a) for a in args.aux.split(",")),
+        (float(f) for f in args.shared.split(",")),
+        (bool(int(n)) for n in args.normalize.split(",")),
     )
-    for tokens, k, aux in grid:
-        if (tokens, k, aux) in done:
+    for point in grid:
+        if point in done:
             continue
-        row = _point(store, tokens, k, aux, args)
+        row = _point(store, point, args)
         rows.append(row)
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(json.dumps({key: row[key] for key in ("tokens", "k", "aux", "stability_0.7",
-                                                     "r_sd", "seconds")}))  # fmt: skip
+        shown = ("tokens", "k", "aux", "n_shared_fraction", "normalize", "stability_0.7", "r_sd",
+                 "seconds")  # fmt: skip
+        print(json.dumps({key: row[key] for key in shown}))
     _plot(rows, args.out / "study.png")
     print(f"wrote {results} and {args.out / 'study.png'}")
 

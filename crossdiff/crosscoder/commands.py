@@ -37,7 +37,7 @@ PRESET_DESTS = {
         "expansion", "k", "n_shared", "shared_decoder", "shared_penalty_ratio", "steps",
         "batch_size", "lr", "k_anneal_steps", "k_anneal_start", "aux_loss_coefficient",
         "checkpoint_every", "eval_tokens", "lr_warmup_steps", "lr_decay_fraction",
-        "dead_after_tokens", "architecture",
+        "dead_after_tokens", "architecture", "normalize",
     )
 }  # fmt: skip
 # the seed paper fork's options (docs/crosscoder.md), passed to train_crosscoder when given:
@@ -154,6 +154,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("standard", "dfc"),
         default=None,
         help="standard (default) or dfc: a Dedicated Feature Crosscoder (5%% exclusive per model)",
+    )
+    p.add_argument(
+        "--raw-activations",
+        dest="normalize",
+        action="store_false",
+        default=None,
+        help="train on the store's raw activations, as the seed paper's fork does (default: each "
+        "model scaled to mean norm sqrt(d_model); raw leans relative norms toward the model with "
+        "the larger residual stream)",
     )
     for name, (kind, choices, text) in FORK_OPTIONS.items():
         p.add_argument(

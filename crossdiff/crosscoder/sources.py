@@ -150,12 +150,13 @@ class _StoreSource:
         self, batch_size: int, scale: Tensor, *, seed: int, start_step: int, part: DistInfo
     ) -> Iterator[Tensor]:
         """Scaled float32 batches on the CPU: this rank's slice of each global batch."""
-        # The store scales with its own factors, which are `scale` (normalize=True). A resumed
+        # `scale` is the store's own factors (normalize=True) or ones (raw activations). A resumed
         # run replays the same seeded stream and discards the batches it has already trained on,
         # so it sees exactly the batches an uninterrupted run sees; that costs re-reading them
         # (disk reads only, no compute).
+        raw = bool((scale == 1).all())
         it = self.store.iter_batches(
-            batch_size, seed=seed, shuffle=True, normalize=True, loop=True, dtype=torch.float32
+            batch_size, seed=seed, shuffle=True, normalize=not raw, loop=True, dtype=torch.float32
         )
         for _ in range(start_step):
             next(it)

@@ -117,9 +117,10 @@ def train_crosscoder(
     2**14). Warm-up over lr_warmup_steps (default 5% of steps), linear decay to 0 over the last
     lr_decay_fraction of steps. k_anneal_*: BatchTopK k from k_anneal_start down to cfg.k over the
     first k_anneal_steps. dead_after_tokens: a latent that has not fired for this many tokens gets
-    the auxiliary loss (default min(10M, total_tokens / 10)). normalize: scale a tensor's models
-    to mean norm sqrt(d_model) while training, or sqrt(width) per model for cfg.d_models (a store
-    always uses its own scaling factors).
+    the auxiliary loss (default min(10M, total_tokens / 10)). normalize: scale each model's
+    activations to mean norm sqrt(d_model) while training (sqrt(width) per model for cfg.d_models;
+    a store uses its own scaling factors); False trains on raw activations, as the seed paper's
+    fork does, so the relative norm leans toward the model with the larger residual stream.
     The seed paper's fork options (each None keeps cfg's value or crossdiff's default; see
     TrainingCrossCoderConfig and docs/crosscoder.md): code_normalization,
     code_normalization_alpha and shared_penalty set the crosscoder's config (they change its
@@ -191,7 +192,7 @@ def train_crosscoder(
     is_store = not isinstance(acts, Tensor)
     is_live = isinstance(acts, LiveActivations)
     sae, scale, sample = initial_crosscoder(
-        tcfg, source, dev, seed=seed, scaled=normalize or is_store, check=is_store
+        tcfg, source, dev, seed=seed, scaled=normalize, check=is_store
     )
     eval_sample = sample[:4096].to(dev)
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
