@@ -25,6 +25,7 @@ PRESET_DESTS = {
     "eval_every": "eval_every",
     "checkpoint_every": "checkpoint_every",
     "eval_rows": "eval_rows",
+    "positions": "positions",
 }
 
 
@@ -111,6 +112,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="rows per step")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="linear warm-up steps")
+    parser.add_argument(
+        "--positions",
+        choices=("learned", "rotary"),
+        default=None,
+        help="positional embeddings: learned (the presets') or rotary (the seed paper's code)",
+    )
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument(
         "--eval-rows",

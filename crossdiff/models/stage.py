@@ -7,8 +7,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from crossdiff.common import CrossdiffError
 from crossdiff.models.moe import DEFAULT_LOAD_BALANCE_COEF, DEFAULT_Z_LOSS_COEF
 from crossdiff.stage_config import StageConfig
+
+# `positions` option -> TransformerLens's positional_embedding_type ("rotary" is the seed paper
+# authors' choice in their tiny-moe code; crossdiff's presets learn absolute positions)
+POSITIONS = {"learned": "standard", "rotary": "rotary"}
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,17 @@ class ModelsStageConfig(StageConfig):
     threads: int | None = None
     parallel: bool | None = None
     autocast: bool | None = None
-    init_seed: int | None = None  # default: the seed (the controls use seed + an offset)
+    init_seed: int | None = None  # default: the seed (model seeds use seed + an offset)
+    positions: str | None = None  # learned (the presets') or rotary (the authors' tiny-moe)
     dense_cfg: Any = None  # HookedTransformerConfigs; default: the preset's, matched
     moe_cfg: Any = None
+
+    def __post_init__(self) -> None:
+        if self.positions is not None and self.positions not in POSITIONS:
+            raise CrossdiffError(
+                f"models: positions={self.positions!r}; expected one of {sorted(POSITIONS)} "
+                "(learned absolute positions, or rotary as in the seed paper's model code)"
+            )
 
 
 def run_models_stage(
@@ -55,9 +68,15 @@ def run_models_stage(
     from crossdiff.models.train import train_language_models
 
     options = {f.name: getattr(config, f.name) for f in fields(config)}
-    if dtype is not None and (config.dense_cfg is None or config.moe_cfg is None):
+    positions = options.pop("positions")
+    overrides: dict[str, Any] = {}
+    if dtype is not None:
+        overrides["dtype"] = resolve_dtype(dtype)
+    if positions is not None:
+        overrides["positional_embedding_type"] = POSITIONS[positions]
+    if overrides and (config.dense_cfg is None or config.moe_cfg is None):
         dense, moe = matched_configs(
-            config.preset, d_vocab=int(data.tokenizer.vocab_size), dtype=resolve_dtype(dtype)
+            config.preset, d_vocab=int(data.tokenizer.vocab_size), **overrides
         )
         options["dense_cfg"] = config.dense_cfg or dense
         options["moe_cfg"] = config.moe_cfg or moe
