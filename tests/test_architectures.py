@@ -80,6 +80,8 @@ def test_nothing_exclusive_is_said_before_the_claims():
     strict = out["splits"]["0.1/0.9"]
     assert max(strict["n_not_shared"]) == 0
     assert _claim(strict, "b_fewer_unique")["verdict"] == DOES_NOT_HOLD
+    # counts near 0 keep their intervals at or above 0
+    assert all(c["ci"][0] >= 0 for c in strict["class_counts"].values())
 
 
 def test_two_models_reduce_to_the_pairwise_split():

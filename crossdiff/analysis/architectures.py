@@ -106,9 +106,12 @@ class _Design:
         carried = att.carriers(norms, self.lo) & f.live[:, None]
         return att.classify_latents(carried, groups, f.live, f.n_designated)
 
-    def estimate(self, stat: Callable[[np.ndarray, JointFit], float | None]) -> dict[str, Any]:
+    def estimate(
+        self, stat: Callable[[np.ndarray, JointFit], float | None], *, count: bool = False
+    ) -> dict[str, Any]:
         """stat(labels, fit) on all models, per fit, with the jackknife over model seeds and the
-        crosscoder-seed variance; value None where stat is None for some fit."""
+        crosscoder-seed variance; value None where stat is None for some fit. count: the
+        interval is clipped at 0 (a normal interval around a small count reaches below it)."""
         full = [stat(self.labels(i), f) for i, f in enumerate(self.fits)]
         if any(v is None for v in full):
             return {"value": None, "per_fit": full, "ci": None, "se": None}
@@ -131,7 +134,7 @@ class _Design:
             "se": se,
             "se_model_seeds": math.sqrt(var_models),
             "se_crosscoder_seeds": math.sqrt(var_cc) if len(full) > 1 else None,
-            "ci": [value - _z() * se, value + _z() * se],
+            "ci": [max(0.0, value - _z() * se) if count else value - _z() * se, value + _z() * se],
         }
 
 
@@ -222,8 +225,9 @@ def _count_claim(design: _Design, alpha: float):
             f"1/{perm['n_splits']} = {perm['min_p']:.3g} > {alpha}: train at least 3 model seeds"
         )
         return est, perm, CANNOT_TELL, reason
-    if max(n_specific) == 0:
-        return est, perm, DOES_NOT_HOLD, "no latent is architecture-specific at this split (0 vs 0)"
+    if max(n_specific) == 0:  # the design finds planted specific latents (tests): absence counts
+        reason = "no latent is architecture-specific at this split (0 vs 0 in every crosscoder)"
+        return est, perm, DOES_NOT_HOLD, reason
     if perm["p"] <= alpha and est["ci"][0] > 0:
         return est, perm, HOLDS, ""
     if perm["p"] <= alpha:
@@ -264,7 +268,7 @@ def compare_architectures(
     for lo in thresholds:
         design = _Design(fits, groups, lo)
         classes = att.class_list(a, b)
-        class_counts = {c: design.estimate(_count_stat(c)) for c in classes}
+        class_counts = {c: design.estimate(_count_stat(c), count=True) for c in classes}
         est, perm, verdict, reason = _count_claim(design, alpha)
         claims = [_claim("b_fewer_unique", f"The {b} model learns fewer unique features than "
                          f"the {a} model", f"#{a}-specific - #{b}-specific", "greater", est,
@@ -287,7 +291,8 @@ def compare_architectures(
             for i in range(len(fits))
         ]
         shared_paper = design.estimate(
-            lambda labels, _f: float(np.isin(labels, (att.SHARED, att.DESIGNATED)).sum())
+            lambda labels, _f: float(np.isin(labels, (att.SHARED, att.DESIGNATED)).sum()),
+            count=True,
         )
         per_split[att.split_label(lo)] = {
             "lo": lo,
