@@ -159,3 +159,15 @@ def test_stage_by_stage_micro_composes_and_crosscoders_record_provenance(tmp_pat
     cc.save(tmp_path / "api_cc")
     check_provenance(CrossCoder.load(tmp_path / "api_cc").cfg.metadata.to_dict(), store,
                      tokenizer_fingerprint)  # fmt: skip
+
+
+def test_raw_activations_and_rotary_positions_reach_their_stage_configs():
+    from crossdiff.crosscoder.commands import stage_config
+    from crossdiff.models.stage import ModelsStageConfig
+
+    base = ["train-crosscoder", "--store", "s", "--out", "c", "--preset", "tiny"]
+    assert stage_config(resolved(base)).normalize is True
+    assert stage_config(resolved([*base, "--raw-activations"])).normalize is False
+    args = resolved(["train-models", "--out", "r", "--preset", "tiny", "--positions", "rotary"])
+    config = ModelsStageConfig.from_args(args, models_cmd.PRESET_DESTS)
+    assert config.positions == "rotary"
