@@ -63,6 +63,7 @@ def _point(store: Any, point: tuple, args: argparse.Namespace) -> dict:
         "shared_decoder": args.shared_decoder,
         "normalize": normalize,
         "steps": steps,
+        "expansion": args.expansion,
         "passes_over_store": tokens / n_train,
         "seconds": time.perf_counter() - t0,
         "fve": [m["fve"] for m in metrics],

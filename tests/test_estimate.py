@@ -68,7 +68,8 @@ def test_micro_and_tiny_fit(tmp_path, monkeypatch, preset):
     _disk_of(monkeypatch, 64 * GIB)
     stages = estimate_run(resolve_options(preset), estimate.device_spec("cpu", cpu_tflops=0.05))
     needed = check_disk(tmp_path, stages)
-    assert 0 < needed < 1e9
+    # tiny's store holds the whole corpus: 2M tokens x 2 models x 128 float16 values = 1.0 GB
+    assert 0 < needed < 2e9
     assert all(e.seconds is not None and e.seconds >= 0 for e in stages.values())
 
 
