@@ -3,7 +3,8 @@ FVE, dead fraction and the spread of relative norms against training tokens, one
 setting and store.
 
     .venv/bin/python benchmarks/convergence_figure.py docs/figures/convergence.png \\
-        300k=/work/runs/study/tiny-300k/study.jsonl 2M=/work/runs/study/tiny-2m/study.jsonl
+        300k=runs/study/tiny-300k/study.jsonl 300k=runs/study/tiny-300k-x4/study.jsonl \\
+        2M=runs/study/tiny-2m/study.jsonl 2M=runs/study/tiny-2m-x4/study.jsonl
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def _setting(row: dict[str, Any]) -> tuple:
 def _label(setting: tuple) -> str:
     store, k, aux, shared, normalize, expansion = setting
     parts = [f"{store} store", f"k {k}"]
-    parts += [f"{expansion}x wide"] if expansion != 8 else []
+    parts += [f"expansion {expansion}"] if expansion != 8 else []
     parts += [f"{shared:g} designated shared"] if shared else []
     parts += ["raw activations"] if not normalize else []
     parts += [f"aux {aux:g}"] if aux != 0.25 else []
@@ -56,6 +57,7 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
@@ -67,6 +69,7 @@ def main() -> None:
             ys = [_mean(r[key]) for r in group]
             ax.plot(xs, ys, marker="o", label=_label(setting))
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("crosscoder training tokens")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -75,7 +78,8 @@ def main() -> None:
                       va="bottom", fontsize=8, color="grey")  # fmt: skip
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, fontsize=8)
-    fig.suptitle("Crosscoder convergence at the tiny preset's models (1,024 latents unless noted)")
+    fig.suptitle("Crosscoder convergence on the tiny preset's models (d_model 128; expansion 8 "
+                 "unless noted)")  # fmt: skip
     fig.tight_layout(rect=(0, 0.1, 1, 0.96))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
