@@ -14,9 +14,9 @@ from typing import Any
 
 from safetensors import safe_open
 
-from crossdiff.activations.layout import FORMAT, FORMAT_VERSION, MANIFEST, check_manifest
 from crossdiff.activations.normalization import RunningStats
-from crossdiff.common import CrossdiffError, read_json
+from crossdiff.activations.store_layout import FORMAT, FORMAT_VERSION, MANIFEST, check_manifest
+from crossdiff.plumbing.common import CrossdiffError, read_json
 
 _MAX_OPEN_SHARDS = 8
 

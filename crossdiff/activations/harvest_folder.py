@@ -8,14 +8,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from crossdiff.activations.layout import (
+from crossdiff.activations.store import ActivationStore, StoreWriter
+from crossdiff.activations.store_layout import (
     MANIFEST,
     RANKS_DIR_RE,
     incompatible_keys,
     is_store_entry,
 )
-from crossdiff.activations.store import ActivationStore, StoreWriter
-from crossdiff.common import CrossdiffError, read_json
+from crossdiff.plumbing.common import CrossdiffError, read_json
+from crossdiff.plumbing.stage_marker import RECORD as STAGE_RECORD
+from crossdiff.plumbing.stage_marker import mark_written_by
 
 
 def clear_store(out_dir: Path) -> None:
@@ -48,9 +50,6 @@ def not_a_store_error(out_dir: Path) -> CrossdiffError:
     )
 
 
-STAGE_RECORD = "stage.json"  # a `crossdiff run` stage's record (crossdiff.stage_record)
-
-
 def _foreign(out_dir: Path) -> list[Path]:
     """What `out_dir` holds besides store entries, hidden files and a run's stage record."""
     return [
@@ -62,10 +61,8 @@ def _foreign(out_dir: Path) -> list[Path]:
 
 def mark_run_stage(out_dir: Path) -> None:
     """A harvest about to change a finished `crossdiff run` store marks its stage record, so the
-    run never takes the new content for the store it made (crossdiff.stage_record)."""
+    run never takes the new content for the store it made (crossdiff.plumbing.stage_marker)."""
     if (out_dir / STAGE_RECORD).exists():
-        from crossdiff.stage_record import mark_written_by
-
         mark_written_by(out_dir, "crossdiff harvest")
 
 

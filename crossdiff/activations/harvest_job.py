@@ -22,7 +22,6 @@ from crossdiff.activations.identity import (
     tokenizer_info,
     weights_hash,
 )
-from crossdiff.activations.layout import FORMAT, FORMAT_VERSION
 from crossdiff.activations.pairing import Pairing, load_pairing
 from crossdiff.activations.rows import TokenRows, as_token_rows, heldout_documents
 from crossdiff.activations.runner import (
@@ -34,8 +33,9 @@ from crossdiff.activations.runner import (
     resolve_model_dtype,
 )
 from crossdiff.activations.store import StoreWriter
-from crossdiff.common import CrossdiffError, dtype_name, resolve_device, resolve_dtype
+from crossdiff.activations.store_layout import FORMAT, FORMAT_VERSION
 from crossdiff.data.tokens import TokenSet
+from crossdiff.plumbing.common import CrossdiffError, dtype_name, resolve_device, resolve_dtype
 
 SHARD_BYTES = 64 * 2**20  # default shard size: tokens of this many bytes of activations
 

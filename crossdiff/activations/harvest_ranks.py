@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from crossdiff.activations.folder import (
+from crossdiff.activations.harvest_folder import (
     check_compatible,
     check_empty,
     mark_run_stage,
@@ -25,8 +25,10 @@ from crossdiff.activations.folder import (
     unfinished_harvest_error,
     written_message,
 )
-from crossdiff.activations.job import HarvestJob, fill
-from crossdiff.activations.layout import (
+from crossdiff.activations.harvest_job import HarvestJob, fill
+from crossdiff.activations.normalization import RunningStats
+from crossdiff.activations.store import ActivationStore, StoreWriter, write_store_file
+from crossdiff.activations.store_layout import (
     COMPATIBLE_KEYS,
     MANIFEST,
     PLAN,
@@ -34,10 +36,8 @@ from crossdiff.activations.layout import (
     part_counts,
     stats_name,
 )
-from crossdiff.activations.normalization import RunningStats
-from crossdiff.activations.store import ActivationStore, StoreWriter, write_store_file
-from crossdiff.common import CrossdiffError, read_json, write_json_atomic
-from crossdiff.distributed import all_reduce_sum_, check_same_on_all_ranks, dist_info
+from crossdiff.plumbing.common import CrossdiffError, read_json, write_json_atomic
+from crossdiff.plumbing.distributed import all_reduce_sum_, check_same_on_all_ranks, dist_info
 
 
 def ranks_dir_name(world_size: int) -> str:

@@ -23,7 +23,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from crossdiff.activations.layout import (
+from crossdiff.activations.checked_files import (
+    ShardFiles,
+    read_manifest,
+    read_running_stats,
+    sha256_file,
+)
+from crossdiff.activations.normalization import RunningStats
+from crossdiff.activations.shuffle import shuffled_rows
+from crossdiff.activations.source import ActivationSource
+from crossdiff.activations.store_layout import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -35,18 +44,9 @@ from crossdiff.activations.layout import (
     shard_name,
     stats_name,
 )
-from crossdiff.activations.normalization import RunningStats
-from crossdiff.activations.shards import (
-    ShardFiles,
-    read_manifest,
-    read_running_stats,
-    sha256_file,
-)
-from crossdiff.activations.shuffle import shuffled_rows
-from crossdiff.activations.source import ActivationSource
-from crossdiff.activations.writer import StoreWriter, write_store_file
-from crossdiff.common import CrossdiffError, resolve_dtype
-from crossdiff.distributed import DistInfo, shard_rows
+from crossdiff.activations.store_writer import StoreWriter, write_store_file
+from crossdiff.plumbing.common import CrossdiffError, resolve_dtype
+from crossdiff.plumbing.distributed import DistInfo, shard_rows
 
 __all__ = [  # the layout's, shards' and writer's names are re-exported: store.py was their home
     "FORMAT",

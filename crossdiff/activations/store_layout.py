@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from crossdiff.activations.pairing import hook_layer
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 FORMAT = "crossdiff.ActivationStore"
 FORMAT_VERSION = 1

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor
 
-from crossdiff.activations.layout import (
+from crossdiff.activations.checked_files import read_manifest, read_running_stats
+from crossdiff.activations.normalization import RunningStats
+from crossdiff.activations.store_layout import (
     MANIFEST,
     is_store_file,
     mask_ranges,
@@ -25,9 +27,7 @@ from crossdiff.activations.layout import (
     shard_name,
     stats_name,
 )
-from crossdiff.activations.normalization import RunningStats
-from crossdiff.activations.shards import read_manifest, read_running_stats
-from crossdiff.common import CrossdiffError, DiskFullError, atomic_path, write_json_atomic
+from crossdiff.plumbing.common import CrossdiffError, DiskFullError, atomic_path, write_json_atomic
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

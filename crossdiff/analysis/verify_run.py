@@ -24,7 +24,7 @@ def verify_for_run(
     models on `max_sequences` held-out rows; False (with a printed note) when there is nothing
     to verify with. `models_dir`: a folder with a model folder per store model name, or a dict
     store model name -> loaded model or folder (crossdiff or Hugging Face: lens_models.py)."""
-    from crossdiff.lens_models import resolve_models
+    from crossdiff.models.by_name import resolve_models
 
     names = list(store.model_names)
     if n_candidates <= 0 or max_sequences <= 0:

@@ -11,8 +11,8 @@ from typing import Any
 from sae_lens.loading.pretrained_sae_loaders import sae_lens_disk_loader
 from sae_lens.registry import SAE_CLASS_REGISTRY
 
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.config import ARCHITECTURE
+from crossdiff.plumbing.common import CrossdiffError
 
 LEGACY_ARCHITECTURE = "crosscoder"  # the name folders saved before the rename carry
 

@@ -19,10 +19,10 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.checkpoint import write_checkpoint
-from crossdiff.distributed import all_reduce_max_, all_reduce_sum_, dist_info
-from crossdiff.integrity import check_finite_module
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.distributed import all_reduce_max_, all_reduce_sum_, dist_info
+from crossdiff.plumbing.integrity import check_finite_module
 
 
 def use_fused_adam(optimizer: torch.optim.Optimizer) -> None:

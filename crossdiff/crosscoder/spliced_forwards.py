@@ -24,8 +24,8 @@ from torch import Tensor
 
 from crossdiff.activations.identity import weights_hash
 from crossdiff.activations.runner import hook_layer
-from crossdiff.common import CrossdiffError, write_json_atomic
 from crossdiff.crosscoder.splicer import Splicer
+from crossdiff.plumbing.common import CrossdiffError, write_json_atomic
 
 CACHE_VERSION = 1  # bump when what the cached sums mean changes
 KEEP_BYTES = 1 << 30  # clean activations kept between the passes up to this size, else re-read

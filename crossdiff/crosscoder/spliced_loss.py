@@ -32,8 +32,7 @@ from crossdiff.activations.identity import check_tokenizers, weights_hash
 from crossdiff.activations.pairing import Pairing, load_pairing
 from crossdiff.activations.rows import as_token_rows
 from crossdiff.activations.runner import check_hooks, eval_mode
-from crossdiff.common import CrossdiffError
-from crossdiff.crosscoder.splice_batched import cache_key, evaluate, load_cached, save_cached
+from crossdiff.crosscoder.spliced_forwards import cache_key, evaluate, load_cached, save_cached
 from crossdiff.crosscoder.splicer import (
     ENCODE_CHUNK,
     FORMULA,
@@ -43,7 +42,8 @@ from crossdiff.crosscoder.splicer import (
     loss_recovered,
 )
 from crossdiff.data.tokens import TokenSet
-from crossdiff.lens import LensModel
+from crossdiff.integrations.lens import LensModel
+from crossdiff.plumbing.common import CrossdiffError
 
 SPLICE_SEQUENCES = 64  # held-out rows `crossdiff run` and `crossdiff report` splice by default
 
@@ -171,10 +171,10 @@ def spliced_loss_for_run(
 
     `models_dir`: a folder with a model folder per store model name (`crossdiff run`'s layout), or
     a dict store model name -> loaded model or folder (crossdiff or Hugging Face, see
-    crossdiff/lens_models.py). None (with a printed note) when there are no held-out rows or a
+    crossdiff/models/by_name.py). None (with a printed note) when there are no held-out rows or a
     model is missing; an error when the models are not the ones the store was harvested from.
     """
-    from crossdiff.lens_models import resolve_models
+    from crossdiff.models.by_name import resolve_models
 
     if max_sequences <= 0:
         return None

@@ -14,8 +14,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from crossdiff.activations.runner import stop_layer
-from crossdiff.common import CrossdiffError
-from crossdiff.lens import LensModel
+from crossdiff.integrations.lens import LensModel
+from crossdiff.plumbing.common import CrossdiffError
 
 KINDS = ("clean", "spliced", "zero", "mean")
 # Below this many nats between ablated and clean CE, loss recovered divides noise by noise.

@@ -26,9 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from crossdiff.activations.live import LiveActivations
-from crossdiff.activations.source import ActivationSource
-from crossdiff.api_checks import check_activations, check_positive
-from crossdiff.common import CrossdiffError, check_seed
+from crossdiff.activations.source import ActivationSource, check_activations
 from crossdiff.crosscoder.checkpoint import (
     read_checkpoint,
     restore_checkpoint,
@@ -37,27 +35,31 @@ from crossdiff.crosscoder.checkpoint import (
 from crossdiff.crosscoder.config import CrossCoderConfig
 from crossdiff.crosscoder.metrics import evaluate_crosscoder
 from crossdiff.crosscoder.model import CrossCoder
-from crossdiff.crosscoder.plan import DEFAULT_STEPS as DEFAULT_STEPS  # re-exported
-from crossdiff.crosscoder.plan import (
+from crossdiff.crosscoder.prefetch import prefetch_to_device
+from crossdiff.crosscoder.provenance import record_provenance
+from crossdiff.crosscoder.sae_trainer import CrossCoderTrainer
+from crossdiff.crosscoder.training_batches import _LiveSource as _LiveSource  # re-exported
+from crossdiff.crosscoder.training_batches import _StoreSource as _StoreSource  # re-exported
+from crossdiff.crosscoder.training_batches import _TensorSource as _TensorSource  # re-exported
+from crossdiff.crosscoder.training_batches import (
+    geometric_median as geometric_median,  # re-exported
+)
+from crossdiff.crosscoder.training_batches import training_source
+from crossdiff.crosscoder.training_plan import DEFAULT_STEPS as DEFAULT_STEPS  # re-exported
+from crossdiff.crosscoder.training_plan import (
     initial_crosscoder,
     trainer_settings,
     training_config,
     wandb_module,
 )
-from crossdiff.crosscoder.prefetch import prefetch_to_device
-from crossdiff.crosscoder.provenance import record_provenance
-from crossdiff.crosscoder.saelens_trainer import CrossCoderTrainer
-from crossdiff.crosscoder.sources import _LiveSource as _LiveSource  # re-exported
-from crossdiff.crosscoder.sources import _StoreSource as _StoreSource  # re-exported
-from crossdiff.crosscoder.sources import _TensorSource as _TensorSource  # re-exported
-from crossdiff.crosscoder.sources import geometric_median as geometric_median  # re-exported
-from crossdiff.crosscoder.sources import training_source
-from crossdiff.distributed import (
+from crossdiff.plumbing.api_checks import check_positive
+from crossdiff.plumbing.common import CrossdiffError, check_seed
+from crossdiff.plumbing.distributed import (
     compute_device,
     dist_info,
 )
-from crossdiff.fingerprint import store_fingerprint
-from crossdiff.integrity import check_finite_module
+from crossdiff.plumbing.fingerprint import store_fingerprint
+from crossdiff.plumbing.integrity import check_finite_module
 
 # the public function form of the method: fold_scaling_factors(cc, factors) -> cc
 fold_scaling_factors = CrossCoder.fold_scaling_factors

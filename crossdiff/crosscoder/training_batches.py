@@ -19,11 +19,11 @@ from torch import Tensor
 from crossdiff.activations.live import LiveActivations
 from crossdiff.activations.source import ActivationSource
 from crossdiff.activations.store import training_part
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.config import CrossCoderConfig
 from crossdiff.crosscoder.metrics import check_finite, check_zero_padding
-from crossdiff.distributed import DistInfo, shard_rows
-from crossdiff.integrity import locate_nonfinite_in_store
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.distributed import DistInfo, shard_rows
+from crossdiff.plumbing.integrity import locate_nonfinite_in_store
 
 SAMPLE_TOKENS = 65536  # tokens used to estimate scaling factors and the initial decoder bias
 GEOMETRIC_MEDIAN_MAX_ITER = 100

@@ -13,11 +13,11 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor
 
-from crossdiff.common import CrossdiffError, allocation_guard, seed_everything
 from crossdiff.crosscoder.config import CrossCoderConfig, TrainingCrossCoderConfig, default_lr
-from crossdiff.crosscoder.sources import SAMPLE_TOKENS, geometric_median
-from crossdiff.crosscoder.training import TrainingCrossCoder
-from crossdiff.distributed import broadcast_module_
+from crossdiff.crosscoder.training_batches import SAMPLE_TOKENS, geometric_median
+from crossdiff.crosscoder.training_sae import TrainingCrossCoder
+from crossdiff.plumbing.common import CrossdiffError, allocation_guard, seed_everything
+from crossdiff.plumbing.distributed import broadcast_module_
 
 DEFAULT_STEPS = 3000
 

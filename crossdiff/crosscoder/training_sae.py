@@ -25,7 +25,7 @@ from torch import Tensor
 
 from crossdiff.crosscoder.config import TrainingCrossCoderConfig
 from crossdiff.crosscoder.model import CrossCoder, CrossCoderWeights, selection_scores
-from crossdiff.distributed import all_gather_cat, all_reduce_min_, dist_info
+from crossdiff.plumbing.distributed import all_gather_cat, all_reduce_min_, dist_info
 
 
 class TrainingCrossCoder(CrossCoderWeights, TrainingSAE[TrainingCrossCoderConfig]):

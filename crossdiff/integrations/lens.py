@@ -15,7 +15,7 @@ from importlib import metadata
 
 from torch import nn
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 # a model TransformerLens runs with named hook points: a HookedTransformer or a TransformerBridge
 # (a plain nn.Module type here, so annotations need neither class and hold on TransformerLens 4)

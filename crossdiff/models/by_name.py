@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 MODEL_FORMAT = "crossdiff.model/1"  # crossdiff.models.io's, read here without importing it
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.models.moe import DEFAULT_LOAD_BALANCE_COEF, DEFAULT_Z_LOSS_COEF
-from crossdiff.stage_config import StageConfig
+from crossdiff.plumbing.stage_config import StageConfig
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,9 @@ def run_models_stage(
     """Train the dense and the MoE model on `data` (a PreparedData) into `out_dir` (dense/,
     moe/, tokenizer/, eval.json), resuming; the TrainedModels. `dtype`: the models' parameter
     dtype (default: the preset's configs as they are)."""
-    from crossdiff.common import resolve_dtype
     from crossdiff.models.configs import matched_configs
     from crossdiff.models.train import train_language_models
+    from crossdiff.plumbing.common import resolve_dtype
 
     options = {f.name: getattr(config, f.name) for f in fields(config)}
     if dtype is not None and (config.dense_cfg is None or config.moe_cfg is None):

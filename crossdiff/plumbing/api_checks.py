@@ -5,6 +5,8 @@ argument, what was given and what to pass, instead of an AttributeError or a Typ
 deep inside torch or SAELens. Each check is one isinstance or comparison, so calling them on
 every public call costs nothing measurable. (Tests also run beartype over crossdiff's
 annotations through jaxtyping's pytest hook; these checks are what a user meets without it.)
+The check of an activations argument needs the ActivationSource class, so it lives beside it:
+crossdiff.activations.source.check_activations.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import numbers
 import os
 from typing import Any
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 
-def _given(value: Any) -> str:
+def given(value: Any) -> str:
+    """What the caller gave, for an error message: a short repr and its type."""
     if value is None:
         return "None"
     text = repr(value)
@@ -34,24 +37,7 @@ def check_crosscoder(cc: Any, function: str, name: str = "cc") -> None:
         hint = "; to use a saved one, load it first: crossdiff.load_crosscoder(path)"
     raise CrossdiffError(
         f"{function}: {name} must be a crosscoder (what train_crosscoder or load_crosscoder "
-        f"returns), got {_given(cc)}{hint}"
-    )
-
-
-def check_activations(acts: Any, function: str, name: str = "acts") -> None:
-    """`acts` is a Tensor [n_tokens, n_models, d_model] or an ActivationSource (e.g. a store)."""
-    import torch
-
-    from crossdiff.activations.source import ActivationSource
-
-    if isinstance(acts, (torch.Tensor, ActivationSource)):
-        return
-    hint = ""
-    if isinstance(acts, (str, os.PathLike)):
-        hint = f"; to read the store at {os.fspath(acts)}, pass crossdiff.ActivationStore(path)"
-    raise CrossdiffError(
-        f"{function}: {name} must be a Tensor [n_tokens, n_models, d_model] or an activation "
-        f"store (crossdiff.ActivationStore), got {_given(acts)}{hint}"
+        f"returns), got {given(cc)}{hint}"
     )
 
 
@@ -76,4 +62,4 @@ def check_whole(value: Any, name: str, owner: str, minimum: int | None = 1) -> N
     hint = ""
     if isinstance(value, str) and value.strip().isdigit():
         hint = f" (write {name}={value.strip()}, without quotes)"
-    raise CrossdiffError(f"{owner}: {name} must be a whole number, got {_given(value)}{hint}")
+    raise CrossdiffError(f"{owner}: {name} must be a whole number, got {given(value)}{hint}")

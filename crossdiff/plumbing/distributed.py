@@ -20,7 +20,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from crossdiff.common import CrossdiffError, resolve_device
+from crossdiff.plumbing.common import CrossdiffError, resolve_device
 
 
 @dataclass(frozen=True)

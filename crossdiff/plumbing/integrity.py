@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossdiff.common import CrossdiffError, atomic_path
+from crossdiff.plumbing.common import CrossdiffError, atomic_path
 
 CHECKSUM_SUFFIX = ".sha256"
 _warned_unverified: set[str] = set()
@@ -148,7 +148,7 @@ def move_aside(files: Iterable[Path], folder: Path) -> Path:
     """Move `files` (those that exist) into a new `folder/damaged-N/`, so a rerun no longer
     finds them but they stay for a look; return that folder. Under torchrun only rank 0 moves
     them (every rank reads the same checkpoint)."""
-    from crossdiff.distributed import dist_info
+    from crossdiff.plumbing.distributed import dist_info
 
     n = 1
     while (folder / f"damaged-{n}").exists():

@@ -1,7 +1,7 @@
 """`--preset` on every stage subcommand: one stage's options of a `crossdiff run` preset.
 
 `crossdiff run --preset NAME` runs each stage with `RUN_PRESETS[NAME][stage]`
-(crossdiff/pipeline.py). A stage subcommand given the same `--preset` takes the same options as
+(crossdiff/run/pipeline.py). A stage subcommand given the same `--preset` takes the same options as
 its defaults, so the stages run one by one compose into what `run` does. Precedence, highest
 first: the command line, a `--config` file, the preset, the stage's own defaults.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
-# the names of crossdiff.pipeline.RUN_PRESETS (a test keeps them equal); listed here so that
-# building the parser does not import the pipeline
+# the names of crossdiff.plumbing.presets.RUN_PRESETS (a test keeps them equal); listed here so
+# that building the parser reads no preset table
 PRESET_NAMES = ("micro", "paper", "small", "tiny")
 
 PRESET_HELP = (
@@ -34,7 +34,7 @@ def preset_options(preset: str | None, stage: str) -> dict[str, Any]:
     """The preset's options for `stage` ({} for no preset)."""
     if preset is None:
         return {}
-    from crossdiff.pipeline import RUN_PRESETS
+    from crossdiff.plumbing.presets import RUN_PRESETS
 
     if preset not in RUN_PRESETS:
         raise CrossdiffError(

@@ -1,9 +1,10 @@
 """The stage contract's shared part: every stage's typed config is built from a preset's dict.
 
 Each stage package has a `stage.py` with one frozen config dataclass (a `StageConfig`) and one
-`run_<stage>_stage(config, inputs, out_dir, ...)`. `crossdiff run` (crossdiff/pipeline.py) builds
-the config with `from_options(RUN_PRESETS[preset][stage] + overrides)`; the stage's subcommand
-builds it from its arguments (`from_args`) after `--preset` filled them. Both call the same `run`.
+`run_<stage>_stage(config, inputs, out_dir, ...)`. `crossdiff run` (crossdiff/run/pipeline.py)
+builds the config with `from_options(RUN_PRESETS[preset][stage] + overrides)`; the stage's
+subcommand builds it from its arguments (`from_args`) after `--preset` filled them. Both call
+the same `run`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 from dataclasses import fields
 from typing import Any, ClassVar, TypeVar
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 C = TypeVar("C", bound="StageConfig")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def pairing_problems(options: dict[str, dict[str, Any]]) -> list[str]:

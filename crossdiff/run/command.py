@@ -1,15 +1,15 @@
 """The `crossdiff run` subcommand: its flags, mapped onto the run's per-stage options
-(crossdiff.pipeline.run_pipeline does the work)."""
+(crossdiff.run.pipeline.run_pipeline does the work)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from crossdiff.common import add_runtime_arguments
-from crossdiff.pipeline import ACTIVATIONS, STAGES, run_pipeline
-from crossdiff.run_presets import RUN_PRESETS
-from crossdiff.run_summary import _print_summary
+from crossdiff.plumbing.common import add_runtime_arguments
+from crossdiff.plumbing.presets import RUN_PRESETS
+from crossdiff.run.pipeline import ACTIVATIONS, STAGES, run_pipeline
+from crossdiff.run.summary import _print_summary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -95,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     if args.controls:
-        from crossdiff.common import CrossdiffError
+        from crossdiff.plumbing.common import CrossdiffError
 
         raise CrossdiffError(
             "--controls was replaced by --model-seeds N: N dense and N MoE models and one "
@@ -127,7 +127,7 @@ def _main(args: argparse.Namespace) -> int:
         stop_after=args.stop_after,
         activations=args.activations,
     )
-    from crossdiff.distributed import dist_info
+    from crossdiff.plumbing.distributed import dist_info
 
     if dist_info().is_main:
         _print_summary(summary)

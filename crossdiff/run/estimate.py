@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 GB = 1e9
 GIB = 2**30
@@ -127,7 +127,7 @@ def store_bytes(options: dict[str, dict[str, Any]]) -> int:
     store = options["store"]
     if store.get("activations") == "live":
         return 0
-    from crossdiff.common import resolve_dtype
+    from crossdiff.plumbing.common import resolve_dtype
 
     _, dense, _ = _model_configs(options)
     item = torch.empty((), dtype=resolve_dtype(store.get("dtype", "float16"))).element_size()

@@ -1,7 +1,8 @@
 """`crossdiff run`: tokens to report in one command, resuming whatever a previous run left.
 
 Each stage writes one folder under the run directory and, when it has finished, a `stage.json`
-recording its options, the fingerprints of its inputs and of its output (crossdiff.stage_record).
+recording its options, the fingerprints of its inputs and of its output
+(crossdiff.run.stage_record).
 A re-run skips a finished stage whose options and inputs match, resumes an unfinished one (each
 stage resumes on its own: checkpoints, shards), and redoes a stage whose options or inputs changed
 together with every stage after it, as a build system does (it says what changed). All options
@@ -16,23 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import (
+from crossdiff.plumbing.common import (
     CrossdiffError,
     check_output_dir,
     read_json,
     write_json_atomic,
 )
-from crossdiff.lock import folder_lock
-from crossdiff.run_presets import RUN_PRESETS, RUN_SECTIONS
-from crossdiff.run_summary import _print_summary, _summary_lines  # noqa: F401 (re-exported)
-from crossdiff.stage_runner import (
+from crossdiff.plumbing.lock import folder_lock
+from crossdiff.plumbing.presets import RUN_PRESETS, RUN_SECTIONS
+from crossdiff.run.stage_graph import (
     BASE_STAGES,
     StageRunner,
     crosscoder_seeds,
     model_seeds,
     stage_graph,
 )
-from crossdiff.validation import validate_run_options
+from crossdiff.run.summary import _print_summary, _summary_lines  # noqa: F401 (re-exported)
+from crossdiff.run.validation import validate_run_options
 
 STAGES = BASE_STAGES  # the stages --stop-after names; see stage_runner for the whole graph
 
@@ -83,14 +84,14 @@ def run_pipeline(
 
     options["replicates"]["crosscoder_seeds"] = C trains C crosscoders per pair (seeds seed ..
     seed + C - 1); options["model_seeds"]["n"] = N trains N dense and N MoE models and C joint
-    crosscoders over all 2N (see crossdiff.replication). The report then holds their seed
+    crosscoders over all 2N (see crossdiff.run.replication). The report then holds their seed
     stability and the claims about the architectures over model seeds.
 
     Under torchrun the language models, the harvest and the crosscoder run data-parallel over
     all processes (docs/distributed.md); rank 0 prepares the data first, writes the stage
     records and the report, and returns the full summary (the other ranks stop after the
     crosscoder)."""
-    from crossdiff.distributed import compute_device, dist_info
+    from crossdiff.plumbing.distributed import compute_device, dist_info
 
     if stop_after is not None and stop_after not in STAGES:
         raise CrossdiffError(f"--stop-after must be one of {STAGES}, got {stop_after!r}")
@@ -154,7 +155,7 @@ def choose_activations(
     the free disk under `out`, else 'live' (said aloud)."""
     import shutil
 
-    from crossdiff.estimate import store_bytes
+    from crossdiff.run.estimate import store_bytes
 
     if requested is not None:
         if requested not in ACTIVATIONS:
@@ -178,7 +179,7 @@ def choose_activations(
 def _print_estimates(
     out: Path, options: dict[str, dict[str, Any]], device: Any, stop_after: str | None
 ) -> None:
-    from crossdiff.estimate import check_disk, device_spec, estimate_lines, estimate_run
+    from crossdiff.run.estimate import check_disk, device_spec, estimate_lines, estimate_run
 
     spec = device_spec(device)
     last = STAGES.index(stop_after) if stop_after else len(STAGES) - 1
@@ -217,13 +218,13 @@ class _Run:
 def _data_stage(run: _Run) -> None:
     """The corpus, tokenizer and token sets (prepare_data resumes and checks its own options)."""
     from crossdiff.data.stage import DataStageConfig, run_data_stage
-    from crossdiff.distributed import main_process_first
+    from crossdiff.plumbing.distributed import main_process_first
 
     data_dir, done = run.runner.begin("data", {**run.options["data"], "seed": run.seed})
     config = DataStageConfig.from_options(run.options["data"])
     with main_process_first():  # rank 0 builds the data; the other ranks then reuse it
         run.made["data"] = run_data_stage(config, None, data_dir, seed=run.seed)
-    from crossdiff.run_checks import check_store_tokens
+    from crossdiff.run.checks import check_store_tokens
 
     # before a later stage is redone (and before a redone data stage drops what it replaces)
     check_store_tokens(run.options, run.made["data"])
@@ -249,7 +250,7 @@ def _models_stage(run: _Run) -> None:
 
 def _store_stage(run: _Run) -> None:
     """The main pair's paired activations."""
-    from crossdiff.replication import harvest_pair
+    from crossdiff.run.replication import harvest_pair
 
     run.made["store"] = harvest_pair(
         run.runner, "store", run.main_pair(), run.options, run.made["data"], run.seed, run.device
@@ -259,7 +260,7 @@ def _store_stage(run: _Run) -> None:
 def _crosscoder_stage(run: _Run) -> None:
     """The crosscoders: the main one, one per extra seed, and with --model-seeds N the other
     seeds' models and stores and the joint crosscoders over all 2N models."""
-    from crossdiff.replication import run_model_seeds, train_pair_crosscoder, train_replicates
+    from crossdiff.run.replication import run_model_seeds, train_pair_crosscoder, train_replicates
 
     args = (run.main_pair(), run.options, run.made["data"], run.seed, run.device)
     store = run.made["store"]
@@ -277,7 +278,7 @@ def _report_stage(run: _Run) -> None:
     options, data, summary = run.options, run.made["data"], run.summary
     extra = None
     if crosscoder_seeds(options) > 1 or model_seeds(options) > 1:
-        from crossdiff.replication import replication_summary
+        from crossdiff.run.replication import replication_summary
 
         def extra(diff: Any) -> dict[str, Any]:
             return replication_summary(run.runner.out, diff, options, data, run.seed)
@@ -325,7 +326,7 @@ def _run_stages(
     stop_after: str | None,
     record: dict[str, Any] | None = None,
 ) -> RunSummary:
-    from crossdiff.distributed import barrier, dist_info
+    from crossdiff.plumbing.distributed import barrier, dist_info
 
     info = dist_info()
     runner = StageRunner(out, stage_graph(options), info.is_main, barrier)

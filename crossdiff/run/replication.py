@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.activations.store import ActivationStore
-from crossdiff.stage_runner import StageRunner, crosscoder_seeds, model_seeds, seed_suffix
+from crossdiff.run.stage_graph import StageRunner, crosscoder_seeds, model_seeds, seed_suffix
 
 # model seed i's initialization seed is the run's seed plus i times this (its batches keep the
 # run's seed, so every model sees exactly the main models' tokens in the same order)

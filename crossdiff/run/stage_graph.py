@@ -1,5 +1,5 @@
 """The stage bookkeeping of `crossdiff run`: which stages exist for a run's options, what each
-reads, and when each is reused, resumed or redone (records in crossdiff.stage_record).
+reads, and when each is reused, resumed or redone (records in crossdiff.run.stage_record).
 
 The stage graph is built from the options: the five base stages, plus, with
 `replicates.crosscoder_seeds` C > 1, one crosscoder stage per extra seed, and with
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossdiff import stage_record
+from crossdiff.run import stage_record
 
 BASE_STAGES = ("data", "models", "store", "crosscoder", "report")
 

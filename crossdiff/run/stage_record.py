@@ -30,17 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import CrossdiffError, read_json, remove_tree, write_json_atomic
-from crossdiff.fingerprint import (
+from crossdiff.plumbing.common import CrossdiffError, read_json, remove_tree, write_json_atomic
+from crossdiff.plumbing.fingerprint import (
     canonical,
     describe_changes,
     fingerprint,
     folder_digests,
 )
+from crossdiff.plumbing.stage_marker import (  # noqa: F401 (mark_written_by: re-exported)
+    PENDING,
+    RECORD,
+    RECORD_VERSION,
+    mark_written_by,
+)
 
-RECORD = "stage.json"
-PENDING = ".stage.pending.json"  # a dot file: a store folder must hold only store files
-RECORD_VERSION = 2
 ASIDE = ".aside"  # the run folder's sub-folder that holds the stages a redo replaces
 
 
@@ -181,28 +184,6 @@ def external_error(
         f"{stage_dir} was written by `{record['written_by']}` after crossdiff run made it, so "
         f"its {RECORD} no longer describes it; " + _redo_advice(name, stage_dir, later)
     )
-
-
-def mark_written_by(stage_dir: str | Path, command: str) -> bool:
-    """A stage subcommand writing into a run's stage folder (one with a stage record) marks its
-    record `written_by` first, so `crossdiff run` never takes the files for the ones it made
-    (it refuses to reuse the folder, naming the command). True if the folder had a record."""
-    stage_dir = Path(stage_dir)
-    records = [stage_dir / RECORD, stage_dir / PENDING]
-    present = [p for p in records if p.exists()]
-    if not present:
-        return False
-    previous = read_json(present[0], "stage record")
-    if previous.get("written_by"):
-        return True
-    record = {"version": RECORD_VERSION, "written_by": command, "previous": previous}
-    write_json_atomic(stage_dir / RECORD, canonical(record))
-    (stage_dir / PENDING).unlink(missing_ok=True)
-    print(
-        f"note: {stage_dir} is a stage of a crossdiff run; its {RECORD} now says it was written "
-        f"by `{command}`, so `crossdiff run` will not reuse it as its own"
-    )
-    return True
 
 
 def aside_dir(run_dir: Path, name: str) -> Path:

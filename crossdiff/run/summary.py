@@ -47,7 +47,7 @@ def _summary_lines(diff: dict[str, Any]) -> list[str]:
             lines.append(f"  {claim['excluding_artifacts']['sentence']}")
     lines.extend(f"WARNING: {warning}" for warning in diff.get("warnings", []))
     lines.extend(_replication_lines(diff))
-    from crossdiff.crosscoder.splice import summary_lines as spliced_loss_lines
+    from crossdiff.crosscoder.spliced_loss import summary_lines as spliced_loss_lines
 
     lines.extend(spliced_loss_lines(diff.get("spliced_loss")))
     return lines

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from crossdiff.common import DTYPES, CrossdiffError
 from crossdiff.crosscoder.memory import (  # noqa: F401 (re-exported: tests and callers)
     GIB,
     available_memory_bytes,
     check_crosscoder_fits,
     crosscoder_memory_bytes,
 )
+from crossdiff.plumbing.common import DTYPES, CrossdiffError
 
 REPLICATES_OPTIONS = ("crosscoder_seeds",)
 MODEL_SEEDS_OPTIONS = ("n",)
@@ -80,7 +80,7 @@ def validate_run_options(
     from crossdiff.analysis.classes import resolve_split
     from crossdiff.crosscoder import TrainingCrossCoderConfig
     from crossdiff.crosscoder.config import FORK_OPTION_NAMES
-    from crossdiff.crosscoder.trainer import DEFAULT_STEPS
+    from crossdiff.crosscoder.train import DEFAULT_STEPS
     from crossdiff.data.prepare import DATA_PRESETS
     from crossdiff.models.configs import get_preset
 
@@ -194,7 +194,7 @@ def validate_run_options(
                 problems.append(f"crosscoder: {too_big}")
 
     if pairing is not None and preset is not None:
-        from crossdiff.run_checks import pairing_problems
+        from crossdiff.run.checks import pairing_problems
 
         problems.extend(pairing_problems(options))
 
