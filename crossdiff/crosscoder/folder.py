@@ -11,7 +11,7 @@ from typing import Any
 
 from sae_lens.saes.sae import SAE
 
-from crossdiff.crosscoder.loading import crossdiff_disk_loader
+from crossdiff.crosscoder.disk_loader import crossdiff_disk_loader
 from crossdiff.plumbing.common import (
     FILE_MODE,
     CrossdiffError,

@@ -224,7 +224,7 @@ def _data_stage(run: _Run) -> None:
     config = DataStageConfig.from_options(run.options["data"])
     with main_process_first():  # rank 0 builds the data; the other ranks then reuse it
         run.made["data"] = run_data_stage(config, None, data_dir, seed=run.seed)
-    from crossdiff.run.checks import check_store_tokens
+    from crossdiff.run.validation_targets import check_store_tokens
 
     # before a later stage is redone (and before a redone data stage drops what it replaces)
     check_store_tokens(run.options, run.made["data"])

@@ -194,7 +194,7 @@ def validate_run_options(
                 problems.append(f"crosscoder: {too_big}")
 
     if pairing is not None and preset is not None:
-        from crossdiff.run.checks import pairing_problems
+        from crossdiff.run.validation_targets import pairing_problems
 
         problems.extend(pairing_problems(options))
 
