@@ -1,7 +1,7 @@
 """Reading a store's files safely: the manifest with its checks, and the shard and statistics
 files, each checked against the size and sha256 the manifest records before it is first read.
 
-ActivationStore (store.py) reads through a ShardFiles; StoreWriter (writer.py) reopens a store
+ActivationStore (store.py) reads through a ShardFiles; StoreWriter (store_writer.py) reopens a store
 with read_manifest and read_running_stats.
 """
 

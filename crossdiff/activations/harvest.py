@@ -1,10 +1,10 @@
 """Paired harvesting: run two models on identical token batches and stream their activations
 at the pairing's hook points into an ActivationStore.
 
-`harvest` checks its arguments into a HarvestJob (job.py) and runs it alone (here) or by several
-processes (sharded.py). The parts: rows.py (the token rows and the document split), identity.py
-(the models' hashes and tokenizers), runner.py (running the pair), layout.py and folder.py (the
-store's files and what a harvest may do to a folder)."""
+`harvest` checks its arguments into a HarvestJob (harvest_job.py) and runs it alone (here) or by
+several processes (harvest_ranks.py). The parts: rows.py (the token rows and the document split),
+identity.py (the models' hashes and tokenizers), runner.py (running the pair), store_layout.py and
+harvest_folder.py (the store's files and what a harvest may do to a folder)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The store folder a harvest writes: what it may remove or reuse, whether an existing store can be
 continued, and opening it for writing (a new store, a resumed one, or a new segment). One process
-and several (sharded.py) share these checks and their messages."""
+and several (harvest_ranks.py) share these checks and their messages."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """A harvest job: the checked inputs of a harvest (its options, token rows, the pair's runner, the
 store's header and sizes), and filling a store with a range of its tokens in fixed model batches.
-One process (harvest.py), several (sharded.py) and the live source (live.py) run the same job."""
+One process (harvest.py), several (harvest_ranks.py) and the live source (live.py) run the same
+job."""
 
 from __future__ import annotations
 

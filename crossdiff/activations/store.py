@@ -1,6 +1,6 @@
 """ActivationStore: paired activations on disk, sharded safetensors plus a JSON manifest.
 
-The layout (file names, manifest fields; format in docs/store.md) is in layout.py.
+The layout (file names, manifest fields; format in docs/store.md) is in store_layout.py.
 A shard's `file` in the manifest is a path relative to the store folder.
 
 Parts: a store harvested with a document split (manifest `split`) marks the tokens of its
@@ -8,8 +8,8 @@ held-out documents per shard (`heldout`: [lo, hi) ranges of shard rows); every o
 training. `store.part("train")` / `store.part("heldout")` are views with the store's reading
 interface over one part; the statistics and scaling factors are those of the training part.
 
-StoreWriter (writer.py) appends to a store; shards.py checks and opens its files. Both writers'
-and readers' names stay importable from here.
+StoreWriter (store_writer.py) appends to a store; checked_files.py checks and opens its files. Both
+writers' and readers' names stay importable from here.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""StoreWriter: appends shards to an activation store (layout in layout.py, format in
+"""StoreWriter: appends shards to an activation store (layout in store_layout.py, format in
 docs/store.md), keeping the manifest and the running statistics in step.
 
 Writes go shard first, then statistics, then the manifest, each atomically: a crash leaves at most

@@ -1,4 +1,4 @@
-"""The spliced-loss evaluation with as little model work as it needs (splice.py says what is
+"""The spliced-loss evaluation with as little model work as it needs (spliced_loss.py says what is
 measured; the numbers are those of one forward pass per model, scope and kind):
 
 - one clean forward per model and batch gives the clean CE, the sites' activations (kept for the

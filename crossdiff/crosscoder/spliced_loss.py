@@ -47,7 +47,7 @@ from crossdiff.plumbing.common import CrossdiffError
 
 SPLICE_SEQUENCES = 64  # held-out rows `crossdiff run` and `crossdiff report` splice by default
 
-__all__ = [  # the splicer's names are re-exported: splice.py was their home
+__all__ = [  # the splicer's names are re-exported: spliced_loss.py was their home
     "ENCODE_CHUNK",
     "FORMULA",
     "KINDS",

@@ -1,6 +1,6 @@
 """The splicing itself: the batches, both models' clean activations at the paired sites, the
-crosscoder's reconstruction of them, and a forward pass with sites replaced (splice.py says what
-is measured; splice_batched.py runs the passes).
+crosscoder's reconstruction of them, and a forward pass with sites replaced (spliced_loss.py says
+what is measured; spliced_forwards.py runs the passes).
 """
 
 from __future__ import annotations
