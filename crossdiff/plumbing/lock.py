@@ -1,9 +1,10 @@
 """A lock file per folder, so two processes never write one run or one store at a time.
 
-The lock file holds the holder's pid, host and process start time (JSON). Taking a lock creates
-the file with O_EXCL; if it exists and its holder is alive on this host, the lock is refused
-with the holder's pid; if the holder is gone (killed, crashed), the stale lock is taken over with
-a note. Under torchrun only rank 0 takes it (the other ranks are part of the same job).
+The lock itself is `filelock`'s: an flock(2) on the lock file, which the kernel drops when its
+holder exits, however it exits. The file also holds the holder's pid, host and process start time
+(JSON), for the messages: a lock held by a live process is refused with its pid; a lock whose
+holder is gone (killed, crashed) is taken over with a note naming it. Under torchrun only rank 0
+takes it (the other ranks are part of the same job). The file is removed on release.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from typing import Any
 
 from crossdiff.plumbing.common import CrossdiffError
 
+KERNEL_LOCK = "flock"  # a record's "lock": the holder also held the kernel lock on the file
+_WAIT_S = 0.5  # how long a refused lock is retried (filelock retries a file unlinked under it)
+_HELD: dict[str, Any] = {}  # path -> this process's filelock.FileLock (kept: released when freed)
+
 
 def _start_time(pid: int) -> float | None:
     try:
@@ -30,6 +35,8 @@ def _start_time(pid: int) -> float | None:
 
 
 def _alive(holder: dict[str, Any]) -> bool:
+    # filelock cannot see a lock taken by O_EXCL alone (crossdiff before its locks moved onto
+    # filelock): such a record's holder counts as long as its process runs
     pid = int(holder.get("pid", -1))
     if pid <= 0:
         return False
@@ -49,18 +56,36 @@ def _read_holder(path: Path) -> dict[str, Any]:
         holder = json.loads(path.read_text())
         return holder if isinstance(holder, dict) else {}
     except (OSError, json.JSONDecodeError):
-        return {}  # a lock being written, or a damaged one: treated as stale below
+        return {}  # no lock, a record being written, or a damaged one
 
 
-def _age(path: Path) -> float:
-    try:
-        return time.time() - path.stat().st_mtime
-    except OSError:
-        return 0.0
+def _live_holder(path: Path) -> dict[str, Any]:
+    """The record of a holder that has the kernel lock (it may still be writing it)."""
+    for _ in range(20):
+        holder = _read_holder(path)
+        if holder:
+            return holder
+        time.sleep(0.05)
+    return {}
+
+
+def _refusal(path: Path, what: str, holder: dict[str, Any], host: str) -> CrossdiffError:
+    if holder.get("host") not in (None, host):
+        return CrossdiffError(
+            f"{what} is locked by process {holder.get('pid')} on host {holder.get('host')} "
+            f"({path}); wait for it to finish, or delete {path} if that process is gone"
+        )
+    return CrossdiffError(
+        f"{what} is in use by another crossdiff process (pid {holder.get('pid')}, "
+        f"since {holder.get('locked_at')}; lock file {path}). Wait for it to finish "
+        "or stop it, or use another folder"
+    )
 
 
 def acquire(path: Path, what: str) -> Path:
     """Take the lock file `path` for this process; raise if a live process holds it."""
+    from filelock import FileLock, SoftFileLock, Timeout
+
     if path.parent.exists() and not path.parent.is_dir():
         raise CrossdiffError(f"{path.parent} is a file; {what} must be a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,45 +95,42 @@ def acquire(path: Path, what: str) -> Path:
         "started": _start_time(os.getpid()),
         "locked_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "what": what,
+        "lock": KERNEL_LOCK,
     }
-    for _ in range(50):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_holder(path)
-            if not holder and _age(path) < 2.0:
-                time.sleep(0.05)  # its holder has created it and is writing its pid
-                continue
-            same_host = holder.get("host") in (None, me["host"])
-            if holder.get("pid") == me["pid"] and same_host:
-                return path  # this process holds it already
-            if not same_host:
-                raise CrossdiffError(
-                    f"{what} is locked by process {holder.get('pid')} on host {holder.get('host')} "
-                    f"({path}); wait for it to finish, or delete {path} if that process is gone"
-                ) from None
-            if _alive(holder):
-                raise CrossdiffError(
-                    f"{what} is in use by another crossdiff process (pid {holder.get('pid')}, "
-                    f"since {holder.get('locked_at')}; lock file {path}). Wait for it to finish "
-                    "or stop it, or use another folder"
-                ) from None
-            print(
-                f"[crossdiff] taking over the stale lock {path} of process "
-                f"{holder.get('pid')}, which is no longer running"
-            )
-            path.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+    holder = _read_holder(path)
+    if holder.get("pid") == me["pid"] and holder.get("host") in (None, me["host"]):
+        return path  # this process holds it already
+    lock = FileLock(path, thread_local=False)
+    try:
+        lock.acquire(timeout=_WAIT_S, poll_interval=0.05)
+    except Timeout:
+        raise _refusal(path, what, _live_holder(path), me["host"]) from None
+    if isinstance(lock, SoftFileLock):
+        # filelock fell back to an existence lock (a filesystem without flock): its file holds
+        # filelock's own record of the holder, which this one must not overwrite
+        _HELD[str(path)] = lock
         return path
-    raise CrossdiffError(f"could not take the lock {path}: other processes keep taking it")
+    previous = _read_holder(path)
+    if previous:
+        gone = previous.get("lock") == KERNEL_LOCK or not _alive(previous)
+        if previous.get("host") not in (None, me["host"]) or not gone:
+            lock.release(force=True)
+            raise _refusal(path, what, previous, me["host"])
+        print(
+            f"[crossdiff] taking over the stale lock {path} of process "
+            f"{previous.get('pid')}, which is no longer running"
+        )
+    path.write_text(json.dumps(me))  # the kernel lock is on the file, not on this descriptor
+    _HELD[str(path)] = lock
+    return path
 
 
 def release(path: Path) -> None:
-    holder = _read_holder(path)
-    if holder.get("pid") == os.getpid():
-        path.unlink(missing_ok=True)
+    lock = _HELD.pop(str(path), None)
+    if _read_holder(path).get("pid") == os.getpid():
+        path.unlink(missing_ok=True)  # before the unlock: a waiter retries on an unlinked file
+    if lock is not None:
+        lock.release(force=True)
 
 
 @contextmanager
