@@ -7,7 +7,6 @@ with read_manifest and read_running_stats.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -17,16 +16,9 @@ from safetensors import safe_open
 from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.store_layout import FORMAT, FORMAT_VERSION, MANIFEST, check_manifest
 from crossdiff.plumbing.common import CrossdiffError, read_json
+from crossdiff.plumbing.integrity import sha256_of_file as sha256_file
 
 _MAX_OPEN_SHARDS = 8
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(store: Path) -> dict[str, Any]:

@@ -30,6 +30,8 @@ GEOMETRIC_MEDIAN_MAX_ITER = 100
 GEOMETRIC_MEDIAN_TOL = 1e-5
 
 
+# hand-written: no installed library has a batched torch geometric median (the PyPI
+# `geom_median` would be a dependency for these twelve lines of Weiszfeld's iteration)
 @torch.no_grad()
 def geometric_median(
     points: Float[Tensor, "n n_models d_model"],

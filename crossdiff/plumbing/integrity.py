@@ -4,7 +4,8 @@
   `sha256sum`, so `sha256sum -c model.safetensors.sha256` checks it too); a crosscoder training
   checkpoint records it in its state.json instead. Loading verifies it and names the file and
   what to do when it does not match. A file written by an older crossdiff has
-  no checksum: it loads unverified, and crossdiff says so once per file.
+  no checksum: it loads unverified, and crossdiff says so once per file. (Hand-written: neither
+  safetensors nor huggingface_hub keeps a checksum beside a local file; hashlib does the hashing.)
 - Finite checks: weights and activations with NaN or infinity are refused, with where they are
   (tensor and index; for a store the shard file and row).
 """
@@ -26,12 +27,10 @@ CHECKSUM_SUFFIX = ".sha256"
 _warned_unverified: set[str] = set()
 
 
-def sha256_of_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_of_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes, hex (hashlib.file_digest reads it in chunks)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def checksum_path(path: str | Path) -> Path:
