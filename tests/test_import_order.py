@@ -23,15 +23,21 @@ def _imported(path: Path) -> set[str]:
     return names
 
 
-def test_no_stage_imports_a_later_stage():
+def _imports_up(order: list[str]) -> list[str]:
+    """Each import, in a module of a package of `order`, of a package later in `order`."""
     broken = []
-    for rank, stage in enumerate(STAGES):
-        later = STAGES[rank + 1 :]
-        for path in sorted((PACKAGE / stage).rglob("*.py")):
+    for rank, package in enumerate(order):
+        later = order[rank + 1 :]
+        for path in sorted((PACKAGE / package).rglob("*.py")):
             for name in _imported(path):
                 parts = name.split(".")
                 if len(parts) >= 2 and parts[0] == "crossdiff" and parts[1] in later:
                     broken.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
+    return broken
+
+
+def test_no_stage_imports_a_later_stage():
+    broken = _imports_up(STAGES)
     assert not broken, "a stage imports a later stage:\n" + "\n".join(broken)
 
 
@@ -42,14 +48,7 @@ FACE = {"__init__.py", "__main__.py", "cli.py", "py.typed"}
 
 
 def test_no_package_imports_a_higher_floor():
-    broken = []
-    for rank, floor in enumerate(FLOORS):
-        higher = FLOORS[rank + 1 :]
-        for path in sorted((PACKAGE / floor).rglob("*.py")):
-            for name in _imported(path):
-                parts = name.split(".")
-                if len(parts) >= 2 and parts[0] == "crossdiff" and parts[1] in higher:
-                    broken.append(f"{path.relative_to(PACKAGE.parent)} imports {name}")
+    broken = _imports_up(FLOORS)
     assert not broken, "an import runs up a floor:\n" + "\n".join(broken)
 
 
