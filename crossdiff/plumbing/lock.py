@@ -22,7 +22,7 @@ from crossdiff.plumbing.common import CrossdiffError
 
 KERNEL_LOCK = "flock"  # a record's "lock": the holder also held the kernel lock on the file
 _WAIT_S = 0.5  # how long a refused lock is retried (filelock retries a file unlinked under it)
-_HELD: dict[str, Any] = {}  # path -> this process's filelock.FileLock (kept: released when freed)
+_HELD: dict[str, Any] = {}  # abspath -> this process's filelock.FileLock (kept: freed, it unlocks)
 
 
 def _start_time(pid: int) -> float | None:
@@ -97,8 +97,7 @@ def acquire(path: Path, what: str) -> Path:
         "what": what,
         "lock": KERNEL_LOCK,
     }
-    holder = _read_holder(path)
-    if holder.get("pid") == me["pid"] and holder.get("host") in (None, me["host"]):
+    if os.path.abspath(path) in _HELD:
         return path  # this process holds it already
     lock = FileLock(path, thread_local=False)
     try:
@@ -108,7 +107,7 @@ def acquire(path: Path, what: str) -> Path:
     if isinstance(lock, SoftFileLock):
         # filelock fell back to an existence lock (a filesystem without flock): its file holds
         # filelock's own record of the holder, which this one must not overwrite
-        _HELD[str(path)] = lock
+        _HELD[os.path.abspath(path)] = lock
         return path
     previous = _read_holder(path)
     if previous:
@@ -121,12 +120,12 @@ def acquire(path: Path, what: str) -> Path:
             f"{previous.get('pid')}, which is no longer running"
         )
     path.write_text(json.dumps(me))  # the kernel lock is on the file, not on this descriptor
-    _HELD[str(path)] = lock
+    _HELD[os.path.abspath(path)] = lock
     return path
 
 
 def release(path: Path) -> None:
-    lock = _HELD.pop(str(path), None)
+    lock = _HELD.pop(os.path.abspath(path), None)
     if _read_holder(path).get("pid") == os.getpid():
         path.unlink(missing_ok=True)  # before the unlock: a waiter retries on an unlinked file
     if lock is not None:
@@ -139,7 +138,7 @@ def folder_lock(path: Path, what: str, *, enabled: bool = True) -> Iterator[None
     if not enabled:
         yield
         return
-    already = path.exists() and _read_holder(path).get("pid") == os.getpid()
+    already = os.path.abspath(path) in _HELD
     created = not path.parent.exists()
     acquire(path, what)
     try:
