@@ -31,7 +31,7 @@ def job(args: argparse.Namespace) -> None:
 
     from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
     from crossdiff.crosscoder.synthetic import planted_crosscoder_data
-    from crossdiff.distributed import dist_info, finish_distributed, init_distributed
+    from crossdiff.plumbing.distributed import dist_info, finish_distributed, init_distributed
 
     torch.set_num_threads(args.threads)
     init_distributed()

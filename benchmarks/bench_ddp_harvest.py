@@ -35,8 +35,8 @@ def worker(rows_per_process: int, batch_size: int, rounds: int, result: Path) ->
     import torch
 
     from crossdiff.activations import ActivationStore, harvest
-    from crossdiff.distributed import barrier, finish_distributed, init_distributed
     from crossdiff.models import build_model, dense_config, moe_config
+    from crossdiff.plumbing.distributed import barrier, finish_distributed, init_distributed
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     torch.set_num_threads(1)

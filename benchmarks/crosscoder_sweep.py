@@ -159,7 +159,7 @@ def phase_timers(clock: PhaseClock, contender: str):
     """Wrap the step's parts (class attributes, restored on exit) with `clock`'s timers."""
     from sae_lens.saes.batchtopk_sae import BatchTopK, BatchTopKTrainingSAE
 
-    from crossdiff.crosscoder.training import TrainingCrossCoder
+    from crossdiff.crosscoder.training_sae import TrainingCrossCoder
 
     common = [
         (torch.Tensor, "backward", "backward"),

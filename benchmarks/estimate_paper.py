@@ -1,7 +1,7 @@
 """Expected time, memory and disk of each stage of `--preset paper` on one GPU, from counted
-FLOPs and bytes (not measured). The model is crossdiff.estimate (its docstring gives the counting
-rules); `crossdiff run` prints the same table before it starts. Prints a markdown table (the one
-in docs/distributed.md) and writes benchmarks/out/estimate_paper.json.
+FLOPs and bytes (not measured). The model is crossdiff.run.estimate (its docstring gives the
+counting rules); `crossdiff run` prints the same table before it starts. Prints a markdown table
+(the one in docs/distributed.md) and writes benchmarks/out/estimate_paper.json.
 
     .venv/bin/python benchmarks/estimate_paper.py                        # H100 SXM figures
     .venv/bin/python benchmarks/estimate_paper.py --gpu H200
@@ -15,15 +15,17 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from crossdiff.estimate import GB, as_json, estimate_run, gpu_spec, store_bytes
-from crossdiff.pipeline import resolve_options
+from crossdiff.run.estimate import GB, as_json, estimate_run, gpu_spec, store_bytes
+from crossdiff.run.pipeline import resolve_options
 
 OUT = Path(__file__).parent / "out" / "estimate_paper.json"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpu", default="H100", help="a GPU name in crossdiff.estimate.GPU_PEAKS")
+    parser.add_argument(
+        "--gpu", default="H100", help="a GPU name in crossdiff.run.estimate.GPU_PEAKS"
+    )
     parser.add_argument("--tflops", type=float, default=None, help="dense bf16 peak, TFLOP/s")
     parser.add_argument("--mfu", type=float, default=0.4, help="fraction of peak achieved")
     parser.add_argument("--hbm-tbs", type=float, default=None, help="GPU memory bandwidth, TB/s")

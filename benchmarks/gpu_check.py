@@ -9,7 +9,7 @@ Paper mode: the paper's model shapes (d_model 768, 5 layers, 8 experts top-2, 1,
 batch 64) trained for --lm-steps steps on the embedded corpus with an 8,192-token BPE trained
 here (the paper uses GPT-2's 50,257, which would be a download), a bfloat16 store of
 --harvest-tokens tokens, and the paper's crosscoder (32x, k 300) for --crosscoder-steps steps.
-Per stage: seconds, tokens/s, FLOPs (counted as crossdiff.estimate counts them, on the real
+Per stage: seconds, tokens/s, FLOPs (counted as crossdiff.run.estimate counts them, on the real
 configs), MFU against the device's peak (bf16 peak on a GPU, the measured float32 matmul rate on
 a CPU), the predicted seconds for the same work, peak GPU memory (CUDA) and the bytes the stage
 wrote. Every number in the JSON is finite.
@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from transformer_lens.components.mlps.moe import MoE
 
-from crossdiff import estimate
 from crossdiff.data.embedded import DEFAULT_CHARS_PER_DOMAIN
 from crossdiff.models import CrossdiffMoE, moe_config
 from crossdiff.models.grouped_mm import grouped_mm_usable
 from crossdiff.models.io import config_from_dict, read_model_header
-from crossdiff.pipeline import STAGES, resolve_options, run_pipeline
+from crossdiff.run import estimate
+from crossdiff.run.pipeline import STAGES, resolve_options, run_pipeline
 
 OUT = Path(__file__).parent / "out" / "gpu_check.json"
 
@@ -105,7 +105,7 @@ def run_stages(out: Path, preset: str, options: dict, device: str) -> dict[str, 
 
 
 def throughput(out: Path, options: dict, measured: dict, spec: estimate.DeviceSpec) -> None:
-    """Adds tokens, tokens/s, FLOPs, MFU and the predicted seconds (crossdiff.estimate on the
+    """Adds tokens, tokens/s, FLOPs, MFU and the predicted seconds (crossdiff.run.estimate on the
     trained models' configs) to each measured stage."""
     configs = tuple(
         config_from_dict(read_model_header(out / "models" / name)["config"], device="cpu")

@@ -21,7 +21,7 @@ import time
 import torch
 
 import crossdiff
-from crossdiff.crosscoder.splice import spliced_loss
+from crossdiff.crosscoder.spliced_loss import spliced_loss
 
 
 def main() -> None:

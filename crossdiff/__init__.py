@@ -2,7 +2,8 @@
 
 The public API is importable from the top level; see docs/api.md. `import crossdiff` is light: it
 imports neither torch nor SAELens. It registers the crosscoder with SAELens at once if sae_lens is
-already imported, and otherwise right after sae_lens is imported (crossdiff/sae_lens_hook.py), so
+already imported, and otherwise right after sae_lens is imported
+(crossdiff/integrations/sae_lens_hook.py), so
 `sae_lens.SAE.load_from_disk(dir)` loads a saved crosscoder in either order.
 """
 
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from crossdiff import sae_lens_hook as _sae_lens_hook  # noqa: E402
-from crossdiff.lazy import lazy_exports as _lazy_exports  # noqa: E402
+from crossdiff.integrations import sae_lens_hook as _sae_lens_hook  # noqa: E402
+from crossdiff.plumbing.lazy import lazy_exports as _lazy_exports  # noqa: E402
 
 _sae_lens_hook.install()
 
@@ -57,7 +58,7 @@ _PUBLIC: dict[str, str] = {
     "top_contexts": "crossdiff.analysis",
     "write_report": "crossdiff.report",
     # utilities
-    "CrossdiffError": "crossdiff.common",
+    "CrossdiffError": "crossdiff.plumbing.common",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -19,7 +19,7 @@ from pathlib import Path
 _COMMANDS = (
     (
         "run",
-        "crossdiff.run_command",
+        "crossdiff.run.command",
         "all stages, from the embedded corpus to report.html (resumes)",
     ),
     (
@@ -115,7 +115,7 @@ def _command_in(argv: list[str]) -> str | None:
 def _apply_config_file(
     parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace
 ) -> argparse.Namespace:
-    from crossdiff.common import CrossdiffError
+    from crossdiff.plumbing.common import CrossdiffError
 
     if getattr(args, "config", None) is None:
         return args
@@ -142,7 +142,7 @@ def _apply_config_file(
 
 def _check_environment(args: argparse.Namespace) -> None:
     """Refuse an unknown --device and an unusable output folder before anything is written."""
-    from crossdiff.common import check_output_dir, check_seed, resolve_device
+    from crossdiff.plumbing.common import check_output_dir, check_seed, resolve_device
 
     if getattr(args, "seed", None) is not None:  # a config file's seed skips argparse's check
         check_seed(args.seed, "--seed")
@@ -181,8 +181,8 @@ def _main(argv: list[str]) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from crossdiff.common import CrossdiffError, environment_message, is_write_error
-    from crossdiff.distributed import (
+    from crossdiff.plumbing.common import CrossdiffError, environment_message, is_write_error
+    from crossdiff.plumbing.distributed import (
         abort_distributed,
         dist_info,
         finish_distributed,

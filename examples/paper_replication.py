@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from crossdiff.pipeline import run_pipeline
+from crossdiff.run.pipeline import run_pipeline
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from transformer_lens import HookedTransformer
 
 import crossdiff
 from crossdiff.activations import harvest, load_pairing
-from crossdiff.common import CrossdiffError
 from crossdiff.models import swap_in_crossdiff_moe
+from crossdiff.plumbing.common import CrossdiffError
 
 DENSE, MOE = "allenai/OLMo-1B-hf", "allenai/OLMoE-1B-7B-0924"
 

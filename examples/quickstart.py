@@ -9,7 +9,7 @@ Re-running resumes: finished stages are skipped.
 import argparse
 from pathlib import Path
 
-from crossdiff.pipeline import run_pipeline
+from crossdiff.run.pipeline import run_pipeline
 
 
 def main() -> None:

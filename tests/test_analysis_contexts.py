@@ -8,7 +8,7 @@ import torch
 from test_analysis_planted import DOC_LEN, planted
 
 from crossdiff.analysis import diff_features, top_contexts
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

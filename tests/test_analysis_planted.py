@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from crossdiff.analysis import diff_features
 from crossdiff.analysis.claims import evaluate_claims
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,7 +15,7 @@ from crossdiff.analysis.architectures import (
     JointFit,
     compare_architectures,
 )
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.synthetic import InMemoryStore
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def test_skip_leaves_out_exactly_the_first_batches():

@@ -13,7 +13,7 @@ from transformer_lens.model_bridge import TransformerBridge
 import crossdiff
 from crossdiff.activations import Pairing, harvest
 from crossdiff.analysis.logit_effects import logit_effects, residual_models
-from crossdiff.crosscoder.splice import spliced_loss
+from crossdiff.crosscoder.spliced_loss import spliced_loss
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
@@ -157,8 +157,8 @@ def test_report_models_by_name_load_hf_folders(pair, trained):
     """`crossdiff report --models dense=FOLDER moe=FOLDER` (and ReportInputs / write_report with
     a dict): a Hugging Face folder loads as a Bridge, the one the store was harvested from."""
     from crossdiff.activations.identity import weights_hash
-    from crossdiff.common import CrossdiffError
-    from crossdiff.lens_models import resolve_models
+    from crossdiff.models.by_name import resolve_models
+    from crossdiff.plumbing.common import CrossdiffError
     from crossdiff.report.commands import parse_models
 
     dense, moe = (str(f) for f in pair["folders"])

@@ -17,11 +17,11 @@ from crossdiff.analysis.claims import DOES_NOT_HOLD, HOLDS, TOO_FEW, evaluate_cl
 from crossdiff.analysis.stats import bootstrap_cliffs_delta, cliffs_delta, holm
 from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
 from crossdiff.crosscoder.synthetic import planted_crosscoder_data
-from crossdiff.pipeline import _summary_lines
 from crossdiff.report.commands import format_summary
 from crossdiff.report.html import render_html
 from crossdiff.report.markdown import render_markdown
 from crossdiff.report.writer import report_data
+from crossdiff.run.pipeline import _summary_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,7 @@
 import pytest
 
 from crossdiff.cli import _apply_config_file, build_parser, main
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def test_help_lists_every_stage(capsys):

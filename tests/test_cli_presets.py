@@ -16,9 +16,9 @@ import crossdiff.data.commands as data_cmd
 import crossdiff.models.commands as models_cmd
 import crossdiff.report.commands as report_cmd
 from crossdiff.cli import _apply_config_file, build_parser, main
-from crossdiff.cli_presets import PRESET_NAMES, apply_preset, resolve_out
-from crossdiff.common import CrossdiffError
-from crossdiff.pipeline import RUN_PRESETS
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.preset_args import PRESET_NAMES, apply_preset, resolve_out
+from crossdiff.run.pipeline import RUN_PRESETS
 
 # subcommand -> (its module, the run stage it is, the arguments it requires)
 SUBCOMMANDS = {
@@ -94,7 +94,7 @@ def test_prepare_data_takes_out_and_still_the_deprecated_positional_folder(capsy
 
 def check_provenance(metadata: dict, store_dir: Path, tokenizer_fingerprint: str) -> None:
     from crossdiff.activations import ActivationStore
-    from crossdiff.fingerprint import store_fingerprint
+    from crossdiff.plumbing.fingerprint import store_fingerprint
 
     store = ActivationStore(store_dir)
     hook = "blocks.2.hook_resid_post"  # the paper pairing's hook, in both models

@@ -8,8 +8,8 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, evaluate_crosscoder, train_crosscoder
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

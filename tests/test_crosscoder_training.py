@@ -4,8 +4,7 @@ import pytest
 import torch
 from sae_lens.saes.sae import TrainStepInput
 
-import crossdiff.crosscoder.trainer as trainer_module
-from crossdiff.common import CrossdiffError
+import crossdiff.crosscoder.train as trainer_module
 from crossdiff.crosscoder import (
     CrossCoderConfig,
     TrainingCrossCoder,
@@ -19,6 +18,7 @@ from crossdiff.crosscoder.synthetic import (
     match_planted_latents,
     planted_crosscoder_data,
 )
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,10 +2,10 @@
 
 import pytest
 
-from crossdiff.common import CrossdiffError
 from crossdiff.data import DOMAINS, Document, check_documents, corpus_stats, embedded_corpus
 from crossdiff.data.embedded import MAX_DOC_CHARS, clean_docstring, stdlib_files
 from crossdiff.data.stories import iter_stories
+from crossdiff.plumbing.common import CrossdiffError
 
 BUDGET = 20_000
 

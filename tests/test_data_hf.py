@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from crossdiff.common import CrossdiffError
 from crossdiff.data import DomainSource, hf_corpus
+from crossdiff.plumbing.common import CrossdiffError
 
 N_ROWS = 60
 

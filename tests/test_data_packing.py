@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from crossdiff.common import CrossdiffError
 from crossdiff.data import (
     DOMAINS,
     Document,
@@ -13,6 +12,7 @@ from crossdiff.data import (
     split_documents,
     train_tokenizer,
 )
+from crossdiff.plumbing.common import CrossdiffError
 
 SEQ_LEN = 9
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import crossdiff.data.prepare as prepare_module
-from crossdiff.common import CrossdiffError
 from crossdiff.data import DOMAINS, DomainSource, TokenSet, load_tokenizer, prepare_data
 from crossdiff.data.commands import parse_source, register
+from crossdiff.plumbing.common import CrossdiffError
 
 SMALL = {"n_chars_per_domain": 30_000, "vocab_size": 400, "seq_len": 32}
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from crossdiff.common import CrossdiffError
 from crossdiff.data import Document, load_tokenizer, train_tokenizer
 from crossdiff.data.stories import iter_stories
+from crossdiff.plumbing.common import CrossdiffError
 
 TEXTS = [s for s, _ in zip(iter_stories(0), range(300), strict=False)] + [
     "def area(radius):\n    return 3.14159 * radius ** 2\n" * 3,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import crossdiff
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.planted_dfc import planted_exclusive_recall, planted_pairs
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

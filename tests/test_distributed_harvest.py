@@ -25,19 +25,19 @@ import torch
 from launcher import launch_module
 from test_harvest import tiny_pair, tiny_token_set
 
-import crossdiff.activations.writer as writer_module
+import crossdiff.activations.store_writer as writer_module
 from crossdiff.activations import ActivationStore, harvest
-from crossdiff.activations.sharded import partition_rows
-from crossdiff.common import CrossdiffError
+from crossdiff.activations.harvest_ranks import partition_rows
 from crossdiff.data.tokens import TokenSet
-from crossdiff.distributed import finish_distributed, init_distributed
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.distributed import finish_distributed, init_distributed
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.usefixtures("one_thread"),
 ]
 # the module (`crossdiff.activations.harvest` is the function, re-exported by the package)
-sharded_module = importlib.import_module("crossdiff.activations.sharded")
+sharded_module = importlib.import_module("crossdiff.activations.harvest_ranks")
 KW = dict(batch_size=3, shard_tokens=10, progress=False)  # 10 rows of 8 tokens: 4 batches
 
 

@@ -1,12 +1,12 @@
-"""crossdiff.distributed outside torchrun (a world of one) and its input checks."""
+"""crossdiff.plumbing.distributed outside torchrun (a world of one) and its input checks."""
 
 import pytest
 import torch
 
-import crossdiff.crosscoder.trainer as trainer_module
-from crossdiff.common import CrossdiffError
+import crossdiff.crosscoder.train as trainer_module
 from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
-from crossdiff.distributed import (
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.distributed import (
     DistInfo,
     all_gather_cat,
     all_reduce_sum_,

@@ -6,10 +6,10 @@ from collections import namedtuple
 
 import pytest
 
-from crossdiff import estimate
-from crossdiff.common import CrossdiffError
-from crossdiff.estimate import GIB, check_disk, estimate_run, gpu_spec, store_bytes
-from crossdiff.pipeline import resolve_options, run_pipeline
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.run import estimate
+from crossdiff.run.estimate import GIB, check_disk, estimate_run, gpu_spec, store_bytes
+from crossdiff.run.pipeline import resolve_options, run_pipeline
 
 Usage = namedtuple("Usage", "total used free")
 
@@ -94,7 +94,7 @@ def test_run_refuses_before_making_the_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_a_run_that_stops_before_the_store_needs_no_room_for_it(tmp_path, monkeypatch, capsys):
-    from crossdiff import pipeline
+    from crossdiff.run import pipeline
 
     _disk_of(monkeypatch, 64 * GIB)
     options = resolve_options("paper")

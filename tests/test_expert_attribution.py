@@ -14,9 +14,9 @@ import torch
 from crossdiff import CrossCoderConfig, diff_features, train_crosscoder
 from crossdiff.activations import ActivationStore, harvest
 from crossdiff.analysis.experts import miller_madow_entropy, resolve_layout, routing_kl
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.synthetic import match_planted_latents, planted_crosscoder_data
 from crossdiff.data.tokens import TokenSet
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),

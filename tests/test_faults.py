@@ -22,12 +22,12 @@ from crossdiff import CrossCoderConfig, diff_features, evaluate_crosscoder, trai
 from crossdiff.activations import ActivationStore
 from crossdiff.activations.store import FORMAT, FORMAT_VERSION, MANIFEST, StoreWriter
 from crossdiff.cli import main as cli_main
-from crossdiff.common import FILE_MODE, CrossdiffError, DiskFullError
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.crosscoder.synthetic import planted_crosscoder_data
 from crossdiff.data import DomainSource, hf_corpus
 from crossdiff.data.tokens import TokenSet
-from crossdiff.integrity import checksum_path
+from crossdiff.plumbing.common import FILE_MODE, CrossdiffError, DiskFullError
+from crossdiff.plumbing.integrity import checksum_path
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -149,7 +149,7 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
 
 
 def test_a_non_finite_loss_stops_training_with_its_step(monkeypatch):
-    from crossdiff.crosscoder.training import TrainingCrossCoder
+    from crossdiff.crosscoder.training_sae import TrainingCrossCoder
 
     real = TrainingCrossCoder.training_forward_pass
 
@@ -396,7 +396,7 @@ def test_unusable_out_and_unknown_device_are_one_line_errors(tmp_path, capsys, m
         ["run", "--preset", "micro", "--out", str(fresh), "--device", "bogus"], capsys
     )
     assert code == 2 and "unknown device 'bogus'" in err and not fresh.exists()
-    from crossdiff.pipeline import run_pipeline
+    from crossdiff.run.pipeline import run_pipeline
 
     with pytest.raises(CrossdiffError, match="unknown device 'bogus'"):
         run_pipeline(fresh, "micro", device="bogus")

@@ -20,10 +20,10 @@ from crossdiff import diff_features, evaluate_crosscoder, train_crosscoder
 from crossdiff.activations import ActivationStore
 from crossdiff.activations.store import FORMAT, FORMAT_VERSION, StoreWriter
 from crossdiff.cli import main as cli_main
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import CrossCoder
-from crossdiff.stage_record import RECORD
-from crossdiff.stage_runner import StageRunner
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.run.stage_graph import StageRunner
+from crossdiff.run.stage_record import RECORD
 from tests.test_faults import CFG, D_MODEL, SHARD, TRAIN, planted
 
 pytestmark = [
@@ -62,7 +62,7 @@ def _make(out: Path, options_a: dict, *, fail_a: bool = False, write_a: bool = T
 
 
 def test_a_redo_that_fails_before_writing_puts_the_old_stages_back(tmp_path):
-    from crossdiff.stage_record import aside_dir
+    from crossdiff.run.stage_record import aside_dir
 
     _make(tmp_path, {"k": 8})
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
@@ -78,7 +78,7 @@ def test_a_redo_that_fails_before_writing_puts_the_old_stages_back(tmp_path):
 
 
 def test_a_redo_that_fails_after_writing_keeps_the_old_stages_aside_until_it_finishes(tmp_path):
-    from crossdiff.stage_record import aside_dir
+    from crossdiff.run.stage_record import aside_dir
 
     _make(tmp_path, {"k": 8})
     with pytest.raises(CrossdiffError):
@@ -108,7 +108,7 @@ def test_a_skipped_stage_whose_file_was_edited_is_refused_naming_the_file(tmp_pa
 
 
 def test_a_stage_record_marked_by_a_subcommand_is_refused(tmp_path):
-    from crossdiff.stage_record import mark_written_by
+    from crossdiff.run.stage_record import mark_written_by
 
     _make(tmp_path, {"k": 8})
     assert mark_written_by(tmp_path / "a", "crossdiff train-crosscoder")
@@ -282,7 +282,7 @@ def test_prepare_data_zero_chars_is_refused_not_the_default(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory) -> Path:
-    from crossdiff.pipeline import run_pipeline
+    from crossdiff.run.pipeline import run_pipeline
 
     out = tmp_path_factory.mktemp("micro") / "run"
     run_pipeline(out, "micro", device="cpu", stop_after="crosscoder")

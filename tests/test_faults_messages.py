@@ -25,9 +25,9 @@ import crossdiff.crosscoder.checkpoint as checkpoint_module
 import crossdiff.models.checkpoints as lm_checkpoint_module
 from crossdiff import CrossCoderConfig, diff_features, train_crosscoder, write_report
 from crossdiff.cli import main as cli_main
-from crossdiff.common import CrossdiffError, DiskFullError
 from crossdiff.crosscoder import CrossCoder
-from crossdiff.integrity import sha256_of_file, write_checksum
+from crossdiff.plumbing.common import CrossdiffError, DiskFullError
+from crossdiff.plumbing.integrity import sha256_of_file, write_checksum
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -414,7 +414,7 @@ def _rewrite(path: Path, edit) -> None:
 def test_damaged_adam_state_in_a_crosscoder_checkpoint_is_moved_aside(
     tmp_path, monkeypatch, damage
 ):
-    from crossdiff.crosscoder.training import TrainingCrossCoder
+    from crossdiff.crosscoder.training_sae import TrainingCrossCoder
 
     store = write_store(tmp_path / "store", planted())
     ckpt = tmp_path / "ckpt"
@@ -513,7 +513,7 @@ def test_float16_training_is_refused_with_the_reason(tmp_path):
 
 
 def test_run_with_float16_crosscoder_is_refused_before_any_stage(tmp_path):
-    from crossdiff.pipeline import run_pipeline
+    from crossdiff.run.pipeline import run_pipeline
 
     with pytest.raises(
         CrossdiffError, match="(?s)refused before any stage ran.*cannot be trained with float16"
@@ -614,7 +614,7 @@ def test_stale_staging_and_temporary_files_are_removed(two_diffs, tmp_path):
 
 
 def test_a_symlinked_stage_folder_is_named_not_deleted_through(tmp_path):
-    from crossdiff import stage_record
+    from crossdiff.run import stage_record
 
     target = tmp_path / "big-disk" / "store"
     target.mkdir(parents=True)

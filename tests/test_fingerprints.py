@@ -16,14 +16,14 @@ import pytest
 import torch
 
 import crossdiff.crosscoder.commands as commands
-from crossdiff import stage_record
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, train_crosscoder
 from crossdiff.crosscoder.synthetic import InMemoryStore, planted_crosscoder_data
-from crossdiff.fingerprint import describe_changes, folder_fingerprint, store_fingerprint
-from crossdiff.lock import acquire, folder_lock, release
-from crossdiff.pipeline import run_pipeline
-from crossdiff.validation import crosscoder_memory_bytes
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.fingerprint import describe_changes, folder_fingerprint, store_fingerprint
+from crossdiff.plumbing.lock import acquire, folder_lock, release
+from crossdiff.run import stage_record
+from crossdiff.run.pipeline import run_pipeline
+from crossdiff.run.validation import crosscoder_memory_bytes
 
 
 def record(run: Path, stage: str) -> dict:

@@ -10,8 +10,6 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 
 import crossdiff.crosscoder.commands as commands
-from crossdiff.cli_presets import apply_preset
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import (
     CrossCoder,
     CrossCoderConfig,
@@ -28,9 +26,11 @@ from crossdiff.crosscoder.synthetic import (
     match_planted_latents,
     planted_crosscoder_data,
 )
-from crossdiff.crosscoder.trainer import geometric_median
-from crossdiff.pipeline import resolve_options
-from crossdiff.validation import allowed_options, validate_run_options
+from crossdiff.crosscoder.train import geometric_median
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.preset_args import apply_preset
+from crossdiff.run.pipeline import resolve_options
+from crossdiff.run.validation import allowed_options, validate_run_options
 
 FORK = {
     "code_normalization": "mixed",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from crossdiff.crosscoder.saelens_trainer import use_fused_adam
+from crossdiff.crosscoder.sae_trainer import use_fused_adam
 
 
 def _steps(fused: bool) -> list[torch.Tensor]:

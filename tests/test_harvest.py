@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-import crossdiff.activations.writer as writer_module
+import crossdiff.activations.store_writer as writer_module
 from crossdiff.activations import ActivationStore, Pairing, harvest
 from crossdiff.activations.store import StoreWriter
-from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),

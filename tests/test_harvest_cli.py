@@ -9,8 +9,8 @@ import torch
 
 from crossdiff.activations import ActivationStore
 from crossdiff.activations.commands import register
-from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
+from crossdiff.plumbing.common import CrossdiffError
 
 models = pytest.importorskip("crossdiff.models")
 pytestmark = [

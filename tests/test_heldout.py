@@ -18,10 +18,10 @@ from crossdiff.activations import ActivationStore, harvest
 from crossdiff.activations.harvest import heldout_documents
 from crossdiff.activations.store import evaluation_part
 from crossdiff.analysis import diff_features
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import CrossCoderConfig, evaluate_crosscoder, train_crosscoder
 from crossdiff.crosscoder.synthetic import planted_crosscoder_data
 from crossdiff.data.tokens import TokenSet
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),

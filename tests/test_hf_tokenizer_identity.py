@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 
 from crossdiff.activations import harvest
 from crossdiff.activations.identity import vocab_fingerprint
-from crossdiff.common import CrossdiffError
 from crossdiff.data import load_tokenizer, prepare_data
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import crossdiff
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.hub import parse_hf_url
+from crossdiff.plumbing.common import CrossdiffError
 
 
 class MockHub:

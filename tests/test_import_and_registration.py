@@ -13,12 +13,12 @@ from sae_lens import SAE
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
 import crossdiff
-import crossdiff.crosscoder.trainer as trainer_module
+import crossdiff.crosscoder.train as trainer_module
 from crossdiff.cli import _COMMANDS, build_parser
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, load_crosscoder, train_crosscoder
 from crossdiff.crosscoder.registration import LEGACY_ARCHITECTURE, register_with_sae_lens
 from crossdiff.crosscoder.synthetic import planted_crosscoder_data
+from crossdiff.plumbing.common import CrossdiffError
 
 HEAVY = ("sae_lens", "transformers", "datasets", "pandas", "scipy", "wandb", "torch")
 ROOT = Path(__file__).resolve().parents[1]

@@ -172,7 +172,7 @@ def test_run_micro_live_equals_the_store_path(tmp_path):
 def test_default_activations_follow_the_disk_estimate(tmp_path, monkeypatch, capsys):
     import shutil as shutil_module
 
-    from crossdiff.pipeline import choose_activations, resolve_options
+    from crossdiff.run.pipeline import choose_activations, resolve_options
 
     options = resolve_options("paper")
     usage = shutil_module.disk_usage(tmp_path)

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from crossdiff.common import CrossdiffError
 from crossdiff.models import (
     PRESETS,
     build_model,
@@ -12,6 +11,7 @@ from crossdiff.models import (
     matched_configs,
     moe_config,
 )
+from crossdiff.plumbing.common import CrossdiffError
 
 SMALL = dict(d_model=32, n_heads=2, n_layers=2, d_vocab=64, n_ctx=16, device="cpu")
 

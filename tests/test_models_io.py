@@ -8,7 +8,6 @@ import torch
 from safetensors.torch import load_file
 from transformer_lens import HookedTransformer
 
-from crossdiff.common import CrossdiffError
 from crossdiff.models import (
     CrossdiffMoE,
     build_model,
@@ -18,6 +17,7 @@ from crossdiff.models import (
     save_model,
 )
 from crossdiff.models.io import config_from_dict
+from crossdiff.plumbing.common import CrossdiffError
 
 SMALL = dict(d_model=32, n_heads=2, n_layers=2, d_vocab=64, n_ctx=16, device="cpu")
 

@@ -8,8 +8,8 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.components.mlps.moe import MoE
 
-from crossdiff.common import CrossdiffError
 from crossdiff.models import CrossdiffMoE, build_model, moe_aux_loss, moe_config
+from crossdiff.plumbing.common import CrossdiffError
 
 SMALL = dict(d_model=32, n_heads=2, n_layers=2, d_vocab=64, n_ctx=16, num_experts=4, device="cpu")
 HOOKS = (

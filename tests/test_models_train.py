@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import crossdiff.models.train as train_module
-from crossdiff.common import CrossdiffError
 from crossdiff.data import TokenSet
 from crossdiff.models import load_model, matched_configs, train_language_models
 from crossdiff.models.evaluate import unigram_cross_entropy
 from crossdiff.models.io import read_model_header
 from crossdiff.models.train import TrainOptions, batch_rows, learning_rate
+from crossdiff.plumbing.common import CrossdiffError
 
 VOCAB, SEQ = 48, 16
 SMALL = dict(d_model=32, n_heads=2, n_layers=2, d_vocab=VOCAB, n_ctx=SEQ, device="cpu")

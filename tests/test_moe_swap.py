@@ -19,9 +19,9 @@ from transformer_lens.components.mlps.moe import MoE
 
 import crossdiff
 from crossdiff.activations import harvest
-from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
 from crossdiff.models import CrossdiffGptOssMoE, CrossdiffMoE, swap_in_crossdiff_moe
+from crossdiff.plumbing.common import CrossdiffError
 
 # one torch thread: the hook values are compared at 1e-5, and how a matmul splits its sums over
 # threads moves the last bits (the gpt-oss case's gate pre-activations exceed 1e-5 on 2 threads)

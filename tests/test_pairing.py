@@ -6,7 +6,7 @@ import pytest
 
 from crossdiff.activations import Pairing, list_pairings, load_pairing
 from crossdiff.activations.pairing import hook_layer, preset_dirs
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def test_shipped_presets_are_found_by_name():

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from crossdiff.common import CrossdiffError
-from crossdiff.pipeline import resolve_options, run_pipeline
-from crossdiff.stage_record import RECORD
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.run.pipeline import resolve_options, run_pipeline
+from crossdiff.run.stage_record import RECORD
 
 REPO = Path(__file__).resolve().parents[1]
 # One torch thread in the examples' processes and (one_thread) in this one: reports made in a
@@ -69,7 +69,7 @@ def test_run_crosscoder_cfg_records_what_it_read(micro_run: Path):
     """Provenance of `crossdiff run`: model and hook names, store and tokenizer fingerprints."""
     from crossdiff.activations import ActivationStore
     from crossdiff.data import load_tokenizer
-    from crossdiff.fingerprint import store_fingerprint
+    from crossdiff.plumbing.fingerprint import store_fingerprint
 
     metadata = json.loads((micro_run / "crosscoder" / "cfg.json").read_text())["metadata"]
     hook = "blocks.2.hook_resid_post"

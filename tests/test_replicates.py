@@ -10,8 +10,8 @@ import torch
 
 from crossdiff import CrossCoderConfig, diff_features, train_crosscoder
 from crossdiff.analysis.replicates import match_latents, replicate_summary
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.synthetic import match_planted_latents, planted_crosscoder_data
+from crossdiff.plumbing.common import CrossdiffError
 
 N_TRAIN = 6000
 SEEDS = (0, 1, 2)

@@ -12,9 +12,9 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from crossdiff.activations import ActivationStore, harvest
 from crossdiff.analysis import diff_features
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig, evaluate_crosscoder
 from crossdiff.data.tokens import TokenSet
+from crossdiff.plumbing.common import CrossdiffError
 from crossdiff.report import commands
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)

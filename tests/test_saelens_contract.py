@@ -1,7 +1,7 @@
 """The SAELens members crossdiff's CrossCoderTrainer overrides or calls, pinned.
 
 crossdiff trains through sae_lens.training.sae_trainer.SAETrainer (subclassed in
-crossdiff/crosscoder/trainer.py) and overrides some of its private members. pyproject pins
+crossdiff/crosscoder/train.py) and overrides some of its private members. pyproject pins
 sae-lens to the tested minor release; this test says, by name, what an SAELens upgrade changed
 of what crossdiff relies on (docs/architecture.md, "The SAELens boundary"), so the upgrade fails
 here rather than in a training run.
@@ -67,12 +67,12 @@ def test_the_methods_crossdiff_overrides_or_calls_keep_their_parameters(name):
     member = getattr(SAETrainer, name, None)
     assert member is not None, (
         f"SAELens's SAETrainer no longer has {name!r}, which crossdiff's CrossCoderTrainer "
-        "overrides or calls (crossdiff/crosscoder/trainer.py); port the trainer to this SAELens"
+        "overrides or calls (crossdiff/crosscoder/train.py); port the trainer to this SAELens"
     )
     got = _params(member)
     assert got == METHODS[name], (
         f"SAETrainer.{name} now takes {got}, crossdiff relies on {METHODS[name]} "
-        "(crossdiff/crosscoder/trainer.py); port the override to the new signature"
+        "(crossdiff/crosscoder/train.py); port the override to the new signature"
     )
 
 

@@ -10,7 +10,7 @@ from sae_lens import HookedSAETransformer
 from transformer_lens import HookedTransformerConfig
 
 import crossdiff
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,8 @@ from transformer_lens import HookedTransformer
 
 import crossdiff
 from crossdiff.activations import Pairing, harvest, load_pairing
-from crossdiff.common import CrossdiffError
-from crossdiff.crosscoder.splice import loss_recovered, spliced_loss, summary_lines
+from crossdiff.crosscoder.spliced_loss import loss_recovered, spliced_loss, summary_lines
+from crossdiff.plumbing.common import CrossdiffError
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -229,8 +229,8 @@ def test_a_trained_crosscoder_recovers_most_of_the_loss(models, heldout, tmp_pat
 def test_micro_run_and_report_command_show_the_spliced_loss(tmp_path, capsys):
     """`crossdiff run` (micro, shortened) puts the spliced loss per model into report.json/md/html
     and its printed summary; `crossdiff report` finds the run's models and held-out rows."""
-    from crossdiff.pipeline import _summary_lines, run_pipeline
     from crossdiff.report import commands
+    from crossdiff.run.pipeline import _summary_lines, run_pipeline
 
     out = tmp_path / "run"
     overrides = {

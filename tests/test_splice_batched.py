@@ -10,10 +10,10 @@ import torch
 from test_splice import exact_crosscoder, heldout, markov_rows, models  # noqa: F401
 
 import crossdiff
-import crossdiff.crosscoder.splice_batched as batched
+import crossdiff.crosscoder.spliced_forwards as batched
 from crossdiff.activations import load_pairing
 from crossdiff.activations.rows import as_token_rows
-from crossdiff.crosscoder.splice import spliced_loss
+from crossdiff.crosscoder.spliced_loss import spliced_loss
 from crossdiff.crosscoder.splicer import Splicer
 
 pytestmark = [

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from crossdiff.activations.stage import StoreStageConfig
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.stage import CrosscoderStageConfig
 from crossdiff.data.stage import DataStageConfig
 from crossdiff.models.stage import ModelsStageConfig
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.presets import RUN_PRESETS
 from crossdiff.report.stage import ReportStageConfig
-from crossdiff.run_presets import RUN_PRESETS
 
 CONFIGS = {
     "data": DataStageConfig,

@@ -9,8 +9,8 @@ import torch
 
 from crossdiff.activations import ActivationStore
 from crossdiff.activations.store import FORMAT, FORMAT_VERSION, StoreWriter
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
+from crossdiff.plumbing.common import CrossdiffError
 
 WIDTHS = [4, 6]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from crossdiff import lens
-from crossdiff.common import CrossdiffError
+from crossdiff.integrations import lens
+from crossdiff.plumbing.common import CrossdiffError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,8 @@ import transformer_lens
 del transformer_lens.HookedTransformer                # TransformerLens 4 has no such name
 sys.modules["transformer_lens.HookedTransformer"] = None  # nor module
 import crossdiff
-import crossdiff.lens
-crossdiff.lens.tl_version = lambda: "4.3.0"
+import crossdiff.integrations.lens
+crossdiff.integrations.lens.tl_version = lambda: "4.3.0"
 import crossdiff.activations                           # the harvest imports no HookedTransformer
 from crossdiff.activations import harvest, Pairing     # noqa: F401
 for name in ("build_model", "train_crosscoder"):

@@ -17,7 +17,6 @@ import crossdiff
 import crossdiff.crosscoder.commands as commands
 from crossdiff.activations import harvest
 from crossdiff.analysis import diff_features
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder import (
     CrossCoder,
     CrossCoderConfig,
@@ -30,7 +29,8 @@ from crossdiff.crosscoder.synthetic import (
     match_planted_latents,
     planted_crosscoder_data,
 )
-from crossdiff.integrity import sha256_of_file, write_checksum
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.integrity import sha256_of_file, write_checksum
 from crossdiff.report import write_report
 
 pytestmark = [

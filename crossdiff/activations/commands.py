@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from crossdiff.cli_presets import add_preset_argument, apply_preset
-from crossdiff.common import CrossdiffError, add_runtime_arguments
+from crossdiff.plumbing.common import CrossdiffError, add_runtime_arguments
+from crossdiff.plumbing.preset_args import add_preset_argument, apply_preset
 
 # run-preset "store" option -> this subcommand's dest
 PRESET_DESTS = {
@@ -87,9 +87,9 @@ def _default_token_set(model_dir: Path) -> Path:
 
 def run_harvest(args: argparse.Namespace) -> int:
     from crossdiff.activations.stage import ModelPair, StoreStageConfig, run_store_stage
-    from crossdiff.common import seed_everything
     from crossdiff.data.tokens import TokenSet
-    from crossdiff.distributed import dist_info, rank_device
+    from crossdiff.plumbing.common import seed_everything
+    from crossdiff.plumbing.distributed import dist_info, rank_device
 
     apply_preset(args, "store", PRESET_DESTS, DEFAULTS)
     seed_everything(args.seed)

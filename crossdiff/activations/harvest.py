@@ -1,10 +1,10 @@
 """Paired harvesting: run two models on identical token batches and stream their activations
 at the pairing's hook points into an ActivationStore.
 
-`harvest` checks its arguments into a HarvestJob (job.py) and runs it alone (here) or by several
-processes (sharded.py). The parts: rows.py (the token rows and the document split), identity.py
-(the models' hashes and tokenizers), runner.py (running the pair), layout.py and folder.py (the
-store's files and what a harvest may do to a folder)."""
+`harvest` checks its arguments into a HarvestJob (harvest_job.py) and runs it alone (here) or by
+several processes (harvest_ranks.py). The parts: rows.py (the token rows and the document split),
+identity.py (the models' hashes and tokenizers), runner.py (running the pair), store_layout.py and
+harvest_folder.py (the store's files and what a harvest may do to a folder)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,24 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from crossdiff.activations.folder import mark_run_stage, open_store, written_message
+from crossdiff.activations.harvest_folder import mark_run_stage, open_store, written_message
+from crossdiff.activations.harvest_job import (
+    SHARD_BYTES,
+    HarvestJob,
+    HarvestOptions,
+    fill,
+    prepare_job,
+)
 from crossdiff.activations.identity import LensModel, config_hash, weights_hash
-from crossdiff.activations.job import SHARD_BYTES, HarvestJob, HarvestOptions, fill, prepare_job
-from crossdiff.activations.layout import PLAN, RANKS_DIR_RE
 from crossdiff.activations.pairing import Pairing
 from crossdiff.activations.rows import heldout_documents, tokens_with_domains
 from crossdiff.activations.runner import eval_mode
 from crossdiff.activations.store import ActivationStore
-from crossdiff.common import CrossdiffError
+from crossdiff.activations.store_layout import PLAN, RANKS_DIR_RE
 from crossdiff.data.tokens import TokenSet
-from crossdiff.distributed import dist_info
-from crossdiff.lock import folder_lock
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.distributed import dist_info
+from crossdiff.plumbing.lock import folder_lock
 
 __all__ = [  # the names harvest.py held before its parts had modules of their own
     "PLAN",
@@ -112,7 +118,7 @@ def harvest(
         raise CrossdiffError(
             "distributed=True but no torch.distributed process group of more than one process "
             "is running; launch with `torchrun --nproc_per_node N` and call "
-            "crossdiff.distributed.init_distributed() first (the CLI does), or leave "
+            "crossdiff.plumbing.distributed.init_distributed() first (the CLI does), or leave "
             "distributed=None"
         )
     options = HarvestOptions(
@@ -126,7 +132,7 @@ def harvest(
     locked = folder_lock(lock, f"store {out_dir}", enabled=info.is_main or not distributed)
     with locked, eval_mode((model_a, model_b)):
         if distributed:
-            from crossdiff.activations.sharded import harvest_ranks, together
+            from crossdiff.activations.harvest_ranks import harvest_ranks, together
 
             job = together(
                 lambda: prepare_job(

@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossdiff.common import CrossdiffError
-from crossdiff.lens import LensModel  # the models a harvest runs: HookedTransformer or Bridge
+from crossdiff.integrations.lens import (
+    LensModel,  # the models a harvest runs: HookedTransformer or Bridge
+)
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def config_hash(model: LensModel) -> str:

@@ -18,8 +18,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from crossdiff.activations.source import ActivationSource
-from crossdiff.common import CrossdiffError
-from crossdiff.distributed import DistInfo
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.distributed import DistInfo
 
 
 class JointSource(ActivationSource):
@@ -58,7 +58,7 @@ class JointSource(ActivationSource):
             [self.sources[s].scaling_factors[m].float() for s, m in self.columns]
         )
         self.empty_advice = self.sources[0].empty_advice
-        from crossdiff.fingerprint import fingerprint, store_fingerprint
+        from crossdiff.plumbing.fingerprint import fingerprint, store_fingerprint
 
         # what the crosscoder stage records as its data: each source's content and the layout
         # (not the part: a store's parts share its fingerprint, so training on the train part

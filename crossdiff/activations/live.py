@@ -29,18 +29,18 @@ import torch.distributed as dist
 from jaxtyping import Float
 from torch import Tensor
 
+from crossdiff.activations.harvest_job import HarvestJob, HarvestOptions, fill, prepare_job
 from crossdiff.activations.identity import LensModel
-from crossdiff.activations.job import HarvestJob, HarvestOptions, fill, prepare_job
 from crossdiff.activations.normalization import RunningStats
 from crossdiff.activations.pairing import Pairing
 from crossdiff.activations.runner import eval_mode
 from crossdiff.activations.shuffle import shuffled_rows
 from crossdiff.activations.source import ActivationSource
 from crossdiff.activations.store import StoreWriter, mask_ranges
-from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet
-from crossdiff.distributed import DistInfo, dist_info, shard_rows
-from crossdiff.fingerprint import fingerprint
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.distributed import DistInfo, dist_info, shard_rows
+from crossdiff.plumbing.fingerprint import fingerprint
 
 SCALE_TOKENS = 2**20  # training tokens the scaling factors are estimated on (whole shards)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 _TOP_KEYS = {"name", "description", "drop_bos", "sites", "record"}
 _SITE_KEYS = {"a", "b", "layers"}

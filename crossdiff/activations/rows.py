@@ -10,8 +10,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import TokenSet, token_fingerprint
+from crossdiff.plumbing.common import CrossdiffError
 
 
 @dataclass

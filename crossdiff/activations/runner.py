@@ -14,9 +14,9 @@ from torch import Tensor
 
 from crossdiff.activations.bridge import router_hook
 from crossdiff.activations.identity import LensModel
-from crossdiff.activations.layout import expert_column_map
 from crossdiff.activations.pairing import Pairing, hook_layer
-from crossdiff.common import CrossdiffError, resolve_dtype
+from crossdiff.activations.store_layout import expert_column_map
+from crossdiff.plumbing.common import CrossdiffError, resolve_dtype
 
 
 def check_hooks(model: LensModel, name: str, hooks: tuple[str, ...]) -> None:

@@ -22,16 +22,19 @@ subclasses it and implements the abstract members.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from crossdiff.activations.shuffle import buffer_capacity
-from crossdiff.common import CrossdiffError
-from crossdiff.distributed import DistInfo
+from crossdiff.plumbing.api_checks import given
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.distributed import DistInfo
 
 
 class ActivationSource(ABC):
@@ -126,3 +129,16 @@ class ActivationSource(ABC):
             if scale is not None:
                 batch = batch * scale
             yield batch.to(device=device, dtype=dtype)
+
+
+def check_activations(acts: Any, function: str, name: str = "acts") -> None:
+    """`acts` is a Tensor [n_tokens, n_models, d_model] or an ActivationSource (e.g. a store)."""
+    if isinstance(acts, (torch.Tensor, ActivationSource)):
+        return
+    hint = ""
+    if isinstance(acts, (str, os.PathLike)):
+        hint = f"; to read the store at {os.fspath(acts)}, pass crossdiff.ActivationStore(path)"
+    raise CrossdiffError(
+        f"{function}: {name} must be a Tensor [n_tokens, n_models, d_model] or an activation "
+        f"store (crossdiff.ActivationStore), got {given(acts)}{hint}"
+    )

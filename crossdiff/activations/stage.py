@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import read_json
-from crossdiff.stage_config import StageConfig
+from crossdiff.plumbing.common import read_json
+from crossdiff.plumbing.stage_config import StageConfig
 
 TOKENIZER_META = "crossdiff_tokenizer.json"
 
@@ -67,8 +67,8 @@ def run_store_stage(
     """Harvest the pair's activations into a store at `out_dir` (resuming); the
     ActivationStore. `seed` chooses the held-out documents; `dtype` casts the loaded models."""
     from crossdiff.activations.harvest import harvest
-    from crossdiff.common import resolve_dtype
     from crossdiff.models import load_model
+    from crossdiff.plumbing.common import resolve_dtype
 
     models = [load_model(d, device=str(device)) for d in inputs.dirs]
     if dtype is not None:

@@ -1,6 +1,6 @@
 """ActivationStore: paired activations on disk, sharded safetensors plus a JSON manifest.
 
-The layout (file names, manifest fields; format in docs/store.md) is in layout.py.
+The layout (file names, manifest fields; format in docs/store.md) is in store_layout.py.
 A shard's `file` in the manifest is a path relative to the store folder.
 
 Parts: a store harvested with a document split (manifest `split`) marks the tokens of its
@@ -8,8 +8,8 @@ held-out documents per shard (`heldout`: [lo, hi) ranges of shard rows); every o
 training. `store.part("train")` / `store.part("heldout")` are views with the store's reading
 interface over one part; the statistics and scaling factors are those of the training part.
 
-StoreWriter (writer.py) appends to a store; shards.py checks and opens its files. Both writers'
-and readers' names stay importable from here.
+StoreWriter (store_writer.py) appends to a store; checked_files.py checks and opens its files. Both
+writers' and readers' names stay importable from here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from crossdiff.activations.layout import (
+from crossdiff.activations.checked_files import (
+    ShardFiles,
+    read_manifest,
+    read_running_stats,
+    sha256_file,
+)
+from crossdiff.activations.normalization import RunningStats
+from crossdiff.activations.shuffle import shuffled_rows
+from crossdiff.activations.source import ActivationSource
+from crossdiff.activations.store_layout import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -35,18 +44,9 @@ from crossdiff.activations.layout import (
     shard_name,
     stats_name,
 )
-from crossdiff.activations.normalization import RunningStats
-from crossdiff.activations.shards import (
-    ShardFiles,
-    read_manifest,
-    read_running_stats,
-    sha256_file,
-)
-from crossdiff.activations.shuffle import shuffled_rows
-from crossdiff.activations.source import ActivationSource
-from crossdiff.activations.writer import StoreWriter, write_store_file
-from crossdiff.common import CrossdiffError, resolve_dtype
-from crossdiff.distributed import DistInfo, shard_rows
+from crossdiff.activations.store_writer import StoreWriter, write_store_file
+from crossdiff.plumbing.common import CrossdiffError, resolve_dtype
+from crossdiff.plumbing.distributed import DistInfo, shard_rows
 
 __all__ = [  # the layout's, shards' and writer's names are re-exported: store.py was their home
     "FORMAT",

@@ -19,7 +19,7 @@ from crossdiff.analysis.latent_scaling import ScalingAccumulator, ScalingSums
 from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.topk_meter import TopKMeter
 from crossdiff.crosscoder.fve import ReconstructionMeter
-from crossdiff.integrity import check_finite_acts, check_finite_module
+from crossdiff.plumbing.integrity import check_finite_acts, check_finite_module
 
 
 @dataclass

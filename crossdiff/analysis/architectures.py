@@ -38,7 +38,7 @@ import numpy as np
 
 from crossdiff.analysis import attribution as att
 from crossdiff.analysis.stats import CI_LEVEL, cliffs_delta, cliffs_delta_resamples
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 HOLDS, DOES_NOT_HOLD, CANNOT_TELL = "holds", "does not hold", "cannot tell"
 ALPHA = 0.05

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 THRESHOLDS = (0.3, 0.2, 0.1)  # lo of the splits 0.3/0.7, 0.2/0.8 and 0.1/0.9
 SHARED, PRIVATE, PARTIAL, DEAD, DESIGNATED = (

@@ -7,7 +7,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 # name -> (lo, hi): r < lo is A-only, r > hi is B-only, lo <= r <= hi is shared.
 SPLITS: dict[str, tuple[float, float]] = {

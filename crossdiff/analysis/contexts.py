@@ -10,7 +10,7 @@ from torch import Tensor
 
 from crossdiff.analysis.feature_diff import FeatureDiff
 from crossdiff.analysis.source import TokenSource
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:

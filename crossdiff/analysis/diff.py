@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from crossdiff.activations.source import check_activations
 from crossdiff.activations.store import evaluation_part
 from crossdiff.analysis.accumulate import PassStats, run_pass
 from crossdiff.analysis.attribution import pair_splits
@@ -44,10 +45,10 @@ from crossdiff.analysis.scaling_columns import add_latent_scaling
 from crossdiff.analysis.source import TokenSource
 from crossdiff.analysis.summary import domain_lift, summarize
 from crossdiff.analysis.summary import finite as _finite
-from crossdiff.api_checks import check_activations, check_crosscoder
 from crossdiff.crosscoder.compatibility import check_reads, resolve_tokenizer
 from crossdiff.crosscoder.fve import pooled_normalized_fve
 from crossdiff.crosscoder.metrics import normalized_unit_factors
+from crossdiff.plumbing.api_checks import check_crosscoder
 
 
 def _crosscoder_config(cc: Any) -> dict[str, Any]:

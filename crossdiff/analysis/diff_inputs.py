@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from crossdiff.analysis.source import TokenSource
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.metrics import check_zero_padding
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def resolve_direction(

@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from crossdiff.activations.pairing import hook_layer
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 DEFAULT_MIN_FIRINGS = 20
 _LN2 = math.log(2.0)

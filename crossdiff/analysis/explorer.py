@@ -18,7 +18,7 @@ import torch
 from crossdiff.analysis.classes import DEAD
 from crossdiff.analysis.contexts import _merge_windows, _token_text, band_samples
 from crossdiff.analysis.logit_effects import load_residual_models, logit_effects
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 EXPLORER_FORMAT = "crossdiff-explorer"
 DEFAULT_PER_CLASS = 4096  # covers every class of a tiny run (d_sae ~1-4k) in full

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from crossdiff.analysis.source import TokenSource
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 
 @dataclass

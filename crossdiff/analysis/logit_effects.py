@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 # a TransformerBridge's own names for the residual stream: blocks.{L}.hook_in (resid_pre), hook_out
 _RESID = re.compile(
@@ -109,10 +109,10 @@ def load_residual_models(
 
     `models` is a dict of loaded models or model folders by store model name, or a folder with
     one model folder per store model name (the layout `crossdiff run` writes); a folder is a
-    crossdiff model or a Hugging Face checkpoint (crossdiff/lens_models.py). Models whose folder
+    crossdiff model or a Hugging Face checkpoint (crossdiff/models/by_name.py). Models whose folder
     is missing are skipped.
     """
-    from crossdiff.lens_models import resolve_models
+    from crossdiff.models.by_name import resolve_models
 
     hooks = residual_models(manifest, model_names)
     if models is None or not hooks:

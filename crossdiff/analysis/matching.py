@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 PRESENCE = 0.25
 TOP_CANDIDATES = 8

@@ -15,7 +15,7 @@ import numpy as np
 
 from crossdiff.analysis.classes import DEAD
 from crossdiff.analysis.matching import match_latents
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def spread(values: list[float | int | None]) -> dict[str, Any]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from crossdiff.activations.layout import METADATA_KEYS
 from crossdiff.activations.source import ActivationSource
-from crossdiff.common import CrossdiffError
+from crossdiff.activations.store_layout import METADATA_KEYS
+from crossdiff.plumbing.common import CrossdiffError
 
 DEFAULT_MODEL_NAMES = ("dense", "moe")
 DEFAULT_DOMAIN_NAMES = ("code", "science", "stories")

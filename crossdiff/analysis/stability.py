@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from crossdiff.analysis.matching import _decoder, match_latents
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 THRESHOLDS = (0.5, 0.7, 0.9)
 STABLE_COSINE = 0.7

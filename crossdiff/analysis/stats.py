@@ -15,6 +15,7 @@ SEED = 0
 _CHUNK = 250
 
 
+# hand-written: scipy has no Cliff's delta (it is mannwhitneyu's U rescaled, computed directly)
 def cliffs_delta(x: Float[np.ndarray, " n"], y: Float[np.ndarray, " m"]) -> float:
     """P(X > Y) - P(X < Y) over all pairs (ties count 0), in [-1, 1]; equals the rank-biserial
     correlation 2U / (n m) - 1 of the Mann-Whitney U of x against y. O((n + m) log m)."""
@@ -33,6 +34,8 @@ def _percentile_ci(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+# hand-written, not scipy.stats.bootstrap: that would evaluate delta on every resample (a sort
+# each); the binned draws below cost O(distinct values) per resample, and claims need the resamples
 def bootstrap_cliffs_delta(
     x: Float[np.ndarray, " n"],
     y: Float[np.ndarray, " m"],
@@ -91,6 +94,8 @@ def cliffs_delta_resamples(
     return out
 
 
+# hand-written, not scipy.stats.bootstrap: resampling `total` 0/1 items is one binomial draw, which
+# scipy would spell out item by item
 def bootstrap_proportion(
     successes: int,
     total: int,
@@ -107,6 +112,7 @@ def bootstrap_proportion(
     return _percentile_ci(samples, level)
 
 
+# hand-written: scipy has no Holm adjustment (statsmodels' multipletests is not a dependency)
 def holm(p_values: list[float | None]) -> list[float | None]:
     """Holm's step-down adjustment over the non-None p-values (None stays None): sorted
     ascending, p_(i) becomes max over j <= i of min(1, (m - j + 1) p_(j)), m the number tested."""

@@ -41,7 +41,7 @@ from crossdiff.activations.rows import as_token_rows
 from crossdiff.activations.runner import check_hooks, eval_mode
 from crossdiff.analysis.classes import DEAD, DESIGNATED, SHARED
 from crossdiff.analysis.verify_stats import bootstrap_mean_ci, wilson_interval
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 DEFAULT_CANDIDATES = 8  # per exclusive class
 DEFAULT_SEQUENCES = 32  # held-out rows

@@ -23,8 +23,8 @@ def verify_for_run(
     """Verify the top `n_candidates` latents of each exclusive class of `diff` with the store's
     models on `max_sequences` held-out rows; False (with a printed note) when there is nothing
     to verify with. `models_dir`: a folder with a model folder per store model name, or a dict
-    store model name -> loaded model or folder (crossdiff or Hugging Face: lens_models.py)."""
-    from crossdiff.lens_models import resolve_models
+    store model name -> loaded model or folder (crossdiff or Hugging Face: models/by_name.py)."""
+    from crossdiff.models.by_name import resolve_models
 
     names = list(store.model_names)
     if n_candidates <= 0 or max_sequences <= 0:

@@ -1,9 +1,7 @@
 """The intervals of screen-and-verify: a bootstrap interval of a mean, and Wilson's interval of a
-share."""
+share (both scipy.stats')."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from jaxtyping import Float
@@ -13,25 +11,32 @@ def bootstrap_mean_ci(
     values: Float[np.ndarray, " n"], *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of the mean of `values` (None, None when there are fewer
-    than 2 values)."""
+    than 2 finite values): scipy.stats.bootstrap, seeded."""
+    from scipy.stats import bootstrap
+
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if len(values) < 2:
         return None, None
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+    result = bootstrap(
+        (values,),
+        np.mean,
+        n_resamples=n_boot,
+        confidence_level=level,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def wilson_interval(
-    successes: int, total: int, z: float = 1.959964
+    successes: int, total: int, level: float = 0.95
 ) -> tuple[float | None, float | None]:
-    """Wilson score interval of successes / total (None, None when total is 0)."""
+    """Wilson score interval of successes / total (None, None when total is 0): scipy's."""
+    from scipy.stats import binomtest
+
     if total <= 0:
         return None, None
-    p = successes / total
-    denom = 1 + z * z / total
-    center = (p + z * z / (2 * total)) / denom
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, center - half), min(1.0, center + half)
+    ci = binomtest(successes, total).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)

@@ -8,7 +8,7 @@ pull in the activation store and the data stage, load on first use.
 
 from __future__ import annotations
 
-from crossdiff.lens import explain_import_error
+from crossdiff.integrations.lens import explain_import_error
 
 try:  # SAELens 6 imports HookedTransformer: on TransformerLens 4 an error that says so
     from crossdiff.crosscoder.config import (
@@ -19,19 +19,19 @@ try:  # SAELens 6 imports HookedTransformer: on TransformerLens 4 an error that 
     )
     from crossdiff.crosscoder.model import CrossCoder
     from crossdiff.crosscoder.registration import load_crosscoder, register_with_sae_lens
-    from crossdiff.crosscoder.training import TrainingCrossCoder
+    from crossdiff.crosscoder.training_sae import TrainingCrossCoder
 except ImportError as _err:
     explain_import_error(_err, "crossdiff.crosscoder (an SAELens SAE)")
     raise
-from crossdiff.lazy import lazy_exports
+from crossdiff.plumbing.lazy import lazy_exports
 
 register_with_sae_lens()
 
 _LAZY = {
     "evaluate_crosscoder": "crossdiff.crosscoder.metrics",
-    "fold_scaling_factors": "crossdiff.crosscoder.trainer",
+    "fold_scaling_factors": "crossdiff.crosscoder.train",
     "push_to_hub": "crossdiff.crosscoder.hub",
-    "train_crosscoder": "crossdiff.crosscoder.trainer",
+    "train_crosscoder": "crossdiff.crosscoder.train",
 }
 
 __all__ = [

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from crossdiff.common import CrossdiffError, atomic_path, read_json, tensors_nbytes
-from crossdiff.fingerprint import canonical, changes
-from crossdiff.integrity import (
+from crossdiff.plumbing.common import CrossdiffError, atomic_path, read_json, tensors_nbytes
+from crossdiff.plumbing.fingerprint import canonical, changes
+from crossdiff.plumbing.integrity import (
     damaged_checkpoint_entry,
     move_aside,
     sha256_of_file,

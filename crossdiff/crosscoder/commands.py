@@ -8,8 +8,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from crossdiff.cli_presets import add_preset_argument, apply_preset
-from crossdiff.common import CrossdiffError, add_runtime_arguments
 from crossdiff.crosscoder.config import (
     AUX_LOSSES,
     B_DEC_INITS,
@@ -27,8 +25,10 @@ from crossdiff.crosscoder.stage import (
     CrosscoderStageConfig,
     run_crosscoder_stage,
 )
-from crossdiff.distributed import dist_info
-from crossdiff.lock import folder_lock
+from crossdiff.plumbing.common import CrossdiffError, add_runtime_arguments
+from crossdiff.plumbing.distributed import dist_info
+from crossdiff.plumbing.lock import folder_lock
+from crossdiff.plumbing.preset_args import add_preset_argument, apply_preset
 
 # run-preset "crosscoder" option -> this subcommand's dest
 PRESET_DESTS = {

@@ -15,7 +15,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def _metadata(cc: Any) -> dict[str, Any]:
@@ -35,7 +35,7 @@ def _manifest(acts: Any) -> dict[str, Any] | None:
 def crosscoder_mismatches(cc: Any, acts: Any) -> list[str]:
     """What differs between the store `cc` was trained on (its cfg.json) and the store `acts`;
     [] when they agree or when either side records nothing to compare."""
-    from crossdiff.fingerprint import store_fingerprint
+    from crossdiff.plumbing.fingerprint import store_fingerprint
 
     recorded, manifest = _metadata(cc), _manifest(acts)
     if manifest is None or not recorded.get("hook_points"):

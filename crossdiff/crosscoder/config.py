@@ -19,9 +19,9 @@ from typing import Any
 from sae_lens.saes.sae import SAEConfig, SAEMetadata, TrainingSAEConfig
 
 from crossdiff.activations.source import ActivationSource
-from crossdiff.api_checks import check_whole
-from crossdiff.common import CrossdiffError, refuse_float16_training
 from crossdiff.crosscoder.partition import latent_owner, partition_ranges, resolve_partition
+from crossdiff.plumbing.api_checks import check_whole
+from crossdiff.plumbing.common import CrossdiffError, refuse_float16_training
 
 # namespaced: "crosscoder" alone is generic enough for another plugin to claim it
 ARCHITECTURE = "crossdiff.crosscoder"

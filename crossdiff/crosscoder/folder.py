@@ -11,7 +11,8 @@ from typing import Any
 
 from sae_lens.saes.sae import SAE
 
-from crossdiff.common import (
+from crossdiff.crosscoder.disk_loader import crossdiff_disk_loader
+from crossdiff.plumbing.common import (
     FILE_MODE,
     CrossdiffError,
     allocation_guard,
@@ -20,8 +21,7 @@ from crossdiff.common import (
     is_write_error,
     read_json,
 )
-from crossdiff.crosscoder.loading import crossdiff_disk_loader
-from crossdiff.integrity import (
+from crossdiff.plumbing.integrity import (
     check_finite_module,
     sha256_of_file,
     verify_checksum,

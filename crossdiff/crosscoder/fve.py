@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def _numpy(values: Any) -> np.ndarray:

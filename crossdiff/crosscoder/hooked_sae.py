@@ -5,7 +5,8 @@ hook's [batch, pos, d_model] and puts the output back. A crosscoder reads both m
 at once (its latents are computed from [n_models, d_model]), so spliced into one model it has no
 input to encode from (before, `add_sae` accepted it and `run_with_saes` failed later with a shape
 error). `register_with_sae_lens` wraps `add_sae` (once, keeping the original as `__wrapped__`) so
-that a crossdiff crosscoder is refused there, naming `crossdiff.crosscoder.splice.spliced_loss`,
+that a crossdiff crosscoder is refused there, naming
+`crossdiff.crosscoder.spliced_loss.spliced_loss`,
 which splices each model's part of the reconstruction into that model from both models' clean runs.
 """
 
@@ -14,14 +15,15 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 ADD_SAE_REFUSAL = (
     "HookedSAETransformer.add_sae cannot take a crossdiff crosscoder: it splices an SAE into one "
     "hook of one model, but a crosscoder encodes both models' activations at once "
     "([n_models, d_model] per token), which one model's forward pass does not have. To splice its "
-    "reconstruction into each model use crossdiff.crosscoder.splice.spliced_loss(cc, (model_a, "
-    "model_b), tokens, pairing) (crossdiff evaluate-crosscoder / `crossdiff report` report it); "
+    "reconstruction into each model use crossdiff.crosscoder.spliced_loss.spliced_loss(cc, "
+    "(model_a, model_b), tokens, pairing) (crossdiff evaluate-crosscoder / `crossdiff report` "
+    "report it); "
     "to read latents run both models and call cc.encode(torch.stack([x_a, x_b], dim=-2))"
 )
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 HF_SCHEME = "hf://"
 CARD = "README.md"
@@ -94,7 +94,7 @@ def push_to_hub(
 ) -> str:
     """Upload the crosscoder in `folder` (and `report`, a report folder) to `repo_id` on the Hub,
     under `subfolder` if given; returns the `hf://` address `load_crosscoder` takes."""
-    from crossdiff.common import read_json
+    from crossdiff.plumbing.common import read_json
 
     folder = Path(folder)
     for name in ("cfg.json", "sae_weights.safetensors", "sae_weights.safetensors.sha256"):

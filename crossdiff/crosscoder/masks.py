@@ -12,9 +12,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.partition import partition_mask
 from crossdiff.crosscoder.sparse import width_mask
+from crossdiff.plumbing.common import CrossdiffError
 
 
 class WeightMasks:

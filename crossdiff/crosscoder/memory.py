@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from crossdiff.common import resolve_dtype
+from crossdiff.plumbing.common import resolve_dtype
 
 GIB = 2**30
 

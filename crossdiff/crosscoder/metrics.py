@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from crossdiff.activations.source import ActivationSource
+from crossdiff.activations.source import ActivationSource, check_activations
 from crossdiff.activations.store import evaluation_part
-from crossdiff.api_checks import check_activations, check_crosscoder
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.fve import ReconstructionMeter
-from crossdiff.crosscoder.splice import spliced_loss_on
-from crossdiff.integrity import check_finite_module
+from crossdiff.crosscoder.spliced_loss import spliced_loss_on
+from crossdiff.plumbing.api_checks import check_crosscoder
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.integrity import check_finite_module
 
 
 def _eval_batches(
@@ -107,8 +107,8 @@ def evaluate_crosscoder(
 
     Given `models` (in harvest order) and `tokens` (held-out rows), also "spliced_loss": each
     model's LM loss with its paired activations replaced by the reconstruction, on the first
-    `splice_sequences` rows (crossdiff.crosscoder.splice; `pairing` and `model_names` default to
-    the store's).
+    `splice_sequences` rows (crossdiff.crosscoder.spliced_loss; `pairing` and `model_names`
+    default to the store's).
 
     A store other than the one `cc` was trained on (other models, hooks or tokens, by its
     cfg.json) is refused unless `allow_mismatch`; the differences are then under "mismatch".

@@ -36,11 +36,11 @@ from jaxtyping import Float, Int
 from sae_lens.saes.sae import SAE
 from torch import Tensor, nn
 
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.config import CrossCoderConfig
 from crossdiff.crosscoder.folder import load_folder, save_folder
 from crossdiff.crosscoder.masks import WeightMasks
 from crossdiff.crosscoder.sparse import SelectedPreActivations, code_weights, selection_scores
+from crossdiff.plumbing.common import CrossdiffError
 
 
 class CrossCoderWeights(WeightMasks):

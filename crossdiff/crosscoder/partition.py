@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 ARCHITECTURES = ("standard", "dfc")
 DFC_EXCLUSIVE_FRACTION = 0.05  # per model, of d_sae: the DFC reference code's example (5 % + 5 %)

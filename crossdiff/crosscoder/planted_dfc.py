@@ -111,7 +111,7 @@ def planted_exclusive_recall(
     same-features null when `null`: every planted feature shared)."""
     from crossdiff.crosscoder.config import CrossCoderConfig
     from crossdiff.crosscoder.metrics import evaluate_crosscoder
-    from crossdiff.crosscoder.trainer import train_crosscoder
+    from crossdiff.crosscoder.train import train_crosscoder
 
     kw = {"n_shared": N_SHARED + 2 * N_EXCLUSIVE, "n_exclusive": 0} if null else {}
     acts, truth = planted_pairs(seed=0, **kw)

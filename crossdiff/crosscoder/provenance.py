@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 from typing import Any
 
-from crossdiff.fingerprint import store_fingerprint
+from crossdiff.plumbing.fingerprint import store_fingerprint
 
 STORE_SCHEME = "crossdiff-store:"  # dataset_path = STORE_SCHEME + the store's fingerprint
 _PACKAGES = {

@@ -14,17 +14,17 @@ from typing import Any
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from crossdiff.common import CrossdiffError
 from crossdiff.crosscoder.config import ARCHITECTURE, CrossCoderConfig, TrainingCrossCoderConfig
+from crossdiff.crosscoder.disk_loader import LEGACY_ARCHITECTURE, crossdiff_disk_loader
 from crossdiff.crosscoder.hooked_sae import guard_add_sae
 from crossdiff.crosscoder.hub import HF_SCHEME, download
-from crossdiff.crosscoder.loading import LEGACY_ARCHITECTURE, crossdiff_disk_loader
 from crossdiff.crosscoder.model import CrossCoder
-from crossdiff.crosscoder.training import TrainingCrossCoder
+from crossdiff.crosscoder.training_sae import TrainingCrossCoder
+from crossdiff.plumbing.common import CrossdiffError
 
 __all__ = [
     "LEGACY_ARCHITECTURE",
-    "crossdiff_disk_loader",  # re-exported: its home is loading.py, which model.py may import
+    "crossdiff_disk_loader",  # re-exported: its home is disk_loader.py, which model.py may import
     "load_crosscoder",
     "register_with_sae_lens",
 ]

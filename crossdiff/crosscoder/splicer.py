@@ -1,6 +1,6 @@
 """The splicing itself: the batches, both models' clean activations at the paired sites, the
-crosscoder's reconstruction of them, and a forward pass with sites replaced (splice.py says what
-is measured; splice_batched.py runs the passes).
+crosscoder's reconstruction of them, and a forward pass with sites replaced (spliced_loss.py says
+what is measured; spliced_forwards.py runs the passes).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from crossdiff.activations.runner import stop_layer
-from crossdiff.common import CrossdiffError
-from crossdiff.lens import LensModel
+from crossdiff.integrations.lens import LensModel
+from crossdiff.plumbing.common import CrossdiffError
 
 KINDS = ("clean", "spliced", "zero", "mean")
 # Below this many nats between ablated and clean CE, loss recovered divides noise by noise.

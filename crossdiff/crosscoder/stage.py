@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.activations.source import ActivationSource
-from crossdiff.common import CrossdiffError, read_json, write_json_atomic
-from crossdiff.crosscoder.trainer import DEFAULT_STEPS
-from crossdiff.stage_config import StageConfig
+from crossdiff.crosscoder.train import DEFAULT_STEPS
+from crossdiff.plumbing.common import CrossdiffError, read_json, write_json_atomic
+from crossdiff.plumbing.stage_config import StageConfig
 
 DEFAULT_EXPANSION = 8
 DEFAULT_K = 32
@@ -145,7 +145,7 @@ class CrosscoderStageConfig(StageConfig):
 
 def identity(cfg: Any, config: CrosscoderStageConfig, seed: int, data_print: str) -> Any:
     """What a finished OUT must match to count as done: config, options, data fingerprint."""
-    from crossdiff.fingerprint import canonical
+    from crossdiff.plumbing.fingerprint import canonical
 
     cc_config = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "metadata")}
     options = {k: getattr(config, k) for k in RESULT_OPTIONS if k != "seed"} | {"seed": seed}
@@ -156,7 +156,7 @@ def identity(cfg: Any, config: CrosscoderStageConfig, seed: int, data_print: str
 
 def _data_fingerprint(source: ActivationSource) -> str:
     from crossdiff.activations.live import LiveActivations
-    from crossdiff.fingerprint import store_fingerprint
+    from crossdiff.plumbing.fingerprint import store_fingerprint
 
     return source.fingerprint if isinstance(source, LiveActivations) else store_fingerprint(source)
 
@@ -187,8 +187,8 @@ def run_crosscoder_stage(
     from crossdiff.crosscoder import CrossCoder, train_crosscoder
     from crossdiff.crosscoder.folder import WEIGHTS_FILE
     from crossdiff.crosscoder.memory import check_crosscoder_fits
-    from crossdiff.distributed import barrier, compute_device, dist_info
-    from crossdiff.fingerprint import describe_changes
+    from crossdiff.plumbing.distributed import barrier, compute_device, dist_info
+    from crossdiff.plumbing.fingerprint import describe_changes
 
     info = dist_info()
     out = Path(out_dir)
@@ -219,7 +219,7 @@ def run_crosscoder_stage(
         # the record is this crosscoder's but its files are gone: train again (from checkpoints)
     barrier()  # every rank has read OUT before rank 0 clears it
     if info.is_main and (out / "stage.json").exists():  # a finished `crossdiff run` crosscoder
-        from crossdiff.stage_record import mark_written_by
+        from crossdiff.plumbing.stage_marker import mark_written_by
 
         mark_written_by(out, "crossdiff train-crosscoder")
     if overwrite and info.is_main:

@@ -20,8 +20,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from crossdiff.activations.source import ActivationSource
-from crossdiff.common import CrossdiffError
-from crossdiff.distributed import DistInfo, shard_rows
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.distributed import DistInfo, shard_rows
 
 KINDS = ("shared", "a_only", "b_only")
 

@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from crossdiff.cli_presets import add_preset_argument, apply_preset, resolve_out
-from crossdiff.common import CrossdiffError, add_runtime_arguments
 from crossdiff.data.hf import DomainSource
+from crossdiff.plumbing.common import CrossdiffError, add_runtime_arguments
+from crossdiff.plumbing.preset_args import add_preset_argument, apply_preset, resolve_out
 
 _SOURCE_KEYS = (
     "domain",

@@ -6,8 +6,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from crossdiff.common import CrossdiffError
 from crossdiff.data.tokens import DOMAINS
+from crossdiff.plumbing.common import CrossdiffError
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from crossdiff.common import CrossdiffError
 from crossdiff.data.corpus import Document
 from crossdiff.data.stories import iter_stories
+from crossdiff.plumbing.common import CrossdiffError
 
 DEFAULT_CHARS_PER_DOMAIN = 2_500_000
 MAX_DOC_CHARS = 20_000  # long files are cut (at a line end) so one file cannot fill a domain

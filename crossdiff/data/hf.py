@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import CrossdiffError
 from crossdiff.data.corpus import Document
 from crossdiff.data.tokens import DOMAINS
+from crossdiff.plumbing.common import CrossdiffError
 
 SHUFFLE_BUFFER = 1000
 ENCODING_ERRORS = ("strict", "replace")

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from crossdiff.common import CrossdiffError
 from crossdiff.data.corpus import Document, check_documents
 from crossdiff.data.tokenizer import CrossdiffTokenizer
 from crossdiff.data.tokens import DOMAINS, TokenSet
+from crossdiff.plumbing.common import CrossdiffError
 
 ENCODE_BATCH = 256
 

@@ -18,13 +18,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from crossdiff.common import CrossdiffError, read_json, write_json_atomic
 from crossdiff.data.corpus import Document, check_documents, corpus_stats
 from crossdiff.data.embedded import DEFAULT_CHARS_PER_DOMAIN, embedded_corpus
 from crossdiff.data.hf import DomainSource, hf_corpus
 from crossdiff.data.packing import empty_token_set, pack_documents, split_documents
 from crossdiff.data.tokenizer import CrossdiffTokenizer, load_tokenizer, train_tokenizer
 from crossdiff.data.tokens import TokenSet
+from crossdiff.plumbing.common import CrossdiffError, read_json, write_json_atomic
 
 DATA_FORMAT = "crossdiff.Data/1"
 TRAIN_FILE = "tokens_train.safetensors"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from crossdiff.stage_config import StageConfig
+from crossdiff.plumbing.stage_config import StageConfig
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from crossdiff.common import CrossdiffError, atomic_path, read_json, write_json_atomic
 from crossdiff.data.corpus import Document
+from crossdiff.plumbing.common import CrossdiffError, atomic_path, read_json, write_json_atomic
 
 BOS_TOKEN = "<|bos|>"
 TOKENIZER_FILE = "tokenizer.json"

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from crossdiff.common import CrossdiffError, atomic_path
+from crossdiff.plumbing.common import CrossdiffError, atomic_path
 
 DOMAINS: tuple[str, ...] = ("code", "science", "stories")
 

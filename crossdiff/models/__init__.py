@@ -2,7 +2,7 @@
 swapped into pretrained MoEs), model folders, and the trainer that trains both on the same
 tokens."""
 
-from crossdiff.lens import explain_import_error
+from crossdiff.integrations.lens import explain_import_error
 
 try:  # on TransformerLens 4 (no HookedTransformer): an error that says so, not a traceback
     from crossdiff.models.build import build_model, is_moe

@@ -7,8 +7,8 @@ import warnings
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components.mlps.moe import MoE
 
-from crossdiff.common import CrossdiffError
 from crossdiff.models.moe import DEFAULT_LOAD_BALANCE_COEF, DEFAULT_Z_LOSS_COEF, CrossdiffMoE
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def build_model(

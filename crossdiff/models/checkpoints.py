@@ -14,9 +14,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from crossdiff.common import CrossdiffError, atomic_path, tensors_nbytes, write_json_atomic
 from crossdiff.data.tokens import TokenSet
-from crossdiff.integrity import (
+from crossdiff.models.io import (
+    CONFIG_FILE,
+    check_state_dict_fits,
+    config_to_dict,
+    read_model_header,
+)
+from crossdiff.models.step import TrainOptions
+from crossdiff.plumbing.common import CrossdiffError, atomic_path, tensors_nbytes, write_json_atomic
+from crossdiff.plumbing.integrity import (
     check_finite_module,
     checksum_path,
     damaged_checkpoint_entry,
@@ -25,13 +32,6 @@ from crossdiff.integrity import (
     verify_checksum,
     write_checksum,
 )
-from crossdiff.models.io import (
-    CONFIG_FILE,
-    check_state_dict_fits,
-    config_to_dict,
-    read_model_header,
-)
-from crossdiff.models.step import TrainOptions
 
 CHECKPOINT_FORMAT = "crossdiff.lm-checkpoint/1"
 

@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from crossdiff.cli_presets import (
+from crossdiff.plumbing.common import CrossdiffError, add_runtime_arguments
+from crossdiff.plumbing.preset_args import (
     PRESET_NAMES,
     add_preset_argument,
     apply_preset,
     preset_options,
 )
-from crossdiff.common import CrossdiffError, add_runtime_arguments
 
 # run-preset "models" option -> this subcommand's dest
 PRESET_DESTS = {
@@ -34,7 +34,7 @@ def _load_data(args: argparse.Namespace) -> Any:
     (prepared now if absent; `prepare-data --preset P --out OUT/data` makes the same folder)."""
     from crossdiff.data.prepare import load_prepared_data
     from crossdiff.data.stage import DataStageConfig, run_data_stage
-    from crossdiff.distributed import main_process_first
+    from crossdiff.plumbing.distributed import main_process_first
 
     if args.data is not None:
         if args.corpus is not None:
@@ -52,9 +52,9 @@ def _load_data(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from crossdiff.distributed import dist_info
     from crossdiff.models.configs import get_preset
     from crossdiff.models.stage import ModelsStageConfig, run_models_stage
+    from crossdiff.plumbing.distributed import dist_info
 
     if args.preset not in PRESET_NAMES:
         get_preset(args.preset)  # the error names the model presets (each is a run preset too)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformerConfig
 
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def _make_config(fields: dict[str, Any], overrides: dict[str, Any]) -> HookedTra
     if fields.get("num_experts") is not None:
         _check_experts(fields)
     if isinstance(fields.get("dtype"), str):
-        from crossdiff.common import resolve_dtype
+        from crossdiff.plumbing.common import resolve_dtype
 
         fields["dtype"] = resolve_dtype(fields["dtype"])
     known = {f.name for f in dataclasses.fields(HookedTransformerConfig)}

@@ -21,7 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from crossdiff.common import (
+from crossdiff.models.build import build_model
+from crossdiff.models.moe import CrossdiffMoE
+from crossdiff.plumbing.common import (
     CrossdiffError,
     atomic_path,
     dtype_name,
@@ -31,14 +33,12 @@ from crossdiff.common import (
     tensors_nbytes,
     write_json_atomic,
 )
-from crossdiff.integrity import (
+from crossdiff.plumbing.integrity import (
     check_finite_tensors,
     sha256_of_file,
     verify_checksum,
     write_checksum,
 )
-from crossdiff.models.build import build_model
-from crossdiff.models.moe import CrossdiffMoE
 
 MODEL_FORMAT = "crossdiff.model/1"
 CONFIG_FILE = "config.json"

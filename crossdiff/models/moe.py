@@ -26,9 +26,9 @@ from transformer_lens.components.mlps.moe import MoEGatedMLP
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedTransformer import HookedTransformer
 
-from crossdiff.common import CrossdiffError
-from crossdiff.distributed import all_reduce_sum_
 from crossdiff.models.grouped_mm import grouped_mm_usable, try_grouped_swiglu
+from crossdiff.plumbing.common import CrossdiffError
+from crossdiff.plumbing.distributed import all_reduce_sum_
 
 DEFAULT_LOAD_BALANCE_COEF = 0.01
 DEFAULT_Z_LOSS_COEF = 0.001

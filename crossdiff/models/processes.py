@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformerConfig
 
-from crossdiff.common import CrossdiffError, write_json_atomic
 from crossdiff.data.tokens import TokenSet
 from crossdiff.models.checkpoints import finished_history
 from crossdiff.models.io import config_to_dict
 from crossdiff.models.lifetime import PARENT_PID_ENV, parent_death_signal
 from crossdiff.models.step import TrainOptions
+from crossdiff.plumbing.common import CrossdiffError, write_json_atomic
 
 
 def train_in_processes(

@@ -9,7 +9,7 @@ from typing import Any
 
 from crossdiff.common import CrossdiffError
 from crossdiff.models.moe import DEFAULT_LOAD_BALANCE_COEF, DEFAULT_Z_LOSS_COEF
-from crossdiff.stage_config import StageConfig
+from crossdiff.plumbing.stage_config import StageConfig
 
 # `positions` option -> TransformerLens's positional_embedding_type ("rotary" is the seed paper
 # authors' choice in their tiny-moe code; crossdiff's presets learn absolute positions)
@@ -63,9 +63,9 @@ def run_models_stage(
     """Train the dense and the MoE model on `data` (a PreparedData) into `out_dir` (dense/,
     moe/, tokenizer/, eval.json), resuming; the TrainedModels. `dtype`: the models' parameter
     dtype (default: the preset's configs as they are)."""
-    from crossdiff.common import resolve_dtype
     from crossdiff.models.configs import matched_configs
     from crossdiff.models.train import train_language_models
+    from crossdiff.plumbing.common import resolve_dtype
 
     options = {f.name: getattr(config, f.name) for f in fields(config)}
     positions = options.pop("positions")

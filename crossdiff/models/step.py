@@ -18,9 +18,9 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from transformer_lens import HookedTransformer
 
-from crossdiff.common import refuse_float16_training
-from crossdiff.distributed import all_reduce_sum_, dist_info
 from crossdiff.models.moe import DEFAULT_LOAD_BALANCE_COEF, DEFAULT_Z_LOSS_COEF, moe_aux_loss
+from crossdiff.plumbing.common import refuse_float16_training
+from crossdiff.plumbing.distributed import all_reduce_sum_, dist_info
 
 
 @dataclass

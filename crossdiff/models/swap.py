@@ -24,8 +24,8 @@ from transformer_lens.components.mlps.gpt_oss_moe import GptOssExpert, GptOssMoE
 from transformer_lens.components.mlps.moe import MoE, MoEGatedMLP
 from transformer_lens.HookedTransformer import HookedTransformer
 
-from crossdiff.common import CrossdiffError
 from crossdiff.models.moe import DEFAULT_LOAD_BALANCE_COEF, DEFAULT_Z_LOSS_COEF, CrossdiffMoE
+from crossdiff.plumbing.common import CrossdiffError
 
 
 class CrossdiffGptOssMoE(CrossdiffMoE):

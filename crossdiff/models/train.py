@@ -36,16 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from crossdiff.common import CrossdiffError, read_json, seed_everything, write_json_atomic
 from crossdiff.data.tokens import TokenSet
-from crossdiff.distributed import (
-    barrier,
-    check_same_on_all_ranks,
-    compute_device,
-    dist_info,
-    shard_rows,
-)
-from crossdiff.integrity import check_finite_module
 from crossdiff.models.build import build_model
 from crossdiff.models.checkpoints import (
     CHECKPOINT_FORMAT,
@@ -66,6 +57,15 @@ from crossdiff.models.step import (
     make_optimizer,
     train_step,
 )
+from crossdiff.plumbing.common import CrossdiffError, read_json, seed_everything, write_json_atomic
+from crossdiff.plumbing.distributed import (
+    barrier,
+    check_same_on_all_ranks,
+    compute_device,
+    dist_info,
+    shard_rows,
+)
+from crossdiff.plumbing.integrity import check_finite_module
 
 __all__ = [
     "CHECKPOINT_FORMAT",

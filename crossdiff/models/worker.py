@@ -14,8 +14,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from crossdiff.common import CrossdiffError, environment_message, is_write_error, read_json
 from crossdiff.models.lifetime import die_with_parent
+from crossdiff.plumbing.common import CrossdiffError, environment_message, is_write_error, read_json
 
 
 def main(argv: list[str]) -> int:

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.analysis.classes import SPLITS
-from crossdiff.cli_presets import add_preset_argument, apply_preset
-from crossdiff.common import CrossdiffError, add_runtime_arguments
+from crossdiff.plumbing.common import CrossdiffError, add_runtime_arguments
+from crossdiff.plumbing.preset_args import add_preset_argument, apply_preset
 
 # run-preset "report" option -> this subcommand's dest
 PRESET_DESTS = {
@@ -130,9 +130,9 @@ def _default_tokenizer(store: Path) -> Path | None:
 
 def run_report(args: argparse.Namespace) -> int:
     from crossdiff.activations import ActivationStore
-    from crossdiff.common import resolve_device, seed_everything
     from crossdiff.crosscoder import CrossCoder
     from crossdiff.data import load_tokenizer
+    from crossdiff.plumbing.common import resolve_device, seed_everything
     from crossdiff.report.stage import ReportInputs, ReportStageConfig, run_report_stage
 
     apply_preset(args, "report", PRESET_DESTS, DEFAULTS)
@@ -178,7 +178,7 @@ def parse_models(given: list[str] | None, names: list[str]) -> Path | dict[str, 
 def _heldout(args: argparse.Namespace, config: Any, models_dir: Any) -> Any:
     """The held-out rows for the spliced-in LM loss and screen-and-verify, when either is asked
     for and can be computed."""
-    from crossdiff.crosscoder.splice import SPLICE_SEQUENCES
+    from crossdiff.crosscoder.spliced_loss import SPLICE_SEQUENCES
     from crossdiff.data.tokens import TokenSet
 
     n_rows = SPLICE_SEQUENCES if config.splice_sequences is None else config.splice_sequences
@@ -200,7 +200,7 @@ def _heldout(args: argparse.Namespace, config: Any, models_dir: Any) -> Any:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    from crossdiff.crosscoder.splice import summary_lines as spliced_loss_lines
+    from crossdiff.crosscoder.spliced_loss import summary_lines as spliced_loss_lines
 
     split = summary["split"]
     rec = summary["reconstruction"]

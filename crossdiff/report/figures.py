@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from crossdiff.analysis.classes import DEAD, DESIGNATED, SHARED  # noqa: E402
-from crossdiff.common import atomic_path  # noqa: E402
+from crossdiff.plumbing.common import atomic_path  # noqa: E402
 
 # Okabe & Ito (2008): distinguishable with the common colour-vision deficiencies
 OKABE_ITO = ["#0072B2", "#56B4E9", "#E69F00", "#D55E00", "#009E73", "#CC79A7", "#F0E442"]

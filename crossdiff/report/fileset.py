@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from crossdiff.common import CrossdiffError, atomic_path, fsync_dir
+from crossdiff.plumbing.common import CrossdiffError, atomic_path, fsync_dir
 
 STAGING = ".report.staging"
 COMMIT = ".report.commit"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.analysis.explorer import token_text, visible_whitespace
-from crossdiff.common import CrossdiffError
+from crossdiff.plumbing.common import CrossdiffError
 from crossdiff.report.fileset import check_complete
 
 _SPARK = "▁▂▃▄▅▆▇█"

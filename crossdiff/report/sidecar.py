@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.analysis.explorer import VISIBLE_WHITESPACE
-from crossdiff.common import FILE_MODE, CrossdiffError
+from crossdiff.plumbing.common import FILE_MODE, CrossdiffError
 
 SIDECAR_DIR = "report_files"  # next to report.html
 EXPLORER_SHARD = 64  # explored latents per shard file

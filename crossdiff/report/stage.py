@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from crossdiff.analysis.experts import DEFAULT_MIN_FIRINGS
-from crossdiff.stage_config import StageConfig
+from crossdiff.plumbing.stage_config import StageConfig
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def run_report_stage(
     """Diff the crosscoder's latents on the store and write the report into `out_dir`;
     (the FeatureDiff, the report's paths)."""
     from crossdiff.analysis import diff_features
-    from crossdiff.crosscoder.splice import SPLICE_SEQUENCES, spliced_loss_for_run
+    from crossdiff.crosscoder.spliced_loss import SPLICE_SEQUENCES, spliced_loss_for_run
     from crossdiff.report import write_report
 
     diff = diff_features(

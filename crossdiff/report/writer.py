@@ -13,7 +13,12 @@ import numpy as np
 
 from crossdiff.analysis.diff import FeatureDiff
 from crossdiff.analysis.explorer import DEFAULT_PER_CLASS, explore
-from crossdiff.common import CrossdiffError, atomic_path, check_output_dir, write_json_atomic
+from crossdiff.plumbing.common import (
+    CrossdiffError,
+    atomic_path,
+    check_output_dir,
+    write_json_atomic,
+)
 from crossdiff.report.figures import FIGURES, make_figures
 from crossdiff.report.fileset import report_set
 from crossdiff.report.html import render_report_html

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-import crossdiff.crosscoder.trainer as trainer_module
+import crossdiff.crosscoder.train as trainer_module
 from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
 from crossdiff.crosscoder.synthetic import planted_crosscoder_data
-from crossdiff.distributed import dist_info, distributed_job
+from crossdiff.plumbing.distributed import dist_info, distributed_job
 
 
 def main() -> None:

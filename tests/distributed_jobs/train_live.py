@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from crossdiff.activations import harvest
 from crossdiff.activations.live import LiveActivations
 from crossdiff.crosscoder import CrossCoderConfig, train_crosscoder
-from crossdiff.distributed import distributed_job, main_process_first
+from crossdiff.plumbing.distributed import distributed_job, main_process_first
 
 
 def tiny(seed: int, moe: bool) -> HookedTransformer:

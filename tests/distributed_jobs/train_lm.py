@@ -12,8 +12,8 @@ import torch
 
 import crossdiff.models.train as train_module
 from crossdiff.data import TokenSet
-from crossdiff.distributed import distributed_job
 from crossdiff.models import matched_configs, train_language_models
+from crossdiff.plumbing.distributed import distributed_job
 
 SMALL = dict(d_model=32, n_heads=2, n_layers=2, d_vocab=48, n_ctx=16, device="cpu")
 
