@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from crossdiff.common import CrossdiffError
 from crossdiff.data import prepare_data
 from crossdiff.models.io import load_model
 from crossdiff.models.stage import ModelsStageConfig, run_models_stage
+from crossdiff.plumbing.common import CrossdiffError
 
 
 def test_rotary_positions_train_both_models_without_a_position_table(tmp_path):

@@ -1,17 +1,19 @@
 """train_crosscoder: SAELens's SAETrainer with crossdiff's data providers and checkpoints.
 
-Training runs on scaled activations (each model's mean norm brought to sqrt(its width)); at the end
-the factors are folded into the weights, so the returned CrossCoder works on raw activations.
+Training runs on scaled activations (each model's mean norm brought to sqrt(its width); or raw ones
+with normalize=False); at the end the factors are folded into the weights, so the returned
+CrossCoder works on raw activations.
 Checkpoints are safetensors + JSON (never pickle), written atomically; `resume=True` continues a
 run from the last one.
 
 Under torchrun every rank reads the same seeded stream of global batches and trains on its own
 slice of each; gradients are all-reduced before clipping, firing counts are all-reduced so the
-dead-latent mask agrees, and the threshold update is global (see training.py). Rank 0 writes the
-checkpoints; one written by N ranks resumes on any number of processes.
+dead-latent mask agrees, and the threshold update is global (see training_sae.py). Rank 0 writes
+the checkpoints; one written by N ranks resumes on any number of processes.
 
-The parts: sources.py (where batches come from), plan.py (the run's checked settings and the
-crosscoder it starts from), saelens_trainer.py (the SAETrainer subclass), prefetch.py.
+The parts: training_batches.py (where batches come from), training_plan.py (the run's checked
+settings and the crosscoder it starts from), sae_trainer.py (the SAETrainer subclass),
+prefetch.py.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from crossdiff.common import CrossdiffError
 from crossdiff.models.moe import DEFAULT_LOAD_BALANCE_COEF, DEFAULT_Z_LOSS_COEF
+from crossdiff.plumbing.common import CrossdiffError
 from crossdiff.plumbing.stage_config import StageConfig
 
 # `positions` option -> TransformerLens's positional_embedding_type ("rotary" is the seed paper

@@ -1,9 +1,9 @@
 """The options of each `crossdiff run` preset, per stage (and the run-wide sections).
 
 Each stage's options are a dict because a run's stage records fingerprint that dict
-(crossdiff.stage_record); `<stage package>.stage.<Stage>StageConfig.from_options` turns one into
-the stage's typed config, refusing unknown names. The stage subcommands take the same options with
-`--preset` (crossdiff/cli_presets.py).
+(crossdiff.run.stage_record); `<stage package>.stage.<Stage>StageConfig.from_options` turns one
+into the stage's typed config, refusing unknown names. The stage subcommands take the same options
+with `--preset` (crossdiff/plumbing/preset_args.py).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from crossdiff.run.stage_graph import (
 from crossdiff.run.summary import _print_summary, _summary_lines  # noqa: F401 (re-exported)
 from crossdiff.run.validation import validate_run_options
 
-STAGES = BASE_STAGES  # the stages --stop-after names; see stage_runner for the whole graph
+STAGES = BASE_STAGES  # the stages --stop-after names; see stage_graph for the whole graph
 
 
 @dataclass
