@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from planted_store import write_planted_store
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import crossdiff.crosscoder.checkpoint as checkpoint_module
 from crossdiff import CrossCoderConfig, diff_features, evaluate_crosscoder, train_crosscoder
 from crossdiff.activations import ActivationStore
-from crossdiff.activations.store import FORMAT, FORMAT_VERSION, MANIFEST, StoreWriter
+from crossdiff.activations.store import MANIFEST
 from crossdiff.cli import main as cli_main
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.crosscoder.synthetic import planted_crosscoder_data
@@ -40,32 +41,7 @@ SHARD = 256
 
 def write_store(path: Path, acts: torch.Tensor) -> ActivationStore:
     """A float32 store of `acts` [n, 2, D_MODEL] in shards of SHARD tokens."""
-    header = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_names": ["dense", "moe"],
-        "hook_points": {"dense": ["h"], "moe": ["h"]},
-        "dtype": "float32",
-        "d_model": D_MODEL,
-        "d_models": [D_MODEL, D_MODEL],
-        "experts": {"model": None, "hooks": [], "width": 1},
-        "domain_names": ["code"],
-        "segments": [{"token_set": "planted", "start": 0, "n_tokens": 0}],
-    }
-    writer = StoreWriter.create(path, header)
-    for lo in range(0, len(acts), SHARD):
-        hi = min(lo + SHARD, len(acts))
-        writer.write_shard(
-            {
-                "acts": acts[lo:hi],
-                "token_ids": torch.arange(lo, hi, dtype=torch.int32),
-                "doc_ids": torch.zeros(hi - lo, dtype=torch.int64),
-                "positions": torch.arange(lo, hi, dtype=torch.int32),
-                "domains": torch.zeros(hi - lo, dtype=torch.int16),
-                "experts": torch.full((hi - lo, 1), -1, dtype=torch.int16),
-            }
-        )
-    return ActivationStore(path)
+    return write_planted_store(path, acts, shard=SHARD)
 
 
 def planted(n: int = 1024) -> torch.Tensor:

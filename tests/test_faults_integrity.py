@@ -15,10 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from planted_store import write_planted_store
 
 from crossdiff import diff_features, evaluate_crosscoder, train_crosscoder
 from crossdiff.activations import ActivationStore
-from crossdiff.activations.store import FORMAT, FORMAT_VERSION, StoreWriter
 from crossdiff.cli import main as cli_main
 from crossdiff.crosscoder import CrossCoder
 from crossdiff.plumbing.common import CrossdiffError
@@ -122,38 +122,13 @@ def test_a_stage_record_marked_by_a_subcommand_is_refused(tmp_path):
 
 def write_store(path: Path, acts: torch.Tensor, **header_keys) -> ActivationStore:
     """A float32 store of `acts` [n, 2, D_MODEL] with hooks, model hashes and a tokenizer."""
-    header = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_names": ["dense", "moe"],
-        "models": [
-            {"name": "dense", "config_hash": "c0", "weights_hash": "w0", "d_model": D_MODEL},
-            {"name": "moe", "config_hash": "c1", "weights_hash": "w1", "d_model": D_MODEL},
-        ],
-        "hook_points": {"dense": ["h"], "moe": ["h"]},
-        "tokenizer": {"name": "planted-bpe", "fingerprint": "tok0", "vocab_size": 4096},
-        "dtype": "float32",
-        "d_model": D_MODEL,
-        "d_models": [D_MODEL, D_MODEL],
-        "experts": {"model": None, "hooks": [], "width": 1},
-        "domain_names": ["code"],
-        "segments": [{"token_set": "planted", "start": 0, "n_tokens": 0}],
-        **header_keys,
-    }
-    writer = StoreWriter.create(path, header)
-    for lo in range(0, len(acts), SHARD):
-        hi = min(lo + SHARD, len(acts))
-        writer.write_shard(
-            {
-                "acts": acts[lo:hi],
-                "token_ids": torch.arange(lo, hi, dtype=torch.int32),
-                "doc_ids": torch.zeros(hi - lo, dtype=torch.int64),
-                "positions": torch.arange(lo, hi, dtype=torch.int32),
-                "domains": torch.zeros(hi - lo, dtype=torch.int16),
-                "experts": torch.full((hi - lo, 1), -1, dtype=torch.int16),
-            }
-        )
-    return ActivationStore(path)
+    models = [
+        {"name": "dense", "config_hash": "c0", "weights_hash": "w0", "d_model": D_MODEL},
+        {"name": "moe", "config_hash": "c1", "weights_hash": "w1", "d_model": D_MODEL},
+    ]
+    tokenizer = {"name": "planted-bpe", "fingerprint": "tok0", "vocab_size": 4096}
+    header = {"models": models, "tokenizer": tokenizer, **header_keys}
+    return write_planted_store(path, acts, shard=SHARD, **header)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from crossdiff.models.stage import ModelsStageConfig, run_models_stage
 from crossdiff.plumbing.common import CrossdiffError
 
 
+@pytest.mark.slow  # prepares data and trains both models two steps
 def test_rotary_positions_train_both_models_without_a_position_table(tmp_path):
     data = prepare_data(tmp_path / "data", preset="tiny", n_chars_per_domain=40_000)
     config = ModelsStageConfig.from_options(

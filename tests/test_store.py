@@ -6,9 +6,10 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from planted_store import write_planted_store
 
 from crossdiff.activations import ActivationStore
-from crossdiff.activations.store import FORMAT, FORMAT_VERSION, StoreWriter
+from crossdiff.activations.store import StoreWriter
 from crossdiff.crosscoder import CrossCoder, CrossCoderConfig
 from crossdiff.plumbing.common import CrossdiffError
 
@@ -24,32 +25,7 @@ def make_store(
     acts[:, 0, :4] = torch.randn(n, 4, generator=g) * 3.0 + 1.0
     acts[:, 1, :6] = torch.randn(n, 6, generator=g) * 0.5
     acts[:, 0, 0] = torch.arange(n, dtype=torch.float32)
-    header = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model_names": ["dense", "moe"],
-        "hook_points": {"dense": ["h"], "moe": ["h"]},
-        "dtype": "float32",
-        "d_model": max(WIDTHS),
-        "d_models": WIDTHS,
-        "experts": {"model": None, "hooks": [], "width": 1},
-        "domain_names": ["code"],
-        "segments": [{"token_set": "planted", "start": 0, "n_tokens": 0}],
-    }
-    writer = StoreWriter.create(path, header)
-    for lo in range(0, n, shard):
-        hi = min(lo + shard, n)
-        writer.write_shard(
-            {
-                "acts": acts[lo:hi],
-                "token_ids": torch.arange(lo, hi, dtype=torch.int32),
-                "doc_ids": torch.zeros(hi - lo, dtype=torch.int64),
-                "positions": torch.arange(lo, hi, dtype=torch.int32),
-                "domains": torch.zeros(hi - lo, dtype=torch.int16),
-                "experts": torch.full((hi - lo, 1), -1, dtype=torch.int16),
-            }
-        )
-    return ActivationStore(path), acts
+    return write_planted_store(path, acts, shard=shard, d_models=WIDTHS), acts
 
 
 def indices(batch: torch.Tensor, store: ActivationStore) -> list[int]:
