@@ -140,7 +140,7 @@ def main() -> None:
     rows = (
         [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     )
-    done = {_key(r) for r in rows}
+    done = {_key(r) for r in rows if r.get("expansion", 8) == args.expansion}
     grid = itertools.product(
         (int(t) for t in args.tokens.split(",")),
         (int(k) for k in args.k.split(",")),
