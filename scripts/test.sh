@@ -18,11 +18,11 @@ fi
 # two workers (pytest-xdist), each test file on one of them so its module fixtures are built once;
 # CROSSDIFF_TEST_WORKERS=0 runs in this process (e.g. for a debugger)
 workers="${CROSSDIFF_TEST_WORKERS:-2}"
-# one torch/OpenMP thread per test process: two workers with a thread per core each oversubscribe a
-# 2-core machine, and OpenMP's spin-waiting then makes small tensor work many times slower
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 if [ "$workers" = "0" ]; then
     .venv/bin/python -m pytest "$@"
 else
+    # one torch/OpenMP thread per test process: workers with a thread per core each oversubscribe
+    # the cores, and OpenMP's spin-waiting then makes small tensor work many times slower
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
 fi
